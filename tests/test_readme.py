@@ -1,0 +1,48 @@
+"""The README's equation index: every listed function exists and its docstring cites its equation."""
+import importlib
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def equation_rows():
+    text = README.read_text(encoding="utf-8")
+    section = text.split("## Equations", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\|\s*Eq\.\s*(\d+)\s*\|\s*`([\w.]+)`\s*\|", section, flags=re.M)
+    return [(int(n), dotted) for n, dotted in rows]
+
+
+def resolve(dotted):
+    parts = dotted.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ModuleNotFoundError:
+            continue
+        for name in parts[i:]:
+            obj = getattr(obj, name)
+        return obj
+    raise ImportError(dotted)
+
+
+def test_equation_table_is_complete_and_ordered():
+    numbers = [n for n, _ in equation_rows()]
+    assert numbers, "no equation rows found in README"
+    assert numbers == sorted(set(numbers)), "one row per equation, in order"
+    assert numbers[0] == 1 and numbers == list(range(1, numbers[-1] + 1)), "equations numbered without gaps"
+
+
+def test_every_indexed_function_cites_its_equation():
+    for n, dotted in equation_rows():
+        fn = resolve(dotted)
+        assert callable(fn), dotted
+        doc = fn.__doc__ or ""
+        assert re.search(rf"Eq\. \({n}\)", doc), f"{dotted} docstring does not cite Eq. ({n})"
+
+
+def test_readme_test_command_is_what_ci_runs():
+    ci = (README.parent / ".ci" / "run").read_text()
+    readme = README.read_text()
+    test_cmd = readme.split("## Test", 1)[1].split("```bash", 1)[1].split("```", 1)[0].strip()
+    assert test_cmd in ci.splitlines(), f"{test_cmd!r} is not a line of .ci/run"
