@@ -28,6 +28,11 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+try:  # transformers >= 5
+    from transformers.initialization import no_init_weights
+except ImportError:  # transformers 4
+    from transformers.modeling_utils import no_init_weights
+
 from apla.scheduler import make_alpha_bar
 from apla.text import build_text_encoder, load_tokenizer
 from apla.vae import AutoencoderKL, VAEConfig, vae_key_from_ldm
@@ -159,7 +164,20 @@ def load_into(
         t = _fit(file.get(key), expected[ours])
         state[ours] = t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
     model.load_state_dict(state, strict=False, assign=True)
+    empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if empty:
+        raise WeightsError(f"{file.path}: nothing loaded into {empty[0]!r} of {kind}")
     return model.to(device=device, dtype=dtype)
+
+
+def _empty_vae(cfg: VAEConfig) -> AutoencoderKL:
+    with torch.device("meta"):  # every parameter comes from the file: nothing to allocate or initialise
+        return AutoencoderKL(cfg)
+
+
+def _empty_text_encoder(cfg: dict | None = None) -> nn.Module:
+    with no_init_weights():  # allocated but not initialised; keeps CLIP's computed position_ids buffer
+        return build_text_encoder(cfg)
 
 
 def _strip_text_model(key: str) -> str:
@@ -204,9 +222,9 @@ def _load_single_file(path: Path, components, device, dtype) -> StableDiffusion:
     if "vae" in components:
         cfg, p = VAEConfig(), LDM_PREFIX["vae"]
         names = {k: vae_key_from_ldm(k[len(p):], len(cfg.block_out_channels)) for k in keys if k.startswith(p)}
-        sd.vae = load_into(AutoencoderKL(cfg), file, names, device=device, dtype=dtype).eval()
+        sd.vae = load_into(_empty_vae(cfg), file, names, device=device, dtype=dtype).eval()
     if "text_encoder" in components:
-        model = build_text_encoder()
+        model = _empty_text_encoder()
         names = _text_names(model, keys, LDM_PREFIX["text_encoder"])
         sd.text_encoder = load_into(model, file, names, device=device, dtype=dtype).eval()
     if "unet" in components:
@@ -240,10 +258,10 @@ def _load_folder(folder: Path, components, device, dtype) -> StableDiffusion:
     if "vae" in components:
         file, cfg = _component_file(folder, "vae")
         names = {k: k for k in file.keys()}
-        sd.vae = load_into(AutoencoderKL(VAEConfig.from_diffusers(cfg)), file, names, device=device, dtype=dtype).eval()
+        sd.vae = load_into(_empty_vae(VAEConfig.from_diffusers(cfg)), file, names, device=device, dtype=dtype).eval()
     if "text_encoder" in components:
         file, cfg = _component_file(folder, "text_encoder")
-        model = build_text_encoder(cfg)
+        model = _empty_text_encoder(cfg)
         names = _text_names(model, file.keys())
         sd.text_encoder = load_into(model, file, names, device=device, dtype=dtype).eval()
     if "unet" in components:
