@@ -208,6 +208,13 @@ def _check_sd1(file: TensorFile) -> None:
             raise WeightsError(f"{file.path}: unknown key {k!r} (outside the U-Net, VAE and text encoder)")
 
 
+def _mapped(rule: Callable[[str], str], key: str, file: TensorFile) -> str:
+    try:
+        return rule(key)
+    except ValueError:  # a name rule that knows no such key
+        raise WeightsError(f"{file.path}: unknown key {key!r}") from None
+
+
 def _unet_module():
     import apla.unet  # written alongside; imported only when a U-Net is asked for
 
@@ -220,16 +227,16 @@ def _load_single_file(path: Path, components, device, dtype) -> StableDiffusion:
     keys = file.keys()
     sd = StableDiffusion(None, None, load_tokenizer(), make_alpha_bar(), source=str(path))
     if "vae" in components:
-        cfg, p = VAEConfig(), LDM_PREFIX["vae"]
-        names = {k: vae_key_from_ldm(k[len(p):], len(cfg.block_out_channels)) for k in keys if k.startswith(p)}
+        cfg = VAEConfig()
+        names = {k: vae_key_from_ldm(k, len(cfg.block_out_channels)) for k in keys if k.startswith(LDM_PREFIX["vae"])}
         sd.vae = load_into(_empty_vae(cfg), file, names, device=device, dtype=dtype).eval()
     if "text_encoder" in components:
         model = _empty_text_encoder()
         names = _text_names(model, keys, LDM_PREFIX["text_encoder"])
         sd.text_encoder = load_into(model, file, names, device=device, dtype=dtype).eval()
     if "unet" in components:
-        unet, p = _unet_module(), LDM_PREFIX["unet"]
-        names = {k: unet.unet_key_from_ldm(k[len(p):]) for k in keys if k.startswith(p)}
+        unet = _unet_module()
+        names = {k: _mapped(unet.unet_key_from_ldm, k, file) for k in keys if k.startswith(LDM_PREFIX["unet"])}
         model = unet.UNet3DConditionModel(unet.UNetConfig())
         sd.unet = load_into(model, file, names, device=device, dtype=dtype, keep_fresh=unet.is_temporal_param).eval()
     return sd
