@@ -292,7 +292,7 @@ def write_gif(frames: torch.Tensor, path: str | os.PathLike, fps: float = 8) -> 
     GIF plays the same but reads back with fewer frames.
     """
     images = [Image.fromarray(a) for a in to_uint8(frames)]
-    duration_ms = round(1000 / fps)
+    duration_ms = 10 * round(100 / fps)  # GIF delays count hundredths of a second
 
     def write(tmp):
         images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=duration_ms, loop=0)
