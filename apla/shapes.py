@@ -24,9 +24,10 @@ center", "at the bottom right", ... `random_scene` draws the region first (so al
 keeps the centroid at least `boundary_margin` pixels away from the thirds lines, so every caption is unambiguous.
 
 The evaluator knows the renderer: it takes the median border pixel as the background, marks as object the pixels
-whose colour is more than half-way from the background to the object (largest-contrast connected blob), reads the
-colour as the palette entry nearest the median interior colour, the shape as the template (same area, same
-centroid) with the best IoU against the mask, and the centroid as the coverage-weighted mean pixel position.
+whose colour is more than half-way from the background to the object (the connected blob around the strongest
+pixel), estimates each pixel's coverage from its distance to the background, reads the colour as the palette entry
+nearest the median interior colour, the centroid as the coverage-weighted mean pixel position, and the shape as the
+template (same area, same centroid) whose coverage has the best soft IoU with the estimated coverage.
 
 Example
     >>> scene = Scene("circle", "red", x=20.0, y=32.0, size=9.0)
@@ -429,8 +430,8 @@ def evaluate_image(img) -> dict:
       when that leaves any pixel);
     - centroid: sum(w * pixel centre) / sum(w), w = clip(dist / level, 0, 1) on the mask dilated by 2 px;
     - size: the equivalent radius sqrt(area / pi), area = sum(w);
-    - shape: argmax over SHAPES of IoU(mask, template) where the template is that shape rendered with the same
-      centroid and area (hard mask at half coverage);
+    - shape: argmax over SHAPES of the soft IoU sum(min(w, c)) / sum(max(w, c)) between w and the coverage c of
+      that shape rendered with the same centroid and area;
     - position: position_word(centroid)."""
     none = dict(colour=None, shape=None, centroid=None, position=None, size=None, shape_iou=None)
     seg = object_mask(img)
@@ -456,8 +457,9 @@ def evaluate_image(img) -> dict:
 
     ious = {}
     for shape in SHAPES:
-        template = coverage(shape, cx, cy, size, image_size=n_rows) >= 0.5
-        ious[shape] = float((template & mask).sum() / max(1, (template | mask).sum()))
+        template = coverage(shape, cx, cy, size, image_size=n_rows)
+        # soft IoU of coverages: edge pixels near half coverage count partly instead of flipping whole rows
+        ious[shape] = float(np.minimum(template, w).sum() / np.maximum(template, w).sum())
     shape = max(ious, key=ious.get)
     return dict(colour=colour, shape=shape, centroid=(cx, cy), position=position_word(cx, cy, n_rows),
                 size=size, shape_iou=ious[shape])
