@@ -201,3 +201,9 @@ def test_default_clip_gif(tmp_path):
     with Image.open(shipped) as gif:
         shipped_frames = [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(gif)]
     assert len(shipped_frames) == 8 and all(np.array_equal(a, b) for a, b in zip(rendered, shipped_frames))
+
+
+def test_module_docstring_example():
+    import doctest
+
+    assert doctest.testmod(S).failed == 0
