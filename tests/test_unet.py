@@ -14,6 +14,7 @@ from apla.unet import (DEFAULT_TRAINABLE, Attention, UNet3DConditionModel, UNetC
                        is_temporal_param, load_trainable, mark_trainable, save_trainable, sparse_causal_kv,
                        unet_key_from_ldm)
 
+# names and shapes (no weights) of Stable Diffusion v1.5 as published (Rombach et al. 2022; CreativeML OpenRAIL-M)
 MANIFEST = Path(__file__).parent / "data" / "sd15_tensors.json"
 
 TINY = dict(block_out_channels=(32, 64, 64), layers_per_block=2, attention_head_dim=8, cross_attention_dim=32,
