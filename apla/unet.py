@@ -490,13 +490,31 @@ def mark_trainable(unet: nn.Module, patterns=DEFAULT_TRAINABLE) -> int:
     return n
 
 
+def trainable_state(unet: nn.Module) -> dict:
+    """The trainable parameters (requires_grad) by name: what a fine-tuned run saves."""
+    return {n: p.detach() for n, p in unet.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(unet: nn.Module, tensors: dict, where: str = "checkpoint") -> None:
+    """Copy `tensors` into the trainable set; names and shapes must equal it exactly (errors name the key)."""
+    params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+    for name in sorted(set(params) - set(tensors)):
+        raise ValueError(f"{where}: missing trainable parameter {name}")
+    for name in sorted(set(tensors) - set(params)):
+        raise ValueError(f"{where}: unexpected tensor {name} (not in the trainable set)")
+    with torch.no_grad():
+        for name, p in params.items():
+            if tensors[name].shape != p.shape:
+                raise ValueError(f"{where}: {name} has shape {tuple(tensors[name].shape)}, expected {tuple(p.shape)}")
+            p.copy_(tensors[name])
+
+
 def save_trainable(unet: nn.Module, path) -> None:
-    """Write the trainable parameters (requires_grad) to a safetensors file, atomically."""
+    """Write the trainable parameters to a safetensors file, atomically (temporary file, then rename)."""
     from safetensors.torch import save_file
 
-    tensors = {n: p.detach().contiguous().cpu() for n, p in unet.named_parameters() if p.requires_grad}
     tmp = f"{path}.tmp"
-    save_file(tensors, tmp)
+    save_file({n: t.contiguous().cpu() for n, t in trainable_state(unet).items()}, tmp)
     os.replace(tmp, path)
 
 
@@ -504,17 +522,7 @@ def load_trainable(unet: nn.Module, path) -> None:
     """Load a `save_trainable` file; its names and shapes must equal the trainable set exactly."""
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path))
-    params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
-    for name in sorted(set(params) - set(tensors)):
-        raise ValueError(f"{path}: missing trainable parameter {name}")
-    for name in sorted(set(tensors) - set(params)):
-        raise ValueError(f"{path}: unexpected tensor {name} (not in the trainable set)")
-    with torch.no_grad():
-        for name, p in params.items():
-            if tensors[name].shape != p.shape:
-                raise ValueError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, expected {tuple(p.shape)}")
-            p.copy_(tensors[name])
+    load_trainable_state(unet, load_file(str(path)), where=str(path))
 
 
 LDM_PREFIX = "model.diffusion_model."
