@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from apla import checkpoint as ckpt
+from apla import cli
 from tests.tiny_sd import TINY_RUN, make_tiny_sd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,7 +199,7 @@ def test_sample_bad_input(tiny, tmp_path, trained_run, capsys, case):
 def test_help_lists_every_flag_with_default(script):
     res = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0
-    parser = (train.train_parser if script == "train.py" else sample.sample_parser)()
+    parser = (cli.train_parser if script == "train.py" else cli.sample_parser)()
     text = " ".join(res.stdout.split())
     for action in parser._actions:
         if action.dest == "help":
