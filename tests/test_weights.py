@@ -233,3 +233,14 @@ def test_truncated_or_foreign_files_get_a_clear_error(tmp_path):
         assert "\n" not in str(e.value)
     with pytest.raises(WeightsError, match="neither a checkpoint file"):
         apla.load_stable_diffusion(tmp_path / "absent", components=VAE_TEXT)
+
+
+def test_single_file_pickle_loads_through_weights_only(tmp_path):
+    entries = vae_text_entries()
+    flat = torch.zeros(max(torch.Size(s).numel() for s in entries.values()))  # one storage, saved once
+    state = {k: (torch.arange(77).reshape(s) if k.endswith("position_ids") else flat[: torch.Size(s).numel()].view(s))
+             for k, s in entries.items()}
+    torch.save({"state_dict": state, "global_step": 840000}, tmp_path / "sd.ckpt")
+    sd = apla.load_stable_diffusion(tmp_path / "sd.ckpt", components=VAE_TEXT)
+    assert sd.vae.decoder.conv_out.weight.shape == (3, 128, 3, 3)
+    assert sd.text_encoder.embeddings.token_embedding.weight.shape == (49408, 768)
