@@ -119,11 +119,9 @@ class TensorFile:
         return self._dict[key] if self._dict is not None else self._file.get_tensor(key)
 
 
-def _fit(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """A (C, C, 1, 1) 1x1-conv weight stored for a (C, C) Linear becomes a view of shape (C, C)."""
-    if t.dim() == 4 and t.shape[2:] == (1, 1) and tuple(t.shape[:2]) == tuple(shape):
-        return t.view(shape)  # (C, C, 1, 1) -> (C, C)
-    return t
+def _fits(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Equal shapes, or a (C, C, 1, 1) 1x1-conv weight stored for a (C, C) Linear (the VAE's attention)."""
+    return shape == target or (len(shape) == 4 and shape[2:] == (1, 1) and shape[:2] == target)
 
 
 def load_into(
@@ -148,20 +146,20 @@ def load_into(
         if ours not in expected:
             raise WeightsError(f"{file.path}: unknown key {key!r} (-> {ours!r}, which {kind} does not have)")
         shape = file.shape(key)
-        if shape != expected[ours] and not (len(shape) == 4 and shape[2:] == (1, 1) and shape[:2] == expected[ours]):
+        if not _fits(shape, expected[ours]):
             raise WeightsError(f"{file.path}: wrong shape for {key!r}: {list(shape)} in the file, {kind} needs {list(expected[ours])}")
-    targets = list(names.values())
-    if len(set(targets)) != len(targets):
-        dup = next(t for t in targets if targets.count(t) > 1)
+    targets = set(names.values())
+    if len(targets) != len(names):
+        dup = next(t for t in targets if list(names.values()).count(t) > 1)
         raise WeightsError(f"{file.path}: several keys map to {dup!r}")
-    missing = [k for k in expected if k not in set(targets) and not keep_fresh(k)]
+    missing = [k for k in expected if k not in targets and not keep_fresh(k)]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise WeightsError(f"{file.path}: missing key {missing[0]!r}{more} for {kind}")
 
     state = {}
     for key, ours in names.items():
-        t = _fit(file.get(key), expected[ours])
+        t = file.get(key).reshape(expected[ours])  # a no-op but for the 1x1-conv weights: (C, C, 1, 1) -> (C, C)
         state[ours] = t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
     model.load_state_dict(state, strict=False, assign=True)
     empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

@@ -244,3 +244,9 @@ def test_single_file_pickle_loads_through_weights_only(tmp_path):
     sd = apla.load_stable_diffusion(tmp_path / "sd.ckpt", components=VAE_TEXT)
     assert sd.vae.decoder.conv_out.weight.shape == (3, 128, 3, 3)
     assert sd.text_encoder.embeddings.token_embedding.weight.shape == (49408, 768)
+
+
+def test_two_names_for_one_parameter_are_refused(tmp_path):
+    key = "cond_stage_model.transformer.text_model.final_layer_norm.bias"
+    entries = {**vae_text_entries(), key.replace("text_model.", ""): [768]}  # old and new naming at once
+    refuse(tmp_path, entries, r"several keys map to 'final_layer_norm\.bias'")
