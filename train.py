@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 import apla
 from apla import checkpoint as ckpt
 from apla.cli import fail, parse_train_args
-from apla.config import TrainConfig
+from apla.config import TrainConfig, resolve_video
 from apla.discriminator import Discriminator, DiscriminatorConfig
 from apla.losses import VGGFeatures, discriminator_loss, generator_loss
 from apla.scheduler import q_sample
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     if cfg.size % 8:
         fail(f"--size {cfg.size} is not a multiple of 8: the VAE downsamples by 8")
     try:
-        frames = read_video(cfg.video, cfg.frames, start=cfg.start, stride=cfg.stride, size=cfg.size)  # (F, 3, H, W)
+        frames = read_video(resolve_video(cfg.video), cfg.frames, start=cfg.start, stride=cfg.stride, size=cfg.size)  # (F, 3, H, W)
     except VideoError as e:
         fail(str(e))
     start_ckpt = None

@@ -8,7 +8,6 @@ The resolved configuration is saved as config.json in the run directory.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -57,7 +56,8 @@ def train_parser() -> argparse.ArgumentParser:
     a("--config", default=None, help="a .toml or .json file of TrainConfig fields (flags override it)")
     a("--pretrained", default=d.pretrained,
       help="base model: a single .safetensors file, a diffusers-style folder, a hub id, or 'micro'")
-    a("--video", default=d.video, help="the clip: a folder of frames, a GIF, or an MP4/WebM/MOV (needs PyAV)")
+    a("--video", default=d.video, help="the clip: a folder of frames, a GIF, an MP4/WebM/MOV (needs PyAV), or a bundled clip's name "
+           "(bigbuckbunny, red-circle-right)")
     a("--prompt", default=d.prompt, help="the clip's caption")
     a("--output-dir", default=d.output_dir, help="the run directory")
     a("--max-steps", type=int, default=d.max_steps, help="training steps (the paper: 750 or 1500)")

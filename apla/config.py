@@ -74,7 +74,7 @@ class TrainConfig:
     gradient clipping at 1.0, its trainable set of the U-Net).
     """
     pretrained: str = "runwayml/stable-diffusion-v1-5"  # file, diffusers folder, hub id, or "micro"
-    video: str = str(ASSETS / "bigbuckbunny_24f_512.mp4")
+    video: str = "bigbuckbunny"          # a path, or the name of a bundled clip (BUNDLED_CLIPS)
     prompt: str = "a white rabbit stretching on a grassy hillside"
     output_dir: str = "runs/apla"
     max_steps: int = 750                 # the paper trains 750 (default) or 1500 steps
@@ -139,6 +139,18 @@ def dataclass_from_dict(cls, values: dict, where: str):
         raise ValueError(f"unknown keys in {where}: {sorted(unknown)}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     return cls(**values)
+
+
+# Clips shipped inside the package, by name (any other --video value is a path)
+BUNDLED_CLIPS = {
+    "bigbuckbunny": ASSETS / "bigbuckbunny_24f_512.mp4",      # 24 frames of Big Buck Bunny (CC BY 3.0), 912x512
+    "red-circle-right": ASSETS / "shapes_red_circle_right.gif",  # the shapes world: a red circle moving right, 8 frames
+}
+
+
+def resolve_video(video: str) -> str:
+    """The path of a bundled clip's name, or `video` itself."""
+    return str(BUNDLED_CLIPS.get(video, video))
 
 
 # Presets: TrainConfig fields that a base model overrides (sizes tied to the model's scale)

@@ -23,7 +23,6 @@ import os
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F_
 
 from apla.config import APLAConfig
 from apla.discriminator import discriminator_adversarial_loss, generator_adversarial_loss

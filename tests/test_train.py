@@ -2,6 +2,7 @@
 checkpoints, and one clear line with exit status 2 for each bad input."""
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -197,7 +198,9 @@ def test_sample_bad_input(tiny, tmp_path, trained_run, capsys, case):
 
 @pytest.mark.parametrize("script", ["train.py", "sample.py"])
 def test_help_lists_every_flag_with_default(script):
-    res = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, cwd=ROOT)
+    env = {**os.environ, "COLUMNS": "1000"}  # no line wrapping inside long defaults
+    res = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, cwd=ROOT,
+                         env=env)
     assert res.returncode == 0
     parser = (cli.train_parser if script == "train.py" else cli.sample_parser)()
     text = " ".join(res.stdout.split())
