@@ -3,6 +3,7 @@ checkpoints, and one clear line with exit status 2 for each bad input."""
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,32 @@ def test_train_then_sample_writes_outputs(tiny, tmp_path):
     with Image.open(gif.with_suffix(".png")) as im:
         assert im.size == (8 * 64, 64)
     assert gif.with_suffix(".mp4").is_file()
+
+    # every path of the README's run-directory table exists in this run
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("A run directory", 1)[1].split("\n\n", 2)[1]
+    named = re.findall(r"^\| `([^`]+)`", table, flags=re.M)
+    assert named, "no run-directory table in README"
+    for entry in named:
+        if entry.startswith("samples/"):
+            for ext in (".gif", ".png", ".mp4"):
+                assert (run / "samples" / "a_blue_square_moving_to_the_right").with_suffix(ext).exists() or \
+                    (out / "a_blue_square_moving_to_the_right").with_suffix(ext).exists(), ext
+        else:
+            assert list(run.glob(entry.replace("NNNNNN", "*").rstrip("/"))), entry
+
+
+def test_readme_usage_snippet_runs(tiny):
+    """The README's Python snippet, on the tiny model at 64x64: the shapes it promises (scaled by 8)."""
+    readme = (ROOT / "README.md").read_text()
+    code = readme.split("```python", 1)[1].split("```", 1)[0]
+    code = code.replace('"path/to/v1-5-pruned-emaonly.safetensors"', repr(tiny["model"])).replace("512", "64")
+    scope = {}
+    exec(code, scope)
+    assert scope["mean"].shape == (8, 4, 8, 8)
+    assert scope["z0"].shape == (1, 4, 8, 8, 8)
+    assert scope["context"].shape == (1, 77, 32)
+    assert scope["eps_pred"].shape == (1, 4, 8, 8, 8)
 
 
 def test_bigbuckbunny_cut_trains(tiny, tmp_path):
