@@ -10,7 +10,6 @@ eps* = eps_theta + phi (Eq. 4) -> VAE decode in chunks -> GIF (+ MP4 with PyAV) 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import sys
@@ -23,7 +22,7 @@ from safetensors.torch import load_file
 import apla
 from apla import checkpoint as ckpt
 from apla.cli import fail, sample_parser
-from apla.config import TrainConfig, edit_prompts_for
+from apla.config import TrainConfig, edit_prompts_for, vgt_config_for
 from apla.scheduler import classifier_free_guidance, ddim_invert, ddim_sample, ddim_timesteps
 from apla.unet import load_trainable_state, mark_trainable
 from apla.video import write_gif, write_mp4, write_png_strip
@@ -62,7 +61,9 @@ def main(argv=None) -> int:
         fail(f"cannot load base model {pretrained!r}: {e}")
     unet = sd.unet
     mark_trainable(unet, cfg.trainable)
-    vgt = VGT(dataclasses.replace(cfg.vgt_model, variant=cfg.apla.vgt)).to(device) if cfg.apla.use_vgt else None
+    source = load_file(str(run_dir / "source.safetensors"))
+    z0 = source["z0_mean"].to(device)                                       # (1, 4, F, h, w)
+    vgt = VGT(vgt_config_for(cfg, z0.shape)).to(device) if cfg.apla.use_vgt else None
     expect = {"base_model": ckpt.model_signature(unet), "vgt": cfg.apla.vgt if cfg.apla.use_vgt else "none"}
     try:
         weights, _, meta = ckpt.load_checkpoint(latest, expect=expect)
@@ -73,8 +74,6 @@ def main(argv=None) -> int:
         fail(str(e).splitlines()[0])
     unet.eval()
     use_vgt = vgt is not None and not args.no_vgt
-    source = load_file(str(run_dir / "source.safetensors"))
-    z0 = source["z0_mean"].to(device)                                       # (1, 4, F, h, w)
     alpha_bar = sd.alpha_bar.to(device)
     timesteps = ddim_timesteps(args.steps, alpha_bar.shape[0])
     amp = (torch.autocast(device.type, dtype=torch.bfloat16 if args.mixed_precision == "bf16" else torch.float16)

@@ -10,7 +10,6 @@ Eq. 19 for the discriminator) -> checkpoints and a JSONL log in the run director
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import sys
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 import apla
 from apla import checkpoint as ckpt
 from apla.cli import fail, parse_train_args
-from apla.config import TrainConfig, resolve_video
+from apla.config import TrainConfig, resolve_video, vgt_config_for
 from apla.discriminator import Discriminator, DiscriminatorConfig
 from apla.losses import VGGFeatures, discriminator_loss, generator_loss
 from apla.scheduler import q_sample
@@ -71,7 +70,8 @@ def main(argv=None) -> int:
     if cfg.size % 8:
         fail(f"--size {cfg.size} is not a multiple of 8: the VAE downsamples by 8")
     try:
-        frames = read_video(resolve_video(cfg.video), cfg.frames, start=cfg.start, stride=cfg.stride, size=cfg.size)  # (F, 3, H, W)
+        frames = read_video(resolve_video(cfg.video), cfg.frames, start=cfg.start, stride=cfg.stride,
+                            size=cfg.size)                                                 # (F, 3, H, W)
     except VideoError as e:
         fail(str(e))
     start_ckpt = None
@@ -94,8 +94,16 @@ def main(argv=None) -> int:
     n_unet = mark_trainable(unet, cfg.trainable)
     unet.enable_gradient_checkpointing(cfg.gradient_checkpointing)
     base_signature = ckpt.model_signature(unet)
-    vgt = VGT(dataclasses.replace(cfg.vgt_model, variant=cfg.apla.vgt)).to(device) if cfg.apla.use_vgt else None
-    disc = (Discriminator(DiscriminatorConfig(channels=unet.config.in_channels, num_frames=frames.shape[0]))
+
+    # ---- the clip and the prompt, encoded once ------------------------------------------------------------------
+    z0_mean, z0_std = encode_clip(sd, frames, device)                  # (1, 4, F, h, w) each
+    with torch.no_grad():
+        context = apla.encode_prompt(sd, [cfg.prompt]).to(device)      # (1, 77, D)
+    try:
+        vgt = VGT(vgt_config_for(cfg, z0_mean.shape)).to(device) if cfg.apla.use_vgt else None
+    except ValueError as e:
+        fail(str(e))
+    disc = (Discriminator(DiscriminatorConfig(channels=z0_mean.shape[1], num_frames=z0_mean.shape[2]))
             .to(device) if cfg.apla.use_discriminator else None)
     perceptual = (VGGFeatures(weights=cfg.apla.perceptual_weights).to(device).requires_grad_(False)
                   if cfg.apla.use_hyper_loss and cfg.apla.gamma > 0 else None)
@@ -106,10 +114,6 @@ def main(argv=None) -> int:
                               weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon) if disc else None
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
 
-    # ---- the clip and the prompt, encoded once ------------------------------------------------------------------
-    z0_mean, z0_std = encode_clip(sd, frames, device)                  # (1, 4, F, h, w) each
-    with torch.no_grad():
-        context = apla.encode_prompt(sd, [cfg.prompt]).to(device)      # (1, 77, D)
     alpha_bar = sd.alpha_bar.to(device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     step = 0
@@ -120,13 +124,14 @@ def main(argv=None) -> int:
         try:
             weights, state, _ = ckpt.load_checkpoint(start_ckpt, expect={k: meta[k] for k in
                                                                           ("base_model", "vgt", "discriminator")})
-        except ckpt.CheckpointError as e:
-            fail(str(e))
-        load_trainable_state(unet, {k[5:]: v for k, v in weights.items() if k.startswith("unet.")})
-        if vgt is not None:
-            vgt.load_state_dict({k[4:]: v for k, v in weights.items() if k.startswith("vgt.")})
-        if disc is not None:
-            disc.load_state_dict({k[5:]: v for k, v in weights.items() if k.startswith("disc.")})
+            load_trainable_state(unet, {k[5:]: v for k, v in weights.items() if k.startswith("unet.")},
+                                 where=str(start_ckpt))
+            if vgt is not None:
+                vgt.load_state_dict({k[4:]: v for k, v in weights.items() if k.startswith("vgt.")})
+            if disc is not None:
+                disc.load_state_dict({k[5:]: v for k, v in weights.items() if k.startswith("disc.")})
+        except (ckpt.CheckpointError, ValueError, RuntimeError) as e:
+            fail(f"cannot resume from {start_ckpt}: {str(e).splitlines()[0]}")
         opt_g.load_state_dict(state["opt_g"])
         if opt_d is not None:
             opt_d.load_state_dict(state["opt_d"])

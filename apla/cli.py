@@ -90,8 +90,15 @@ def parse_train_args(argv: Optional[list] = None):
         action.default = argparse.SUPPRESS
     given = set(vars(quiet.parse_args(argv)))
     file_values = _load_file(args.config) if args.config else {}
-    pretrained = args.pretrained if "pretrained" in given else file_values.get("pretrained", TrainConfig().pretrained)
-    values = dict(PRESETS.get(preset_for(pretrained), {}))
+    saved = {}
+    if args.resume:  # a resumed run starts from its own saved configuration
+        output_dir = args.output_dir if "output_dir" in given else file_values.get("output_dir", args.output_dir)
+        saved_path = Path(output_dir) / "config.json"
+        if saved_path.is_file():
+            saved = json.loads(saved_path.read_text())
+    pretrained = (args.pretrained if "pretrained" in given else
+                  file_values.get("pretrained", saved.get("pretrained", TrainConfig().pretrained)))
+    values = saved or dict(PRESETS.get(preset_for(pretrained), {}))
     values = _merge(values, file_values)
     flags = {}
     for dest in given - {"config", "resume", "help"}:

@@ -163,5 +163,16 @@ def preset_for(pretrained: str) -> str:
     return "micro" if str(pretrained) == "micro" else "sd15"
 
 
+def vgt_config_for(cfg: TrainConfig, latent_shape) -> VGTConfig:
+    """The VGT of a run: its sizes from cfg.vgt_model, its variant from cfg.apla.vgt, and its input size from the
+    clip's latents (B, C, F, h, w), so that any frame count and resolution the U-Net takes, VGT takes too."""
+    _, c, f, h, w = latent_shape
+    if h % cfg.vgt_model.patch_size or w % cfg.vgt_model.patch_size:
+        raise ValueError(f"latents of {h}x{w} do not split into VGT patches of {cfg.vgt_model.patch_size}; "
+                         f"choose a --size whose latent side is a multiple of it")
+    return dataclasses.replace(cfg.vgt_model, variant=cfg.apla.vgt, in_channels=c, max_frames=f,
+                               sample_size=max(h, w))
+
+
 def edit_prompts_for(cfg: TrainConfig) -> list:
     return list(cfg.edit_prompts)

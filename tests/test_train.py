@@ -124,7 +124,10 @@ def test_resume_is_exact(tiny, tmp_path):
     one_go, split = tmp_path / "one", tmp_path / "split"
     assert train.main(train_args(tiny, one_go, 4)) == 0
     assert train.main(train_args(tiny, split, 2)) == 0
-    assert train.main(train_args(tiny, split, 4, SHAPES_GIF, 4, "--resume")) == 0
+    # a resumed run takes its saved configuration: only the run directory and the new step count are given
+    assert train.main(["--output-dir", str(split), "--resume", "--max-steps", "4", "--no-progress"]) == 0
+    assert json.loads((split / "config.json").read_text()) == json.loads((one_go / "config.json").read_text()) | {
+        "output_dir": str(split)}
     a, b = trained_weights(one_go), trained_weights(split)
     assert a.keys() == b.keys()
     for k in a:
