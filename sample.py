@@ -48,9 +48,14 @@ def main(argv=None) -> int:
     latest = Path(args.checkpoint) if args.checkpoint else ckpt.latest_checkpoint(run_dir)
     if latest is None or not (latest / "weights.safetensors").is_file():
         fail(f"--run {run_dir}: no checkpoint found (train first, or pass --checkpoint)")
-    if args.steps < 1:
-        fail(f"--steps must be at least 1, got {args.steps}")
-    cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    try:
+        cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    except (ValueError, TypeError) as e:
+        fail(f"--run {run_dir}: unreadable config.json: {e}")
+    steps = args.steps if args.steps is not None else cfg.sample_steps
+    guidance = args.guidance if args.guidance is not None else cfg.guidance
+    if steps < 1:
+        fail(f"--steps must be at least 1, got {steps}")
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     pretrained = args.pretrained or cfg.pretrained
 
@@ -75,7 +80,7 @@ def main(argv=None) -> int:
     unet.eval()
     use_vgt = vgt is not None and not args.no_vgt
     alpha_bar = sd.alpha_bar.to(device)
-    timesteps = ddim_timesteps(args.steps, alpha_bar.shape[0])
+    timesteps = ddim_timesteps(steps, alpha_bar.shape[0])
     amp = (torch.autocast(device.type, dtype=torch.bfloat16 if args.mixed_precision == "bf16" else torch.float16)
            if args.mixed_precision != "no" else nullcontext())
 
@@ -107,7 +112,7 @@ def main(argv=None) -> int:
             def guided(z, t):
                 # classifier-free guidance on eps*: eps*(z, "") + s (eps*(z, c) - eps*(z, ""))
                 both = eps_star(torch.cat([z, z]), t, torch.cat([uncond, cond]))       # (2, 4, F, h, w)
-                return classifier_free_guidance(both[:1], both[1:], args.guidance)
+                return classifier_free_guidance(both[:1], both[1:], guidance)
 
             z0_new = ddim_sample(guided, z_T, timesteps, alpha_bar, progress=not args.no_progress)
             frames = decode(sd, z0_new)                                    # (F, 3, H, W)

@@ -29,6 +29,15 @@ class OneLineParser(argparse.ArgumentParser):
         fail(f"{self.prog}: {message} (see --help)")
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: ...)" after every flag's help, except where the help already says what None means."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _load_file(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
@@ -51,9 +60,10 @@ def _bool(v: str) -> bool:
 def train_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = OneLineParser(prog="train.py", description="Tune Stable Diffusion (inflated to video) on one clip with APLA.",
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                      formatter_class=DefaultsFormatter)
     a = p.add_argument
-    a("--config", default=None, help="a .toml or .json file of TrainConfig fields (flags override it)")
+    a("--config", default=None,
+      help="a .toml or .json file of TrainConfig fields; flags override it (default: none)")
     a("--pretrained", default=d.pretrained,
       help="base model: a single .safetensors file, a diffusers-style folder, a hub id, or 'micro'")
     a("--video", default=d.video, help="the clip: a folder of frames, a GIF, an MP4/WebM/MOV (needs PyAV), or a bundled clip's name "
@@ -130,17 +140,18 @@ def _merge(base: dict, over: dict) -> dict:
 
 def sample_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="sample.py", description="Generate videos from a run of train.py.",
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                      formatter_class=DefaultsFormatter)
     a = p.add_argument
     a("--run", default=TrainConfig().output_dir, help="the run directory written by train.py")
     a("--prompt", action="append", default=None,
-      help="a prompt (repeatable); default: the run's own prompt plus its preset's edited prompts")
-    a("--steps", type=int, default=50, help="DDIM steps")
-    a("--guidance", type=float, default=12.5, help="classifier-free guidance scale (Tune-A-Video: 12.5)")
+      help="a prompt (repeatable) (default: the run's own prompt plus its edit_prompts)")
+    a("--steps", type=int, default=None, help="DDIM steps (default: the run's sample_steps, 50 at SD size)")
+    a("--guidance", type=float, default=None,
+      help="classifier-free guidance scale (default: the run's guidance, 12.5 at SD size as Tune-A-Video)")
     a("--seed", type=int, default=33, help="seed of the starting noise (with --no-inversion)")
     a("--no-inversion", action="store_true", help="start from seeded noise instead of the inverted clip")
     a("--no-vgt", action="store_true", help="sample without the VGT perturbation of Eq. 4")
-    a("--pretrained", default=None, help="base model to load instead of the one in the run's config")
+    a("--pretrained", default=None, help="base model to load (default: the run's own --pretrained)")
     a("--checkpoint", default=None, help="a checkpoint folder (default: the run's latest)")
     a("--out", default=None, help="output folder (default: RUN/samples)")
     a("--fps", type=int, default=8, help="frames per second of the GIF/MP4")

@@ -100,6 +100,8 @@ class TrainConfig:
     apla: APLAConfig = field(default_factory=APLAConfig)
     vgt_model: VGTConfig = field(default_factory=VGTConfig)  # VGT sizes; its variant comes from apla.vgt
     edit_prompts: Tuple[str, ...] = ()   # prompts sample.py uses by default besides the run's own
+    sample_steps: int = 50               # sample.py's DDIM steps unless --steps is given
+    guidance: float = 12.5               # sample.py's guidance scale unless --guidance is given (Tune-A-Video: 12.5)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
