@@ -11,7 +11,6 @@ eps* = eps_theta + phi (Eq. 4) -> VAE decode in chunks -> GIF (+ MP4 with PyAV) 
 from __future__ import annotations
 
 import json
-import re
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -22,15 +21,11 @@ from safetensors.torch import load_file
 import apla
 from apla import checkpoint as ckpt
 from apla.cli import fail, sample_parser
-from apla.config import TrainConfig, edit_prompts_for, vgt_config_for
+from apla.config import TrainConfig, edit_prompts_for, slug, vgt_config_for
 from apla.scheduler import classifier_free_guidance, ddim_invert, ddim_sample, ddim_timesteps
 from apla.unet import load_trainable_state, mark_trainable
 from apla.video import write_gif, write_mp4, write_png_strip
 from apla.vgt import VGT, perturbed_eps
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60] or "prompt"
 
 
 @torch.no_grad()

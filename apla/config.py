@@ -5,6 +5,7 @@ The paper gives no values for alpha, beta, gamma or lambda; ours are documented 
 """
 
 import dataclasses
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Tuple
@@ -174,6 +175,11 @@ def vgt_config_for(cfg: TrainConfig, latent_shape) -> VGTConfig:
                          f"choose a --size whose latent side is a multiple of it")
     return dataclasses.replace(cfg.vgt_model, variant=cfg.apla.vgt, in_channels=c, max_frames=f,
                                sample_size=max(h, w))
+
+
+def slug(prompt: str) -> str:
+    """The file stem of a prompt's outputs (sample.py writes samples/<slug>.gif)."""
+    return re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60] or "prompt"
 
 
 def edit_prompts_for(cfg: TrainConfig) -> list:

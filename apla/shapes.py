@@ -330,25 +330,13 @@ def clip_caption(shape: str, colour: str, path: str, grow: bool = False) -> str:
     return f"a {colour} {shape} {'growing and ' if grow else ''}moving {_PATH_PHRASE[path]}"
 
 
-def write_gif(frames: torch.Tensor, path: str | os.PathLike, fps: float = 10.0) -> None:
-    """Write frames (F, 3, H, W) in [-1, 1] as a looping GIF, atomically (temporary file, then os.replace).
-    GIF holds 256 colours per frame: a shapes clip (background, one colour, antialiased edges) fits losslessly;
-    frame times are stored in 1/100 s."""
-    arr = ((frames.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    arr = arr.permute(0, 2, 3, 1).cpu().numpy()  # (F, 3, H, W) -> (F, H, W, 3)
-    images = [Image.fromarray(a) for a in arr]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps),
-                   loop=0, optimize=False, disposal=1)
-    os.replace(tmp, path)
-
-
 def write_default_clip(path: str | os.PathLike) -> str:
     """Write the project's default source clip, DEFAULT_CLIP ('a red circle moving to the right', 8 frames),
     as a GIF at `path`; returns its caption. The shipped copy is apla/assets/shapes_red_circle_right.gif."""
+    from apla.video import write_gif
+
     frames, _ = render_clip(**DEFAULT_CLIP)
-    write_gif(frames, path)
+    write_gif(frames, path, fps=10)
     return clip_caption(DEFAULT_CLIP["shape"], DEFAULT_CLIP["colour"], DEFAULT_CLIP["path"])
 
 

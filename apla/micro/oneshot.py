@@ -1,0 +1,108 @@
+"""Measure a one-shot video run of the micro model with the shapes world's evaluator.
+
+    python train.py && python sample.py          # the default run: tune on the red circle, sample three prompts
+    python -m apla.micro.oneshot --run runs/apla  # -> a markdown table (and --json for the raw figures)
+
+For the run's source clip and every GIF that sample.py wrote for it, it reports
+  - for an edited prompt (another colour or shape than the source caption): the fraction of frames whose edited
+    attribute is what the prompt asks, and the fraction whose unedited attribute stayed as in the clip;
+  - the mean distance (pixels) between the object's centroid path and the source clip's path;
+  - for the source prompt itself: the PSNR of the generated frames against the clip's frames.
+No APLA equation lives here: this is the measurement behind the project's one-shot figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from apla.config import TrainConfig, resolve_video, slug
+from apla.shapes import attribute_accuracy, centroid_path, evaluate_image, parse_caption
+from apla.video import VideoError, count_frames, read_video
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two frame stacks in [-1, 1], computed on the [0, 1] scale."""
+    mse = (((a - b) / 2) ** 2).mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def evaluate_run(run_dir, samples_dir=None) -> dict:
+    run_dir = Path(run_dir)
+    cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    size = cfg.size
+    source = read_video(resolve_video(cfg.video), cfg.frames, start=cfg.start, stride=cfg.stride, size=size)
+    src_caption = parse_caption(cfg.prompt)
+    src_path = centroid_path(source)
+    samples_dir = Path(samples_dir) if samples_dir else run_dir / "samples"
+    results = []
+    for prompt in [cfg.prompt, *cfg.edit_prompts]:
+        gif = samples_dir / f"{slug(prompt)}.gif"
+        if not gif.is_file():
+            continue
+        frames = read_video(str(gif), min(cfg.frames, count_frames(str(gif))), size=size)  # (F, 3, H, W)
+        want = parse_caption(prompt)
+        edited = [k for k in ("colour", "shape") if want[k] is not None and want[k] != src_caption[k]]
+        kept = [k for k in ("colour", "shape") if k not in edited and want[k] is not None]
+        path = centroid_path(frames)
+        found = ~np.isnan(path).any(axis=1)
+        dist = float(np.linalg.norm(path[found] - src_path[: len(path)][found], axis=1).mean()) if found.any() \
+            else float("nan")
+        row = {"prompt": prompt, "frames": int(frames.shape[0]), "edited": edited,
+               "object_found": float(found.mean()), "path_distance_px": dist}
+        if edited:
+            row["edited_attribute_accuracy"] = attribute_accuracy(frames, **{k: want[k] for k in edited})
+        if kept:
+            row["kept_attribute_accuracy"] = attribute_accuracy(frames, **{k: want[k] for k in kept})
+        if not edited:
+            row["psnr_db"] = psnr(frames, source[: frames.shape[0]])
+        row["per_frame"] = [{k: evaluate_image(f)[k] for k in ("colour", "shape", "centroid")} for f in frames]
+        results.append(row)
+    return {"run": str(run_dir), "source_prompt": cfg.prompt, "results": results}
+
+
+def to_markdown(report: dict) -> str:
+    def pct(r, k):
+        return f"{100 * r[k]:.0f}%" if k in r else "–"
+
+    lines = ["| prompt | edited | edited attribute right | unedited attribute kept | centroid path vs clip (px) "
+             "| PSNR vs clip (dB) |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in report["results"]:
+        psnr_cell = f"{r['psnr_db']:.1f}" if "psnr_db" in r else "–"
+        lines.append(f"| {r['prompt']} | {', '.join(r['edited']) or '(source prompt)'} | "
+                     f"{pct(r, 'edited_attribute_accuracy')} | {pct(r, 'kept_attribute_accuracy')} | "
+                     f"{r['path_distance_px']:.2f} | {psnr_cell} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m apla.micro.oneshot", description=__doc__.splitlines()[0])
+    p.add_argument("--run", default="runs/apla", help="the run directory of train.py (default: runs/apla)")
+    p.add_argument("--samples", default=None, help="where sample.py wrote the GIFs (default: RUN/samples)")
+    p.add_argument("--json", default=None, help="also write the raw figures to this JSON file")
+    args = p.parse_args(argv)
+    if not (Path(args.run) / "config.json").is_file():
+        print(f"error: --run {args.run}: not a run directory of train.py (no config.json)", file=sys.stderr)
+        return 2
+    try:
+        report = evaluate_run(args.run, args.samples)
+    except VideoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not report["results"]:
+        print(f"error: no samples of the run's prompts in {args.samples or Path(args.run) / 'samples'}; "
+              f"run sample.py first", file=sys.stderr)
+        return 2
+    print(to_markdown(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
