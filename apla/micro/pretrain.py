@@ -228,7 +228,7 @@ def build_pool(cfg: PretrainConfig, vae: AutoencoderKL, tokenizer, work: Path) -
     pool = load_ckpt(path)
     if pool is not None:
         return pool
-    chunk, means, stds, captions = 256, [], [], []
+    chunk, means, stds, captions = min(256, cfg.pool_size), [], [], []
     n_clip = round(cfg.clip_fraction * chunk)
     for i in range(math.ceil(cfg.pool_size / chunk)):
         seed = LATENT_SEED + cfg.seed * 100_000 + i
