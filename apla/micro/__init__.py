@@ -61,7 +61,7 @@ UNET_CONFIG = {
     "freq_shift": 0,
     "in_channels": 4,
     "out_channels": 4,
-    "layers_per_block": 2,  # SD v1.5: 2
+    "layers_per_block": 1,  # SD v1.5: 2
     "mid_block_scale_factor": 1,
     "norm_eps": 1e-05,
     "norm_num_groups": 16,  # SD v1.5: 32

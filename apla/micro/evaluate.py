@@ -132,6 +132,23 @@ def write_results(path: Path, r: dict) -> None:
         "",
     ]
     lines += [f"{i + 1}. {p}" for i, p in enumerate(r["grid_prompts"])]
+    rec = r.get("pretrain")
+    if rec:
+        c = rec["pretrain_config"]
+        lines += [
+            "",
+            "## Pretraining",
+            "",
+            f"`python -m apla.micro.pretrain` (seed {c['seed']}), float32 on CPU, then exported to float16:",
+            "",
+            f"- VAE: {rec['vae_steps']} steps of {c['vae_batch']} fresh scenes, AdamW lr {c['vae_lr']}, "
+            f"loss L1 + MSE + {c['vae_kl_weight']} KL, {rec['vae_train_s'] / 60:.0f} min; latent scale "
+            f"1 / std(z) = {rec['scaling_factor']:.4f} (`scaling_factor` in vae/config.json).",
+            f"- U-Net + text encoder: {rec['unet_steps']} steps of {c['unet_batch']} from a pool of {c['pool_size']} "
+            f"encoded scenes ({100 * c['clip_fraction']:.0f}% of them single frames of moving-object clips with clip "
+            f"captions), epsilon-prediction MSE, SD v1.5 schedule, {100 * c['uncond_prob']:.0f}% empty captions, "
+            f"AdamW lr {c['unet_lr']}, EMA {c['ema_decay']}, {rec['unet_train_s'] / 60:.0f} min.",
+        ]
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     os.replace(tmp, path)
@@ -171,6 +188,7 @@ def main(argv=None) -> dict:
              params={"vae": count_parameters(sd.vae), "unet": count_parameters(sd.unet, is_temporal_param),
                      "text_encoder": count_parameters(sd.text_encoder)},
              weights_mib=sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20 if folder.is_dir() else 0.0,
+             pretrain=json.loads((folder / "pretrain_record.json").read_text()) if (folder / "pretrain_record.json").is_file() else None,
              grid=min(args.grid, len(prompts)), grid_prompts=prompts[:args.grid], wall_s=time.time() - t0,
              command="python -m apla.micro.evaluate " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])))
     print(json.dumps({"split": args.split, **{k: r[k] for k in ("psnr", "colour", "shape", "position", "guidance",

@@ -60,12 +60,12 @@ class PretrainConfig:
     vae_kl_weight: float = 1e-5  # on per-element means (SD: 1e-6 on sums)
     # latent scale and the U-Net's data
     scale_samples: int = 2048
-    pool_size: int = 32768  # encoded scenes the U-Net stage draws from
+    pool_size: int = 24576  # encoded scenes the U-Net stage draws from
     clip_fraction: float = 0.2  # share of the pool that is a frame of a clip, captioned "... moving to the ..."
     # stage 2: U-Net + text encoder
-    unet_steps: int = 5000
+    unet_steps: int = 4000
     unet_batch: int = 32
-    unet_lr: float = 5e-4
+    unet_lr: float = 1e-3
     uncond_prob: float = 0.1  # SD: 10% empty captions for classifier-free guidance
     ema_decay: float = 0.999
     warmup: int = 200
@@ -145,11 +145,11 @@ def train_vae(cfg: PretrainConfig, work: Path, deadline: float) -> bool:
     torch.manual_seed(cfg.seed)
     vae = build_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    step, ck = 0, load_ckpt(path)
+    step, train_s, ck = 0, 0.0, load_ckpt(path)
     if ck is not None:
         vae.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
-        step = int(ck["step"])
+        step, train_s = int(ck["step"]), float(ck.get("train_s", 0.0))
     if step >= cfg.vae_steps:
         return True
     vae.train()
@@ -175,7 +175,8 @@ def train_vae(cfg: PretrainConfig, work: Path, deadline: float) -> bool:
             log(work, "vae", dict(step=step, loss=round(loss.item(), 5), l1=round(l1.item(), 5), psnr=round(psnr, 2),
                                   kl=round(kl.item(), 3), s_per_step=round((time.time() - t0) / seen, 3)))
         if step % cfg.checkpoint_every == 0 or step == cfg.vae_steps or time.time() > deadline:
-            save_atomic({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, path)
+            save_atomic({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
+                         "train_s": train_s + time.time() - t0}, path)
             if time.time() > deadline:
                 break
     return step >= cfg.vae_steps
@@ -252,7 +253,6 @@ def train_unet(cfg: PretrainConfig, work: Path, deadline: float) -> bool:
     if not stats_path.is_file():
         write_json({"scaling_factor": measure_scaling_factor(cfg, vae)}, stats_path)
     scaling_factor = json.loads(stats_path.read_text())["scaling_factor"]
-    t0 = time.time()
     pool = build_pool(cfg, vae, load_tokenizer(), work)
     n = pool["mean"].shape[0]
     del vae
@@ -264,12 +264,12 @@ def train_unet(cfg: PretrainConfig, work: Path, deadline: float) -> bool:
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
     ema = {"unet": {k: v.clone() for k, v in sd_state(unet).items()},
            "text_encoder": {k: v.clone() for k, v in text_encoder.state_dict().items()}}
-    step, ck = 0, load_ckpt(path)
+    step, train_s, ck = 0, 0.0, load_ckpt(path)
     if ck is not None:
         unet.load_state_dict(ck["unet"], strict=False)  # the frozen temporal layers keep their seeded init
         text_encoder.load_state_dict(ck["text_encoder"])
         opt.load_state_dict(ck["opt"])
-        ema, step = ck["ema"], int(ck["step"])
+        ema, step, train_s = ck["ema"], int(ck["step"]), float(ck.get("train_s", 0.0))
     if step >= cfg.unet_steps:
         return True
     alpha_bar = make_alpha_bar()
@@ -313,7 +313,7 @@ def train_unet(cfg: PretrainConfig, work: Path, deadline: float) -> bool:
                                    lr=round(opt.param_groups[0]["lr"], 6), s_per_step=round((time.time() - t0) / seen, 3)))
         if step % cfg.checkpoint_every == 0 or step == cfg.unet_steps or time.time() > deadline:
             save_atomic({"unet": sd_state(unet), "text_encoder": text_encoder.state_dict(), "ema": ema,
-                         "opt": opt.state_dict(), "step": step}, path)
+                         "opt": opt.state_dict(), "step": step, "train_s": train_s + time.time() - t0}, path)
             if time.time() > deadline:
                 break
     return step >= cfg.unet_steps
@@ -331,6 +331,16 @@ def save_safetensors(state: dict, path: Path, dtype=torch.float16) -> None:
     save_file(state, str(tmp), metadata={"format": "pt"})
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
+
+
+def stage_seconds(work: Path, stage: str) -> float:
+    """Training seconds of a stage over all its runs (kept in its checkpoint; else estimated from the log)."""
+    ck = load_ckpt(work / f"{stage}.pt")
+    if "train_s" in ck:
+        return float(ck["train_s"])
+    records = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
+    last = [r for r in records if r["stage"] == stage and "s_per_step" in r][-1]
+    return last["s_per_step"] * int(ck["step"])
 
 
 def export(work: Path, out: Path) -> None:
@@ -361,7 +371,10 @@ def export(work: Path, out: Path) -> None:
                 "do_lower_case": True}, out / "tokenizer" / "tokenizer_config.json")
     write_json(SCHEDULER_CONFIG, out / "scheduler" / "scheduler_config.json")
     write_json(MODEL_INDEX, out / "model_index.json")
-    write_json({"unet_steps": int(ck["step"]), "pretrain_config": json.loads((work / "pretrain_config.json").read_text())},
+    write_json({"vae_steps": int(load_ckpt(work / "vae.pt")["step"]), "vae_train_s": round(stage_seconds(work, "vae")),
+                "unet_steps": int(ck["step"]), "unet_train_s": round(stage_seconds(work, "unet")),
+                "scaling_factor": scaling_factor,
+                "pretrain_config": json.loads((work / "pretrain_config.json").read_text())},
                out / "pretrain_record.json")
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"exported to {out} ({total / 2**20:.1f} MiB)", flush=True)
