@@ -57,10 +57,11 @@ class UNetConfig:
     up_block_types: tuple = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
     flip_sin_to_cos: bool = True  # SD v1.5: time embedding is [cos, sin]
     freq_shift: int = 0  # SD v1.5
-    # Tune-A-Video applies the ResNet GroupNorms and the output GroupNorm to the whole (B, C, F, H, W) tensor, so
-    # their statistics pool all frames; False normalises each frame alone (as SD does per image), which keeps the
-    # network causal in frames while the temporal attention's output is zero. Identical frames: same result.
-    norm_over_frames: bool = True
+    # False (default): every GroupNorm normalises each frame alone, exactly as SD does per image, which keeps the
+    # network causal in frames while the temporal attention's output is zero. True: Tune-A-Video's code, which
+    # applies the ResNet and output GroupNorms to the whole (B, C, F, H, W) tensor, pooling statistics over frames.
+    # Identical frames give the same result either way.
+    norm_over_frames: bool = False
 
     # diffusers config keys we accept only with SD v1.5's value (anything else is an architecture we do not build)
     _SD_ONLY = {
@@ -462,9 +463,10 @@ class UNet3DConditionModel(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 TEMPORAL_MODULES = ("attn_temp", "norm_temp")
-# Tune-A-Video's `trainable_modules` (its configs/*.yaml): queries of the sparse-causal and cross attentions and
-# the whole temporal attention. Its norm_temp stays frozen there (at LayerNorm's identity init).
-DEFAULT_TRAINABLE = ("attn1.to_q", "attn2.to_q", "attn_temp")
+# Tune-A-Video's trainable set: the queries of the sparse-causal and cross attentions and the whole temporal
+# attention, plus the temporal attention's LayerNorm (Tune-A-Video's configs leave norm_temp at its identity init;
+# we train it with the layer it feeds, 24,960 more parameters at full size).
+DEFAULT_TRAINABLE = ("attn1.to_q", "attn2.to_q", "attn_temp", "norm_temp")
 
 
 def _has_module(name: str, pattern: str) -> bool:
@@ -488,13 +490,31 @@ def mark_trainable(unet: nn.Module, patterns=DEFAULT_TRAINABLE) -> int:
     return n
 
 
+def trainable_state(unet: nn.Module) -> dict:
+    """The trainable parameters (requires_grad) by name: what a fine-tuned run saves."""
+    return {n: p.detach() for n, p in unet.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(unet: nn.Module, tensors: dict, where: str = "checkpoint") -> None:
+    """Copy `tensors` into the trainable set; names and shapes must equal it exactly (errors name the key)."""
+    params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+    for name in sorted(set(params) - set(tensors)):
+        raise ValueError(f"{where}: missing trainable parameter {name}")
+    for name in sorted(set(tensors) - set(params)):
+        raise ValueError(f"{where}: unexpected tensor {name} (not in the trainable set)")
+    with torch.no_grad():
+        for name, p in params.items():
+            if tensors[name].shape != p.shape:
+                raise ValueError(f"{where}: {name} has shape {tuple(tensors[name].shape)}, expected {tuple(p.shape)}")
+            p.copy_(tensors[name])
+
+
 def save_trainable(unet: nn.Module, path) -> None:
-    """Write the trainable parameters (requires_grad) to a safetensors file, atomically."""
+    """Write the trainable parameters to a safetensors file, atomically (temporary file, then rename)."""
     from safetensors.torch import save_file
 
-    tensors = {n: p.detach().contiguous().cpu() for n, p in unet.named_parameters() if p.requires_grad}
     tmp = f"{path}.tmp"
-    save_file(tensors, tmp)
+    save_file({n: t.contiguous().cpu() for n, t in trainable_state(unet).items()}, tmp)
     os.replace(tmp, path)
 
 
@@ -502,17 +522,7 @@ def load_trainable(unet: nn.Module, path) -> None:
     """Load a `save_trainable` file; its names and shapes must equal the trainable set exactly."""
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path))
-    params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
-    for name in sorted(set(params) - set(tensors)):
-        raise ValueError(f"{path}: missing trainable parameter {name}")
-    for name in sorted(set(tensors) - set(params)):
-        raise ValueError(f"{path}: unexpected tensor {name} (not in the trainable set)")
-    with torch.no_grad():
-        for name, p in params.items():
-            if tensors[name].shape != p.shape:
-                raise ValueError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, expected {tuple(p.shape)}")
-            p.copy_(tensors[name])
+    load_trainable_state(unet, load_file(str(path)), where=str(path))
 
 
 LDM_PREFIX = "model.diffusion_model."

@@ -243,7 +243,8 @@ def sample_posterior(
     return mean + torch.exp(0.5 * logvar) * noise
 
 
-# Single-file (`first_stage_model.` stripped) -> diffusers names. Order matters: block renames first.
+LDM_PREFIX = "first_stage_model."  # the VAE's prefix inside a single-file checkpoint
+# Single-file (prefix stripped) -> diffusers names. Order matters: block renames first.
 _LDM_VAE_RULES = [
     (r"^(encoder|decoder)\.mid\.block_(\d)\.", lambda m: f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}."),
     (r"^(encoder|decoder)\.mid\.attn_1\.", lambda m: f"{m[1]}.mid_block.attentions.0."),
@@ -258,11 +259,12 @@ _LDM_VAE_RULES = [
 
 
 def vae_key_from_ldm(key: str, num_blocks: int = 4) -> str:
-    """Map a single-file VAE name (without `first_stage_model.`) to ours (= diffusers').
+    """Map a single-file VAE name (`first_stage_model.` optional) to ours (= diffusers').
 
     The decoder's `up.{i}` counts from the lowest resolution upward, ours from the top:
     `decoder.up.{i}.block.{j}` -> `decoder.up_blocks.{num_blocks-1-i}.resnets.{j}`.
     """
+    key = key.removeprefix(LDM_PREFIX)
     up = re.match(r"^decoder\.up\.(\d+)\.(block|upsample)\.", key)
     if up:
         i = num_blocks - 1 - int(up[1])

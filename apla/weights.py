@@ -28,6 +28,11 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+try:  # transformers >= 5
+    from transformers.initialization import no_init_weights
+except ImportError:  # transformers 4
+    from transformers.modeling_utils import no_init_weights
+
 from apla.scheduler import make_alpha_bar
 from apla.text import build_text_encoder, load_tokenizer
 from apla.vae import AutoencoderKL, VAEConfig, vae_key_from_ldm
@@ -114,11 +119,9 @@ class TensorFile:
         return self._dict[key] if self._dict is not None else self._file.get_tensor(key)
 
 
-def _fit(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """A (C, C, 1, 1) 1x1-conv weight stored for a (C, C) Linear becomes a view of shape (C, C)."""
-    if t.dim() == 4 and t.shape[2:] == (1, 1) and tuple(t.shape[:2]) == tuple(shape):
-        return t.view(shape)  # (C, C, 1, 1) -> (C, C)
-    return t
+def _fits(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Equal shapes, or a (C, C, 1, 1) 1x1-conv weight stored for a (C, C) Linear (the VAE's attention)."""
+    return shape == target or (len(shape) == 4 and shape[2:] == (1, 1) and shape[:2] == target)
 
 
 def load_into(
@@ -143,23 +146,36 @@ def load_into(
         if ours not in expected:
             raise WeightsError(f"{file.path}: unknown key {key!r} (-> {ours!r}, which {kind} does not have)")
         shape = file.shape(key)
-        if shape != expected[ours] and not (len(shape) == 4 and shape[2:] == (1, 1) and shape[:2] == expected[ours]):
+        if not _fits(shape, expected[ours]):
             raise WeightsError(f"{file.path}: wrong shape for {key!r}: {list(shape)} in the file, {kind} needs {list(expected[ours])}")
-    targets = list(names.values())
-    if len(set(targets)) != len(targets):
-        dup = next(t for t in targets if targets.count(t) > 1)
+    targets = set(names.values())
+    if len(targets) != len(names):
+        dup = next(t for t in targets if list(names.values()).count(t) > 1)
         raise WeightsError(f"{file.path}: several keys map to {dup!r}")
-    missing = [k for k in expected if k not in set(targets) and not keep_fresh(k)]
+    missing = [k for k in expected if k not in targets and not keep_fresh(k)]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise WeightsError(f"{file.path}: missing key {missing[0]!r}{more} for {kind}")
 
     state = {}
     for key, ours in names.items():
-        t = _fit(file.get(key), expected[ours])
+        t = file.get(key).reshape(expected[ours])  # a no-op but for the 1x1-conv weights: (C, C, 1, 1) -> (C, C)
         state[ours] = t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
     model.load_state_dict(state, strict=False, assign=True)
+    empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if empty:
+        raise WeightsError(f"{file.path}: nothing loaded into {empty[0]!r} of {kind}")
     return model.to(device=device, dtype=dtype)
+
+
+def _empty_vae(cfg: VAEConfig) -> AutoencoderKL:
+    with torch.device("meta"):  # every parameter comes from the file: nothing to allocate or initialise
+        return AutoencoderKL(cfg)
+
+
+def _empty_text_encoder(cfg: dict | None = None) -> nn.Module:
+    with no_init_weights():  # allocated but not initialised; keeps CLIP's computed position_ids buffer
+        return build_text_encoder(cfg)
 
 
 def _strip_text_model(key: str) -> str:
@@ -190,6 +206,13 @@ def _check_sd1(file: TensorFile) -> None:
             raise WeightsError(f"{file.path}: unknown key {k!r} (outside the U-Net, VAE and text encoder)")
 
 
+def _mapped(rule: Callable[[str], str], key: str, file: TensorFile) -> str:
+    try:
+        return rule(key)
+    except ValueError:  # a name rule that knows no such key
+        raise WeightsError(f"{file.path}: unknown key {key!r}") from None
+
+
 def _unet_module():
     import apla.unet  # written alongside; imported only when a U-Net is asked for
 
@@ -202,16 +225,16 @@ def _load_single_file(path: Path, components, device, dtype) -> StableDiffusion:
     keys = file.keys()
     sd = StableDiffusion(None, None, load_tokenizer(), make_alpha_bar(), source=str(path))
     if "vae" in components:
-        cfg, p = VAEConfig(), LDM_PREFIX["vae"]
-        names = {k: vae_key_from_ldm(k[len(p):], len(cfg.block_out_channels)) for k in keys if k.startswith(p)}
-        sd.vae = load_into(AutoencoderKL(cfg), file, names, device=device, dtype=dtype).eval()
+        cfg = VAEConfig()
+        names = {k: vae_key_from_ldm(k, len(cfg.block_out_channels)) for k in keys if k.startswith(LDM_PREFIX["vae"])}
+        sd.vae = load_into(_empty_vae(cfg), file, names, device=device, dtype=dtype).eval()
     if "text_encoder" in components:
-        model = build_text_encoder()
+        model = _empty_text_encoder()
         names = _text_names(model, keys, LDM_PREFIX["text_encoder"])
         sd.text_encoder = load_into(model, file, names, device=device, dtype=dtype).eval()
     if "unet" in components:
-        unet, p = _unet_module(), LDM_PREFIX["unet"]
-        names = {k: unet.unet_key_from_ldm(k[len(p):]) for k in keys if k.startswith(p)}
+        unet = _unet_module()
+        names = {k: _mapped(unet.unet_key_from_ldm, k, file) for k in keys if k.startswith(LDM_PREFIX["unet"])}
         model = unet.UNet3DConditionModel(unet.UNetConfig())
         sd.unet = load_into(model, file, names, device=device, dtype=dtype, keep_fresh=unet.is_temporal_param).eval()
     return sd
@@ -240,10 +263,10 @@ def _load_folder(folder: Path, components, device, dtype) -> StableDiffusion:
     if "vae" in components:
         file, cfg = _component_file(folder, "vae")
         names = {k: k for k in file.keys()}
-        sd.vae = load_into(AutoencoderKL(VAEConfig.from_diffusers(cfg)), file, names, device=device, dtype=dtype).eval()
+        sd.vae = load_into(_empty_vae(VAEConfig.from_diffusers(cfg)), file, names, device=device, dtype=dtype).eval()
     if "text_encoder" in components:
         file, cfg = _component_file(folder, "text_encoder")
-        model = build_text_encoder(cfg)
+        model = _empty_text_encoder(cfg)
         names = _text_names(model, file.keys())
         sd.text_encoder = load_into(model, file, names, device=device, dtype=dtype).eval()
     if "unet" in components:

@@ -171,12 +171,12 @@ def test_full_size_parameter_counts_on_meta():
     assert n_temporal == sum(4 * d * d + d + 2 * d for d in dims)
     assert round(n_sd / 1e6, 3) == manifest["param_counts_millions"]["unet"]  # 859.521 M
     n_train = mark_trainable(unet)
-    # attn1.to_q, attn2.to_q: d² each; attn_temp: 4d² + d
-    assert n_train == sum(6 * d * d + d for d in dims)
-    n_train_norm = mark_trainable(unet, DEFAULT_TRAINABLE + ("norm_temp",))
-    assert n_train_norm == n_train + sum(2 * d for d in dims)
+    # attn1.to_q, attn2.to_q: d² each; attn_temp: 4d² + d; norm_temp: 2d
+    assert n_train == sum(6 * d * d + d + 2 * d for d in dims)
+    n_tav = mark_trainable(unet, ("attn1.to_q", "attn2.to_q", "attn_temp"))  # Tune-A-Video's configs
+    assert n_train == n_tav + sum(2 * d for d in dims)
     print(f"\nU-Net parameters: SD v1.5 {n_sd:,} + temporal {n_temporal:,} = {n_sd + n_temporal:,}; "
-          f"trainable (default {DEFAULT_TRAINABLE}) {n_train:,}; with norm_temp {n_train_norm:,}")
+          f"trainable (default {DEFAULT_TRAINABLE}) {n_train:,}; without norm_temp {n_tav:,}")
 
 
 def _reference_sparse_causal(attn, x, Fr):
@@ -246,7 +246,8 @@ def _perturb_last_frame(unet):
 
 
 def test_whole_model_causal_in_frames_until_temporal_attention_is_nonzero():
-    unet = _tiny_unet(norm_over_frames=False)
+    unet = _tiny_unet()  # the default: per-frame GroupNorm
+    assert unet.config.norm_over_frames is False
     eps, eps2 = _perturb_last_frame(unet)
     torch.testing.assert_close(eps2[:, :, :-1], eps[:, :, :-1], rtol=0, atol=1e-6)
     assert (eps2[:, :, -1] - eps[:, :, -1]).abs().max() > 1e-2
@@ -302,9 +303,11 @@ def test_mark_trainable_and_trainable_file_roundtrip(tmp_path):
     n = mark_trainable(unet)
     names = {k for k, p in unet.named_parameters() if p.requires_grad}
     expected = {k for k in dict(unet.named_parameters())
-                if ".attn1.to_q." in k or ".attn2.to_q." in k or ".attn_temp." in k}
+                if ".attn1.to_q." in k or ".attn2.to_q." in k or ".attn_temp." in k or ".norm_temp." in k}
     assert names == expected and n == sum(p.numel() for k, p in unet.named_parameters() if k in expected)
-    assert not any("norm_temp" in k or "attn1.to_k" in k for k in names)
+    assert any("norm_temp" in k for k in names) and not any("attn1.to_k" in k for k in names)
+    mark_trainable(unet, ("attn1.to_q", "attn2.to_q", "attn_temp"))  # Tune-A-Video's set: no norm_temp
+    names = {k for k, p in unet.named_parameters() if p.requires_grad}
 
     path = tmp_path / "trainable.safetensors"
     save_trainable(unet, path)
@@ -318,7 +321,7 @@ def test_mark_trainable_and_trainable_file_roundtrip(tmp_path):
         if k in saved:
             assert torch.equal(p, saved[k])
 
-    mark_trainable(unet, DEFAULT_TRAINABLE + ("norm_temp",))
+    mark_trainable(unet, DEFAULT_TRAINABLE)
     with pytest.raises(ValueError, match="missing trainable parameter .*norm_temp"):
         load_trainable(unet, path)
     mark_trainable(unet, ("attn_temp",))

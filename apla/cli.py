@@ -1,0 +1,143 @@
+"""Command lines of train.py and sample.py: flags, config files (TOML or JSON) and one-line errors.
+
+A training run's configuration is resolved in this order, later wins:
+  TrainConfig's defaults (SD v1.5 and the paper) <- the preset of the base model (e.g. "micro")
+  <- a --config file (.toml or .json, keys as in config.json) <- command-line flags.
+The resolved configuration is saved as config.json in the run directory.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import NoReturn, Optional
+
+from apla.config import PRESETS, TrainConfig, preset_for
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print one line to stderr and exit with `code` (2: bad input, as argparse does)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors (unknown flag, bad value) are one line and exit status 2."""
+
+    def error(self, message):  # noqa: D401 - argparse's hook
+        fail(f"{self.prog}: {message} (see --help)")
+
+
+def _load_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        fail(f"--config {path}: no such file")
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+            return tomllib.loads(p.read_text())
+        if p.suffix == ".json":
+            return json.loads(p.read_text())
+    except Exception as e:  # noqa: BLE001 - one line for any parse error
+        fail(f"--config {path}: cannot parse: {e}")
+    fail(f"--config {path}: expected a .toml or .json file")
+
+
+def _bool(v: str) -> bool:
+    return v.lower() in ("1", "true", "yes", "on")
+
+
+def train_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = OneLineParser(prog="train.py", description="Tune Stable Diffusion (inflated to video) on one clip with APLA.",
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--config", default=None, help="a .toml or .json file of TrainConfig fields (flags override it)")
+    a("--pretrained", default=d.pretrained,
+      help="base model: a single .safetensors file, a diffusers-style folder, a hub id, or 'micro'")
+    a("--video", default=d.video, help="the clip: a folder of frames, a GIF, or an MP4/WebM/MOV (needs PyAV)")
+    a("--prompt", default=d.prompt, help="the clip's caption")
+    a("--output-dir", default=d.output_dir, help="the run directory")
+    a("--max-steps", type=int, default=d.max_steps, help="training steps (the paper: 750 or 1500)")
+    a("--frames", type=int, default=d.frames, help="frames taken from the clip")
+    a("--start", type=int, default=d.start, help="first frame taken")
+    a("--stride", type=int, default=d.stride, help="take every n-th frame")
+    a("--size", type=int, default=d.size, help="training resolution (square, a multiple of 8)")
+    a("--seed", type=int, default=d.seed, help="seed of every random draw")
+    a("--lr", type=float, default=d.lr, help="AdamW learning rate of the U-Net's trainable set and VGT")
+    a("--disc-lr", type=float, default=d.disc_lr, help="AdamW learning rate of the discriminator")
+    a("--vgt", choices=["pure", "hyper", "pure-en", "hyper-en", "none"], default=d.apla.vgt,
+      help="VGT variant (Table 1); 'none' is the 'w/o VGT' ablation")
+    a("--no-discriminator", action="store_true", help="ablation: no adversarial term (Table 3)")
+    a("--no-hyper-loss", action="store_true", help="ablation: plain MSE instead of the hyper-loss (Table 3)")
+    a("--mixed-precision", choices=["no", "bf16", "fp16"], default=d.mixed_precision,
+      help="autocast dtype (bf16 recommended on CUDA)")
+    a("--gradient-checkpointing", action="store_true", help="recompute U-Net activations to save memory")
+    a("--checkpoint-every", type=int, default=d.checkpoint_every, help="save a checkpoint every n steps")
+    a("--device", default=d.device, help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
+    a("--resume", action="store_true", help="continue the run in --output-dir from its latest checkpoint")
+    a("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def parse_train_args(argv: Optional[list] = None):
+    """Resolve the training configuration; returns (TrainConfig, resume)."""
+    args = train_parser().parse_args(argv)
+    quiet = train_parser()              # the same parser with no defaults tells which flags were given
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    given = set(vars(quiet.parse_args(argv)))
+    file_values = _load_file(args.config) if args.config else {}
+    pretrained = args.pretrained if "pretrained" in given else file_values.get("pretrained", TrainConfig().pretrained)
+    values = dict(PRESETS.get(preset_for(pretrained), {}))
+    values = _merge(values, file_values)
+    flags = {}
+    for dest in given - {"config", "resume", "help"}:
+        v = getattr(args, dest)
+        if dest == "vgt":
+            flags.setdefault("apla", {})["vgt"] = v
+        elif dest == "no_discriminator":
+            flags.setdefault("apla", {})["use_discriminator"] = not v
+        elif dest == "no_hyper_loss":
+            flags.setdefault("apla", {})["use_hyper_loss"] = not v
+        elif dest == "no_progress":
+            flags["progress"] = not v
+        else:
+            flags[dest] = v
+    values = _merge(values, flags)
+    try:
+        cfg = TrainConfig.from_dict(values)
+    except (TypeError, ValueError) as e:
+        fail(f"bad configuration: {e}")
+    return cfg, args.resume
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def sample_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="sample.py", description="Generate videos from a run of train.py.",
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--run", default=TrainConfig().output_dir, help="the run directory written by train.py")
+    a("--prompt", action="append", default=None,
+      help="a prompt (repeatable); default: the run's own prompt plus its preset's edited prompts")
+    a("--steps", type=int, default=50, help="DDIM steps")
+    a("--guidance", type=float, default=12.5, help="classifier-free guidance scale (Tune-A-Video: 12.5)")
+    a("--seed", type=int, default=33, help="seed of the starting noise (with --no-inversion)")
+    a("--no-inversion", action="store_true", help="start from seeded noise instead of the inverted clip")
+    a("--no-vgt", action="store_true", help="sample without the VGT perturbation of Eq. 4")
+    a("--pretrained", default=None, help="base model to load instead of the one in the run's config")
+    a("--checkpoint", default=None, help="a checkpoint folder (default: the run's latest)")
+    a("--out", default=None, help="output folder (default: RUN/samples)")
+    a("--fps", type=int, default=8, help="frames per second of the GIF/MP4")
+    a("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
+    a("--mixed-precision", choices=["no", "bf16", "fp16"], default="no", help="autocast dtype")
+    a("--no-progress", action="store_true", help="no progress bars")
+    return p

@@ -1,0 +1,155 @@
+"""Run configuration of APLA (Yao et al., AAAI 2024): the loss weights of Eqs. 18 and 20, the VGT variant
+(Table 1), the ablation switches of Table 3, and the configuration of a training run with its presets.
+
+The paper gives no values for alpha, beta, gamma or lambda; ours are documented below.
+"""
+
+import dataclasses
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Tuple
+
+from apla.unet import DEFAULT_TRAINABLE
+from apla.vgt import VARIANTS, VGTConfig
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+# Table 3's rows -> (vgt on, discriminator on, hyper-loss on)
+ABLATIONS = {
+    "full": (True, True, True),
+    "w/o discriminator": (True, False, True),
+    "w/o vgt&discriminator": (False, False, True),
+    "w/o hyper-loss&discriminator": (True, False, False),
+    "w/o vgt&hyper-loss": (False, True, False),
+}
+
+
+@dataclass
+class APLAConfig:
+    """Weights and switches of APLA's objective (Eqs. 4-6, 16-20)."""
+
+    alpha: float = 1.0  # Eq. 18, weight of L_MSE; 1 keeps the plain diffusion loss at full strength (ours)
+    beta: float = 0.1  # Eq. 18, weight of L_L1 (ours; the paper gives none)
+    gamma: float = 0.1  # Eq. 18, weight of L_per (ours; the paper gives none)
+    lam: float = 0.01  # Eq. 20, lambda, weight of the generator's adversarial term L_g (ours)
+    vgt: str = "pure"  # "pure" | "hyper" | "pure-en" | "hyper-en" | "none"; the paper's experiments use "pure"
+    use_discriminator: bool = True  # False: Table 3's "w/o Discriminator", no lambda * L_g term
+    use_hyper_loss: bool = True  # False: Table 3's "w/o Hyper-Loss", plain MSE (Eq. 6, or Eq. 5 without VGT)
+    saturating: bool = True  # L_g as written in the paper, E[log(1 - D(G))]; False: non-saturating -log D(G)
+    perceptual_weights: str | None = None  # torchvision-layout VGG16 file (.safetensors/.pth); None: seeded init
+
+    def __post_init__(self):
+        if self.vgt not in VARIANTS + ("none",):
+            raise ValueError(f"APLAConfig.vgt={self.vgt!r}; expected one of {VARIANTS + ('none',)}")
+        for name in ("alpha", "beta", "gamma", "lam"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"APLAConfig.{name}={getattr(self, name)} must be >= 0")
+
+    @property
+    def use_vgt(self) -> bool:
+        """False for Table 3's "w/o VGT" (phi = 0), i.e. vgt == "none"."""
+        return self.vgt != "none"
+
+    @classmethod
+    def ablation(cls, name: str, vgt: str = "pure", **overrides) -> "APLAConfig":
+        """A config for one row of Table 3 (names in `ABLATIONS`), e.g. APLAConfig.ablation("w/o discriminator")."""
+        if name not in ABLATIONS:
+            raise ValueError(f"unknown ablation {name!r}; expected one of {list(ABLATIONS)}")
+        with_vgt, with_d, with_hyper = ABLATIONS[name]
+        return cls(vgt=vgt if with_vgt else "none", use_discriminator=with_d, use_hyper_loss=with_hyper, **overrides)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A training run (train.py) and its presets
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """Everything a run of train.py needs; saved as config.json beside its outputs.
+
+    Defaults follow the paper ("24 frames at a resolution of 512 x 512 ... 750 steps and 1500 steps with a
+    learning rate of 3e-5 and a batch size of 1") and Tune-A-Video (AdamW, betas (0.9, 0.999), weight decay 1e-2,
+    gradient clipping at 1.0, its trainable set of the U-Net).
+    """
+    pretrained: str = "runwayml/stable-diffusion-v1-5"  # file, diffusers folder, hub id, or "micro"
+    video: str = str(ASSETS / "bigbuckbunny_24f_512.mp4")
+    prompt: str = "a white rabbit stretching on a grassy hillside"
+    output_dir: str = "runs/apla"
+    max_steps: int = 750                 # the paper trains 750 (default) or 1500 steps
+    frames: int = 24                     # "we uniformly sample 24 frames"
+    start: int = 0
+    stride: int = 1
+    size: int = 512                      # "at a resolution of 512 x 512"
+    seed: int = 33
+    lr: float = 3e-5                     # "a learning rate of 3e-5"
+    disc_lr: float = 3e-5
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"          # "bf16" on CUDA
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    device: str = "auto"
+    progress: bool = True
+    trainable: Tuple[str, ...] = DEFAULT_TRAINABLE
+    apla: APLAConfig = field(default_factory=APLAConfig)
+    vgt_model: VGTConfig = field(default_factory=VGTConfig)  # VGT sizes; its variant comes from apla.vgt
+    edit_prompts: Tuple[str, ...] = ()   # prompts sample.py uses by default besides the run's own
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown configuration keys: {sorted(unknown)}")
+        values = dict(values)
+        if isinstance(values.get("apla"), dict):
+            values["apla"] = dataclass_from_dict(APLAConfig, values["apla"], "apla")
+        if isinstance(values.get("vgt_model"), dict):
+            values["vgt_model"] = dataclass_from_dict(VGTConfig, values["vgt_model"], "vgt_model")
+        for key in ("trainable", "edit_prompts"):
+            if key in values:
+                values[key] = tuple(values[key])
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self):
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        for name in ("max_steps", "frames", "stride", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.start < 0:
+            raise ValueError(f"start must be >= 0, got {self.start}")
+
+
+def dataclass_from_dict(cls, values: dict, where: str):
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ValueError(f"unknown keys in {where}: {sorted(unknown)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return cls(**values)
+
+
+# Presets: TrainConfig fields that a base model overrides (sizes tied to the model's scale)
+PRESETS = {
+    "sd15": {},
+}
+
+
+def preset_for(pretrained: str) -> str:
+    return "micro" if str(pretrained) == "micro" else "sd15"
+
+
+def edit_prompts_for(cfg: TrainConfig) -> list:
+    return list(cfg.edit_prompts)

@@ -1,0 +1,216 @@
+"""train.py and sample.py end to end on a tiny random SD-layout model: outputs, exact resume, NaN stop, atomic
+checkpoints, and one clear line with exit status 2 for each bad input."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from apla import checkpoint as ckpt
+from apla import cli
+from tests.tiny_sd import TINY_RUN, make_tiny_sd
+
+ROOT = Path(__file__).resolve().parents[1]
+BBB = ROOT / "tests" / "data" / "bigbuckbunny_cut.mp4"
+SHAPES_GIF = ROOT / "apla" / "assets" / "shapes_red_circle_right.gif"
+
+pytest.importorskip("diffusers")
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"apla_script_{name}", ROOT / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+train = _script("train")
+sample = _script("sample")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    model = make_tiny_sd(root / "sd")
+    other = make_tiny_sd(root / "sd_other", seed=1)
+    cfg = root / "tiny.json"
+    cfg.write_text(json.dumps(TINY_RUN))
+    return {"model": str(model), "other": str(other), "config": str(cfg)}
+
+
+def train_args(tiny, out, steps=3, video=SHAPES_GIF, frames=4, *extra):
+    return ["--config", tiny["config"], "--pretrained", tiny["model"], "--video", str(video), "--prompt",
+            "a red circle moving to the right", "--output-dir", str(out), "--max-steps", str(steps), "--frames",
+            str(frames), "--size", "64", "--seed", "0", "--no-progress", "--device", "cpu", *extra]
+
+
+def run_exit(fn, argv):
+    with pytest.raises(SystemExit) as e:
+        fn(argv)
+    return e.value.code
+
+
+def trained_weights(run):
+    return load_file(str(ckpt.latest_checkpoint(run) / "weights.safetensors"))
+
+
+def test_train_then_sample_writes_outputs(tiny, tmp_path):
+    run = tmp_path / "run"
+    assert train.main(train_args(tiny, run, 3, SHAPES_GIF, 8)) == 0
+    for name in ("config.json", "log.jsonl", "source.safetensors"):
+        assert (run / name).is_file(), name
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    for key in ("total", "mse", "l1", "perceptual", "adv_g", "phi_ratio", "disc", "step_time"):
+        assert key in log[0], key
+    assert ckpt.latest_checkpoint(run).name == "step-000003"
+    weights = trained_weights(run)
+    assert any(k.startswith("unet.") for k in weights) and any(k.startswith("vgt.") for k in weights)
+    assert any(k.startswith("disc.") for k in weights)
+    assert not any("to_k" in k and k.startswith("unet.") and "attn_temp" not in k for k in weights)
+
+    out = tmp_path / "samples"
+    assert sample.main(["--run", str(run), "--steps", "3", "--prompt", "a blue square moving to the right",
+                        "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    gif = out / "a_blue_square_moving_to_the_right.gif"
+    with Image.open(gif) as im:
+        assert im.size == (64, 64) and im.n_frames == 8
+    with Image.open(gif.with_suffix(".png")) as im:
+        assert im.size == (8 * 64, 64)
+    assert gif.with_suffix(".mp4").is_file()
+
+
+def test_bigbuckbunny_cut_trains(tiny, tmp_path):
+    run = tmp_path / "bbb"
+    assert train.main(train_args(tiny, run, 2, BBB, 8, "--vgt", "hyper")) == 0
+    z0 = load_file(str(run / "source.safetensors"))["z0_mean"]
+    assert z0.shape == (1, 4, 8, 8, 8)  # (B, C, F, h, w): 8 frames at 64x64 -> 8x8 latents
+
+
+def test_resume_is_exact(tiny, tmp_path):
+    one_go, split = tmp_path / "one", tmp_path / "split"
+    assert train.main(train_args(tiny, one_go, 4)) == 0
+    assert train.main(train_args(tiny, split, 2)) == 0
+    assert train.main(train_args(tiny, split, 4, SHAPES_GIF, 4, "--resume")) == 0
+    a, b = trained_weights(one_go), trained_weights(split)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    log = [json.loads(line)["step"] for line in (split / "log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3, 4]
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_last_checkpoint(tiny, tmp_path, monkeypatch, capsys):
+    real = train.generator_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        total, terms = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            terms["l1"] = float("nan")
+            total = total * float("nan")
+        return total, terms
+
+    monkeypatch.setattr(train, "generator_loss", poisoned)
+    run = tmp_path / "nan"
+    code = run_exit(train.main, train_args(tiny, run, 5, SHAPES_GIF, 4, "--checkpoint-every", "1"))
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "step 3" in err and "l1" in err
+    assert ckpt.latest_checkpoint(run).name == "step-000002"
+
+
+def test_checkpoint_is_atomic(tiny, tmp_path, monkeypatch):
+    run = tmp_path / "atomic"
+    saves = {"n": 0}
+
+    def crash_second_save():
+        saves["n"] += 1
+        if saves["n"] == 2:
+            raise KeyboardInterrupt("killed between write and rename")
+
+    monkeypatch.setattr(ckpt, "_before_rename_hook", crash_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(train_args(tiny, run, 4, SHAPES_GIF, 4, "--checkpoint-every", "1"))
+    assert [d.name for d in ckpt.list_checkpoints(run)] == ["step-000001"]
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # temporary folder removed
+    # a leftover temporary folder of a hard kill is ignored, and the run resumes from the last complete checkpoint
+    (run / "checkpoints" / ".step-000002.x.tmp").mkdir()
+    monkeypatch.setattr(ckpt, "_before_rename_hook", lambda: None)
+    assert train.main(train_args(tiny, run, 2, SHAPES_GIF, 4, "--resume")) == 0
+    assert ckpt.latest_checkpoint(run).name == "step-000002"
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny, tmp_path_factory):
+    run = tmp_path_factory.mktemp("trained") / "run"
+    assert train.main(train_args(tiny, run, 1)) == 0
+    return run
+
+
+@pytest.mark.parametrize("case", ["missing video", "unreadable video", "too few frames", "size not multiple of 8",
+                                  "unknown flag", "resume without checkpoint", "resume other vgt",
+                                  "existing run"])
+def test_train_bad_input(tiny, tmp_path, trained_run, capsys, case):
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"not a video")
+    out = tmp_path / "out"
+    argv, expect = {
+        "missing video": (train_args(tiny, out, video=tmp_path / "nope.mp4"), "nope.mp4"),
+        "unreadable video": (train_args(tiny, out, video=bad), "broken.mp4"),
+        "too few frames": (train_args(tiny, out, 1, SHAPES_GIF, 50), "frames"),
+        "size not multiple of 8": (train_args(tiny, out) + ["--size", "60"], "multiple of 8"),
+        "unknown flag": (train_args(tiny, out) + ["--frobnicate"], "--frobnicate"),
+        "resume without checkpoint": (train_args(tiny, out, 2, SHAPES_GIF, 4, "--resume"), "no checkpoint"),
+        "resume other vgt": (train_args(tiny, trained_run, 2, SHAPES_GIF, 4, "--resume", "--vgt", "hyper"), "vgt"),
+        "existing run": (train_args(tiny, trained_run, 2), "--resume"),
+    }[case]
+    assert run_exit(train.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and expect in err[0], err
+    if case not in ("resume other vgt", "existing run"):
+        assert not out.exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("case", ["run without checkpoint", "other base model", "unknown flag"])
+def test_sample_bad_input(tiny, tmp_path, trained_run, capsys, case):
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    (empty / "config.json").write_text((trained_run / "config.json").read_text())
+    out = tmp_path / "samples"
+    argv, expect = {
+        "run without checkpoint": (["--run", str(empty)], "no checkpoint"),
+        "other base model": (["--run", str(trained_run), "--pretrained", tiny["other"]], "another base model"),
+        "unknown flag": (["--run", str(trained_run), "--frobnicate"], "--frobnicate"),
+    }[case]
+    assert run_exit(sample.main, argv + ["--out", str(out), "--steps", "2", "--no-progress", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and expect in err[0], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("script", ["train.py", "sample.py"])
+def test_help_lists_every_flag_with_default(script):
+    res = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0
+    parser = (cli.train_parser if script == "train.py" else cli.sample_parser)()
+    text = " ".join(res.stdout.split())
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert action.option_strings[0] in text, action.option_strings[0]
+        if action.default is not None and action.default is not False:
+            assert f"(default: {action.default})" in text, action.dest
+
+
+def test_unknown_flag_subprocess_exit_status():
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), "--frobnicate"], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert res.returncode == 2
+    assert len(res.stderr.strip().splitlines()) == 1 and "--frobnicate" in res.stderr

@@ -1,0 +1,268 @@
+"""Tests of apla/vgt.py: every equation function (Eqs. 4, 7-15) against hand-computed values or closed forms,
+the mask, shapes, bf16, the initial perturbation ratio and the parameter counts of Table 1."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F_
+
+from apla import vgt as V
+from apla.vgt import VGT, VGTConfig
+
+TABLE1 = {"pure": 60.362e6, "hyper": 97.136e6, "pure-en": 60.362e6, "hyper-en": 97.136e6}
+
+
+def tiny(variant="pure", **kw):
+    base = dict(variant=variant, width=16, heads=2, spatial_depth=2, temporal_depth=2, mlp_hidden=32,
+                sample_size=64, max_frames=24, patch_size=4)
+    base.update(kw)
+    return VGTConfig(**base)
+
+
+# --------------------------------------------------------------------------------------------- equations
+
+
+def test_eq4_perturbed_eps_hand_value():
+    eps_pred = torch.tensor([1.0, -2.0, 0.5])
+    phi = torch.tensor([0.25, 0.5, -0.5])
+    assert torch.equal(V.perturbed_eps(eps_pred, phi), torch.tensor([1.25, -1.5, 0.0]))
+
+
+def test_perturbation_ratio_closed_form():
+    x = torch.randn(2, 4, 3, 8, 8, dtype=torch.float64)
+    assert V.perturbation_ratio(0.125 * x, x).item() == pytest.approx(0.125, rel=1e-6)
+    assert V.perturbation_ratio(torch.tensor([3.0, 4.0]), torch.tensor([0.0, 10.0])).item() == pytest.approx(0.5)
+
+
+def test_decoder_mask_hand_value():
+    expected = torch.tensor(
+        [[1, 1, 1, 1],
+         [0, 1, 0, 0],
+         [0, 1, 1, 0],
+         [0, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(V.decoder_mask(4), expected)
+
+
+def test_patchify_hand_value_and_round_trip():
+    z = torch.arange(2 * 4 * 3 * 8 * 6, dtype=torch.float64).reshape(2, 4, 3, 8, 6)
+    tok = V.patchify(z, 2)
+    assert tok.shape == (2, 3, 4 * 3, 4 * 2 * 2)
+    # batch 1, frame 2, patch (row 1, col 2) = token 1*3+2; element (channel 3, dy 1, dx 0)
+    assert tok[1, 2, 5, 3 * 4 + 1 * 2 + 0] == z[1, 3, 2, 1 * 2 + 1, 2 * 2 + 0]
+    assert torch.equal(V.unpatchify(tok, 2, 4, 8, 6), z)
+
+
+def test_timestep_embedding_closed_form():
+    e = V.timestep_embedding(torch.tensor([0, 7]), 8)
+    assert torch.equal(e[0], torch.tensor([1.0] * 4 + [0.0] * 4))
+    freqs = [math.exp(-math.log(10000.0) * i / 4) for i in range(4)]
+    ref = [math.cos(7 * f) for f in freqs] + [math.sin(7 * f) for f in freqs]
+    assert torch.allclose(e[1], torch.tensor(ref), atol=1e-5)
+
+
+def test_eq9_spatial_tokens_hand_value():
+    patches = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])  # (1, N=2, d=2)
+    cls = torch.tensor([[[10.0, 20.0]]])
+    pos = torch.tensor([[[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]]])
+    out = V.spatial_tokens(patches, cls, pos)
+    assert torch.allclose(out, torch.tensor([[[10.1, 20.2], [1.3, 2.4], [3.5, 4.6]]]))
+
+
+def test_eq10_temporal_input_hand_value():
+    D = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        D.weight.copy_(torch.tensor([[2.0, 0.0], [0.0, -1.0]]))
+        D.bias.copy_(torch.tensor([1.0, 1.0]))
+    cls_s = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])  # (B=1, F=2, d=2)
+    cls_t = torch.tensor([[[5.0, 6.0]]])
+    pos = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [2.0, 2.0]]])
+    out = V.temporal_input(cls_s, cls_t, D, pos)
+    assert torch.allclose(out, torch.tensor([[[5.0, 7.0], [4.0, -1.0], [9.0, -1.0]]]))
+
+
+def test_eq11_temporal_output_split():
+    z = torch.arange(2 * 4 * 3.0).reshape(2, 4, 3)
+    cls_t, frames = V.temporal_output(z)
+    assert torch.equal(cls_t, z[:, 0]) and torch.equal(frames, z[:, 1:])
+
+
+def _reference_attention(block, x, mask):
+    """Float64 multi-head attention written out: softmax(QK^T/sqrt(d_h) + mask) V, then the projection."""
+    B, N, d = x.shape
+    h = block.attn.heads
+    q, k, v = block.attn.qkv(x).split(d, dim=-1)
+    out = torch.zeros_like(x)
+    for head in range(h):
+        s = slice(head * d // h, (head + 1) * d // h)
+        scores = q[..., s] @ k[..., s].transpose(1, 2) / math.sqrt(d // h)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        out[..., s] = torch.softmax(scores, dim=-1) @ v[..., s]
+    return block.attn.proj(out)
+
+
+@pytest.mark.parametrize("fn", [V.spatial_decoder_block, V.temporal_decoder_block])
+@pytest.mark.parametrize("masked", [True, False])
+def test_eq7_eq8_decoder_blocks_match_written_out_attention(fn, masked):
+    torch.manual_seed(0)
+    block = V.DecoderBlock(8, 2).double()
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    mask = V.decoder_mask(5) if masked else None
+    # $$z^{\ell+1} = \mathrm{MMSA}(\mathrm{LN}(z^\ell)) + z^\ell$$
+    ref = _reference_attention(block, block.norm(x), mask) + x
+    assert torch.allclose(fn(block, x, mask), ref, atol=1e-12)
+
+
+def test_eq12_hadamard_fusion_hand_value():
+    z_s = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])  # (B=1, F=1, N=2, d=2)
+    z_t = torch.tensor([[[10.0, -1.0]]])  # (B=1, F=1, d=2)
+    assert torch.equal(V.hadamard_fusion(z_s, z_t), torch.tensor([[[[10.0, -2.0], [30.0, -4.0]]]]))
+
+
+@pytest.mark.parametrize("fn", [V.mlp_head, V.hyper_head])
+def test_eq13_eq15_mlp_heads_hand_value(fn):
+    head = V.MLPHead(2, 2, 1)
+    with torch.no_grad():
+        head.fc1.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+        head.fc1.bias.zero_()
+        head.fc2.weight.copy_(torch.tensor([[1.0, 1.0]]))
+        head.fc2.bias.copy_(torch.tensor([0.5]))
+    y = torch.tensor([[3.0, -3.0]])
+    gelu = lambda v: 0.5 * v * (1 + math.erf(v / math.sqrt(2)))
+    assert fn(head, y).item() == pytest.approx(gelu(3.0) + gelu(-3.0) + 0.5, rel=1e-6)
+
+
+def test_eq14_hyper_fusion_matches_functional_convolutions():
+    torch.manual_seed(0)
+    B, F, Hp, Wp, d = 2, 3, 2, 4, 4
+    block = V.HyperBlock(d).double()
+    z_s = torch.randn(B, F, Hp * Wp, d, dtype=torch.float64)
+    cls_t = torch.randn(B, d, dtype=torch.float64)
+    z_t = torch.randn(B, F, d, dtype=torch.float64)
+    out = V.hyper_fusion(block, z_s, cls_t, z_t, (Hp, Wp))
+    # independent path: build the grid element by element, then the two transposed convolutions
+    grid = torch.zeros(B, 2 * d, F, Hp, Wp, dtype=torch.float64)
+    for b in range(B):
+        for f in range(F):
+            for i in range(Hp):
+                for j in range(Wp):
+                    grid[b, :d, f, i, j] = z_s[b, f, i * Wp + j]
+                    grid[b, d:, f, i, j] = z_t[b, f] + cls_t[b]
+    y = F_.conv_transpose3d(grid, block.conv1.weight, block.conv1.bias, padding=1)
+    y = F_.conv_transpose3d(F_.gelu(y), block.conv2.weight, block.conv2.bias, padding=(0, 1, 1))
+    assert out.shape == (B, F, Hp * Wp, d)
+    assert torch.allclose(out[1, 2, 1 * Wp + 3], y[1, :, 2, 1, 3], atol=1e-12)
+    assert torch.allclose(out, y.reshape(B, d, F, Hp * Wp).permute(0, 2, 3, 1), atol=1e-12)
+
+
+def test_every_equation_function_cites_its_equation():
+    table = {4: V.perturbed_eps, 7: V.spatial_decoder_block, 8: V.temporal_decoder_block, 9: V.spatial_tokens,
+             10: V.temporal_input, 11: V.temporal_output, 12: V.hadamard_fusion, 13: V.mlp_head,
+             14: V.hyper_fusion, 15: V.hyper_head}
+    for n, fn in table.items():
+        assert f"Eq. ({n})" in fn.__doc__, fn.__name__
+
+
+# --------------------------------------------------------------------------------------------- the model
+
+
+@pytest.mark.parametrize("variant", V.VARIANTS)
+def test_mask_keeps_earlier_frames_of_temporal_decoder(variant):
+    cfg = tiny(variant)
+    model = VGT(cfg).double()
+    z = torch.randn(1, 4, 6, 16, 16, dtype=torch.float64)
+    k = 3
+    z2 = z.clone()
+    z2[:, :, k] += torch.randn_like(z2[:, :, k])
+    with torch.no_grad():
+        _, t1 = model.decode(z, 10)
+        _, t2 = model.decode(z2, 10)
+        phi1, phi2 = model(z, 10), model(z2, 10)
+    earlier = slice(1, 1 + k)  # temporal tokens of frames 0..k-1 (index 0 is the class token)
+    assert not torch.allclose(t1[:, 1 + k], t2[:, 1 + k])  # frame k itself changes
+    if cfg.masked:
+        assert torch.equal(t1[:, earlier], t2[:, earlier])
+    else:
+        assert (t1[:, earlier] - t2[:, earlier]).abs().max() > 1e-8
+    if variant == "pure":  # VGT-Pure's whole output is causal in time (Eq. 12 is per frame)
+        assert torch.equal(phi1[:, :, :k], phi2[:, :, :k])
+    if variant == "pure-en":
+        assert (phi1[:, :, :k] - phi2[:, :, :k]).abs().max() > 0
+
+
+@pytest.mark.parametrize("variant", V.VARIANTS)
+@pytest.mark.parametrize("frames", [1, 8, 24])
+@pytest.mark.parametrize("size", [32, 64])
+def test_output_shape_equals_input_shape(variant, frames, size):
+    model = VGT(tiny(variant))
+    z = torch.randn(1, 4, frames, size, size)
+    with torch.no_grad():
+        phi = model(z, torch.tensor([500]))
+    assert phi.shape == z.shape
+
+
+@pytest.mark.parametrize("variant", ["pure", "hyper"])
+def test_output_shape_patch_size_2_and_batch_of_timesteps(variant):
+    model = VGT(tiny(variant, patch_size=2, sample_size=32))
+    z = torch.randn(2, 4, 8, 32, 24)
+    with torch.no_grad():
+        phi = model(z, torch.tensor([1, 999]))
+    assert phi.shape == z.shape
+
+
+@pytest.mark.parametrize("variant", V.VARIANTS)
+def test_bf16_autocast_no_nan(variant):
+    model = VGT(tiny(variant))
+    z = torch.randn(2, 4, 8, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        phi = model(z, 999)
+    assert phi.shape == z.shape and torch.isfinite(phi.float()).all()
+
+
+@pytest.mark.parametrize("variant", V.VARIANTS)
+def test_initial_perturbation_is_tiny_tiny_model(variant):
+    model = VGT(tiny(variant))
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(2, 4, 8, 32, 32, generator=g)
+    eps_pred = torch.randn(z.shape, generator=g)  # unit-variance stand-in for eps_theta
+    with torch.no_grad():
+        phi = model(z, torch.tensor([10, 900]))
+    ratio = V.perturbation_ratio(phi, eps_pred).item()
+    assert 0 < ratio < 1e-2
+
+
+@pytest.mark.parametrize("variant", ["pure", "hyper"])
+def test_initial_perturbation_is_tiny_paper_size(variant):
+    model = VGT(VGTConfig(variant=variant))
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(1, 4, 2, 16, 16, generator=g)
+    eps_pred = torch.randn(z.shape, generator=g)
+    with torch.no_grad():
+        ratio = V.perturbation_ratio(model(z, 999), eps_pred).item()
+    print(f"{variant}: ||phi|| / ||eps_theta|| at init = {ratio:.2e}")
+    assert 0 < ratio < 1e-2
+
+
+def test_parameter_counts_match_table1():
+    counts = {}
+    for variant in V.VARIANTS:
+        with torch.device("meta"):
+            counts[variant] = V.count_parameters(VGT(VGTConfig(variant=variant)))
+    for variant, n in counts.items():
+        print(f"VGT-{variant}: {n / 1e6:.3f} M (Table 1: {TABLE1[variant] / 1e6:.3f} M, "
+              f"{100 * (n / TABLE1[variant] - 1):+.2f}%)")
+        assert abs(n / TABLE1[variant] - 1) < 0.05
+    # "the mask operation did not change the quantities of trainable parameters" (Table 1)
+    assert counts["pure"] == counts["pure-en"] and counts["hyper"] == counts["hyper-en"]
+
+
+def test_same_seed_same_weights_and_bad_inputs_named():
+    a, b = VGT(tiny()), VGT(tiny())
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    with pytest.raises(V.VGTShapeError, match="max_frames"):
+        a(torch.randn(1, 4, 25, 16, 16), 0)
+    with pytest.raises(V.VGTShapeError, match="patch_size"):
+        a(torch.randn(1, 4, 2, 18, 16), 0)
+    with pytest.raises(ValueError, match="variant"):
+        VGTConfig(variant="giant")
