@@ -119,13 +119,14 @@ def test_few_step_guided_sample_has_the_right_shapes(sd):
     assert torch.isfinite(x).all()
 
 
-def test_preset_fields():
-    assert MICRO_PRESET["frames"] == 8 and MICRO_PRESET["size"] == 64
-    assert (Path(apla.__file__).parent.parent / MICRO_PRESET["video"]).is_file()
+def test_preset_is_a_valid_training_config_for_the_default_clip():
+    config = pytest.importorskip("apla.config")
     vgt = pytest.importorskip("apla.vgt")
-    names = {f.name for f in fields(vgt.VGTConfig)}
-    assert set(MICRO_PRESET["vgt"]) <= names
-    vgt.VGT(vgt.VGTConfig(**MICRO_PRESET["vgt"]))  # builds
+    cfg = config.TrainConfig.from_dict(MICRO_PRESET)  # unknown keys would be an error
+    assert cfg.frames == 8 and cfg.size == 64 and Path(cfg.video).is_file()
+    model = vgt.VGT(cfg.vgt_model)
+    z_t = torch.randn(1, 4, cfg.frames, 16, 16)  # (B, C, F, h, w) of the micro model's latents
+    assert model(z_t, torch.tensor([500])).shape == z_t.shape
 
 
 def test_pretraining_resumes_to_the_same_weights(tmp_path):

@@ -119,21 +119,20 @@ MODEL_INDEX = {
 NUM_INFERENCE_STEPS = 50  # SD v1.5 default: 50 DDIM steps
 GUIDANCE_SCALE = 5.0  # SD v1.5 default: 7.5; chosen on validation prompts (not the held-out ones)
 
-# An APLA run sized to the micro model: fields of the training config (SD-sized values in comments).
+# An APLA run sized to the micro model: TrainConfig fields (apla.config) that override its SD-sized defaults
+# (in comments). Sampling uses NUM_INFERENCE_STEPS and GUIDANCE_SCALE above.
 MICRO_PRESET = {
     "pretrained": "micro",
-    "video": "apla/assets/shapes_red_circle_right.gif",  # the shapes world's DEFAULT_CLIP
+    "video": str(Path(str(resources.files("apla"))) / "assets" / "shapes_red_circle_right.gif"),  # shapes.DEFAULT_CLIP
     "prompt": "a red circle moving to the right",
     "edit_prompts": ["a blue circle moving to the right", "a red square moving to the right"],
-    "frames": 8,  # SD: 24 sampled frames in the paper
+    "frames": 8,  # SD: 24 ("we uniformly sample 24 frames")
     "size": 64,  # SD: 512
-    "max_steps": 300,  # Tune-A-Video on SD: 500
-    "lr": 3e-4,  # Tune-A-Video on SD: 3e-5 (a from-scratch toy tolerates a larger step)
-    "checkpoint_every": 100,
-    "num_inference_steps": NUM_INFERENCE_STEPS,  # SD: 50
-    "guidance_scale": GUIDANCE_SCALE,  # SD: 12.5 in Tune-A-Video's editing configs
-    "vgt": {  # VGTConfig fields (apla.vgt); SD-sized defaults in comments
-        "variant": "pure",
+    "max_steps": 300,  # SD: 750
+    "lr": 3e-4,  # SD: 3e-5 (a from-scratch toy tolerates a larger step)
+    "disc_lr": 3e-4,  # SD: 3e-5
+    "checkpoint_every": 100,  # SD: 250
+    "vgt_model": {  # VGTConfig fields (apla.vgt); its variant comes from APLAConfig.vgt
         "in_channels": 4,
         "sample_size": 16,  # SD: 64 (latent side)
         "max_frames": 8,  # SD: 24
