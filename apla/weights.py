@@ -307,6 +307,8 @@ def load_stable_diffusion(
     for components not asked for) and `.source`.
     """
     components = tuple(components)
+    if source == "micro":  # the micro SD pretrained on the shapes world, shipped in the package (apla.micro)
+        source = Path(__file__).parent / "assets" / "micro"
     unknown = [c for c in components if c not in COMPONENTS]
     if unknown:
         raise ValueError(f"unknown component {unknown[0]!r}: choose from {COMPONENTS}")
