@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn, Optional
 
-from apla.config import PRESETS, TrainConfig, preset_for
+from apla.config import PRESETS, TrainConfig, default_config, preset_for
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -58,9 +58,12 @@ def _bool(v: str) -> bool:
 
 
 def train_parser() -> argparse.ArgumentParser:
-    d = TrainConfig()
-    p = OneLineParser(prog="train.py", description="Tune Stable Diffusion (inflated to video) on one clip with APLA.",
-                      formatter_class=DefaultsFormatter)
+    d = default_config()
+    p = OneLineParser(prog="train.py", formatter_class=DefaultsFormatter,
+                      description="Tune Stable Diffusion (inflated to video) on one clip with APLA. The defaults "
+                                  "shown are the micro model's preset; with another --pretrained (an SD v1.5 file, "
+                                  "folder or hub id) the SD-size defaults of apla.config.TrainConfig apply: 24 "
+                                  "frames at 512 px, 750 steps, lr 3e-5, the bigbuckbunny clip.")
     a = p.add_argument
     a("--config", default=None,
       help="a .toml or .json file of TrainConfig fields; flags override it (default: none)")
@@ -108,7 +111,7 @@ def parse_train_args(argv: Optional[list] = None):
             saved = json.loads(saved_path.read_text())
     pretrained = (args.pretrained if "pretrained" in given else
                   file_values.get("pretrained", saved.get("pretrained", TrainConfig().pretrained)))
-    values = saved or dict(PRESETS.get(preset_for(pretrained), {}))
+    values = saved or {**PRESETS.get(preset_for(pretrained), {}), "pretrained": pretrained}
     values = _merge(values, file_values)
     flags = {}
     for dest in given - {"config", "resume", "help"}:

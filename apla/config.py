@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Tuple
 
+from apla.micro import MICRO_PRESET
 from apla.unet import DEFAULT_TRAINABLE
 from apla.vgt import VARIANTS, VGTConfig
 
@@ -74,7 +75,7 @@ class TrainConfig:
     learning rate of 3e-5 and a batch size of 1") and Tune-A-Video (AdamW, betas (0.9, 0.999), weight decay 1e-2,
     gradient clipping at 1.0, its trainable set of the U-Net).
     """
-    pretrained: str = "runwayml/stable-diffusion-v1-5"  # file, diffusers folder, hub id, or "micro"
+    pretrained: str = "micro"            # file, diffusers folder, hub id ("runwayml/stable-diffusion-v1-5"), "micro"
     video: str = "bigbuckbunny"          # a path, or the name of a bundled clip (BUNDLED_CLIPS)
     prompt: str = "a white rabbit stretching on a grassy hillside"
     output_dir: str = "runs/apla"
@@ -158,12 +159,20 @@ def resolve_video(video: str) -> str:
 
 # Presets: TrainConfig fields that a base model overrides (sizes tied to the model's scale)
 PRESETS = {
-    "sd15": {},
+    "sd15": {},                # the dataclass defaults above are SD v1.5's
+    "micro": MICRO_PRESET,     # the micro SD shipped in apla/assets/micro (apla.micro)
 }
 
 
 def preset_for(pretrained: str) -> str:
+    """The preset a base model's runs start from: "micro" for the shipped micro SD, "sd15" for anything else."""
     return "micro" if str(pretrained) == "micro" else "sd15"
+
+
+def default_config(pretrained: str = None) -> "TrainConfig":
+    """The configuration a run gets before any file or flag: the dataclass defaults under the base model's preset."""
+    pretrained = TrainConfig.pretrained if pretrained is None else pretrained
+    return TrainConfig.from_dict({**PRESETS[preset_for(pretrained)], "pretrained": pretrained})
 
 
 def vgt_config_for(cfg: TrainConfig, latent_shape) -> VGTConfig:

@@ -249,3 +249,15 @@ def test_unknown_flag_subprocess_exit_status():
                          cwd=ROOT)
     assert res.returncode == 2
     assert len(res.stderr.strip().splitlines()) == 1 and "--frobnicate" in res.stderr
+
+
+def test_default_run_on_the_micro_model(tmp_path):
+    """`python train.py` / `python sample.py` with the defaults (the micro model, the red circle), cut short."""
+    run = tmp_path / "default"
+    assert train.main(["--output-dir", str(run), "--max-steps", "2", "--no-progress"]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["pretrained"] == "micro" and cfg["frames"] == 8 and cfg["size"] == 64
+    assert sample.main(["--run", str(run), "--steps", "2", "--no-progress"]) == 0
+    for prompt in [cfg["prompt"], *cfg["edit_prompts"]]:
+        with Image.open(run / "samples" / f"{prompt.replace(' ', '_')}.gif") as im:
+            assert im.size == (64, 64)

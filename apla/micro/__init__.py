@@ -123,7 +123,7 @@ GUIDANCE_SCALE = 3.0  # SD v1.5 default: 7.5; chosen on 128 validation captions 
 # (in comments). Sampling uses NUM_INFERENCE_STEPS and GUIDANCE_SCALE above.
 MICRO_PRESET = {
     "pretrained": "micro",
-    "video": str(Path(str(resources.files("apla"))) / "assets" / "shapes_red_circle_right.gif"),  # shapes.DEFAULT_CLIP
+    "video": "red-circle-right",  # apla/assets/shapes_red_circle_right.gif, shapes.DEFAULT_CLIP
     "prompt": "a red circle moving to the right",
     "edit_prompts": ["a blue circle moving to the right", "a red square moving to the right"],
     "frames": 8,  # SD: 24 ("we uniformly sample 24 frames")
@@ -132,6 +132,8 @@ MICRO_PRESET = {
     "lr": 3e-4,  # SD: 3e-5 (a from-scratch toy tolerates a larger step)
     "disc_lr": 3e-4,  # SD: 3e-5
     "checkpoint_every": 100,  # SD: 250
+    "sample_steps": NUM_INFERENCE_STEPS,  # SD: 50
+    "guidance": GUIDANCE_SCALE,  # SD: 12.5 (Tune-A-Video)
     "vgt_model": {  # VGTConfig fields (apla.vgt); its variant comes from APLAConfig.vgt
         "in_channels": 4,
         "sample_size": 16,  # SD: 64 (latent side)
