@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -20,8 +19,8 @@ from safetensors.torch import load_file
 
 import apla
 from apla import checkpoint as ckpt
-from apla.cli import fail, sample_parser
-from apla.config import TrainConfig, edit_prompts_for, slug, vgt_config_for
+from apla.cli import autocast_for, fail, pick_device, sample_parser
+from apla.config import TrainConfig, slug, vgt_config_for
 from apla.scheduler import classifier_free_guidance, ddim_invert, ddim_sample, ddim_timesteps
 from apla.unet import load_trainable_state, mark_trainable
 from apla.video import write_gif, write_mp4, write_png_strip
@@ -51,7 +50,7 @@ def main(argv=None) -> int:
     guidance = args.guidance if args.guidance is not None else cfg.guidance
     if steps < 1:
         fail(f"--steps must be at least 1, got {steps}")
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     pretrained = args.pretrained or cfg.pretrained
 
     # ---- base model + the run's tuned weights ------------------------------------------------------------------
@@ -76,8 +75,7 @@ def main(argv=None) -> int:
     use_vgt = vgt is not None and not args.no_vgt
     alpha_bar = sd.alpha_bar.to(device)
     timesteps = ddim_timesteps(steps, alpha_bar.shape[0])
-    amp = (torch.autocast(device.type, dtype=torch.bfloat16 if args.mixed_precision == "bf16" else torch.float16)
-           if args.mixed_precision != "no" else nullcontext())
+    amp = autocast_for(args.mixed_precision, device)
 
     def eps_star(z, t, context):
         """Eq. (4): the tuned U-Net's prediction plus the VGT perturbation (unless --no-vgt)."""
@@ -86,7 +84,7 @@ def main(argv=None) -> int:
             eps_pred = unet(z, t, context).float()
             return perturbed_eps(eps_pred, vgt(z, t).float()) if use_vgt else eps_pred
 
-    prompts = args.prompt or [cfg.prompt] + edit_prompts_for(cfg)
+    prompts = args.prompt or [cfg.prompt, *cfg.edit_prompts]
     with torch.no_grad():
         uncond = apla.encode_prompt(sd, [""]).to(device)                   # (1, 77, D)
         if args.no_inversion:

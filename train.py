@@ -14,7 +14,6 @@ import json
 import math
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -22,27 +21,14 @@ from tqdm.auto import tqdm
 
 import apla
 from apla import checkpoint as ckpt
-from apla.cli import fail, parse_train_args
-from apla.config import TrainConfig, resolve_video, vgt_config_for
+from apla.cli import autocast_for, fail, parse_train_args, pick_device
+from apla.config import resolve_video, vgt_config_for
 from apla.discriminator import Discriminator, DiscriminatorConfig
 from apla.losses import VGGFeatures, discriminator_loss, generator_loss
 from apla.scheduler import q_sample
 from apla.unet import load_trainable_state, mark_trainable, trainable_state
 from apla.video import VideoError, read_video
 from apla.vgt import VGT
-
-
-def pick_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device != "auto":
-        return torch.device(cfg.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def autocast_for(cfg: TrainConfig, device: torch.device):
-    if cfg.mixed_precision == "no":
-        return nullcontext()
-    dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @torch.no_grad()
@@ -63,7 +49,7 @@ def main(argv=None) -> int:
     # ---- configuration: dataclass defaults <- preset of the base model <- --config file <- flags ----------------
     cfg, resume = parse_train_args(argv)
     run_dir = Path(cfg.output_dir)
-    device = pick_device(cfg)
+    device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
 
     # ---- inputs are checked before anything is written ---------------------------------------------------------
@@ -172,7 +158,7 @@ def main(argv=None) -> int:
         eps = torch.randn(z0.shape, generator=gen, device=device)
         # Eq. (1): z_t = sqrt(alpha_bar_t) z0 + sqrt(1 - alpha_bar_t) eps
         z_t = q_sample(z0, t, eps, alpha_bar)
-        with autocast_for(cfg, device):
+        with autocast_for(cfg.mixed_precision, device):
             eps_pred = unet(z_t, t, context)                               # (1, 4, F, h, w)
             phi = vgt(z_t, t) if vgt is not None else None                 # (1, 4, F, h, w)
             # Eq. (4), Eqs. (16)-(18) and (20): the generator's (U-Net + VGT) objective

@@ -10,10 +10,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import NoReturn, Optional
 
+import torch
+
 from apla.config import PRESETS, TrainConfig, default_config, preset_for
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; anything else as given ('cpu', 'cuda:1', ...)."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def autocast_for(mixed_precision: str, device: torch.device):
+    """The autocast context of --mixed-precision: none for 'no', bf16 or fp16 otherwise."""
+    if mixed_precision == "no":
+        return nullcontext()
+    return torch.autocast(device_type=device.type,
+                          dtype=torch.bfloat16 if mixed_precision == "bf16" else torch.float16)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -51,10 +67,6 @@ def _load_file(path: str) -> dict:
     except Exception as e:  # noqa: BLE001 - one line for any parse error
         fail(f"--config {path}: cannot parse: {e}")
     fail(f"--config {path}: expected a .toml or .json file")
-
-
-def _bool(v: str) -> bool:
-    return v.lower() in ("1", "true", "yes", "on")
 
 
 def train_parser() -> argparse.ArgumentParser:

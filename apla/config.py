@@ -189,7 +189,3 @@ def vgt_config_for(cfg: TrainConfig, latent_shape) -> VGTConfig:
 def slug(prompt: str) -> str:
     """The file stem of a prompt's outputs (sample.py writes samples/<slug>.gif)."""
     return re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60] or "prompt"
-
-
-def edit_prompts_for(cfg: TrainConfig) -> list:
-    return list(cfg.edit_prompts)

@@ -179,6 +179,11 @@ def final_objective(l_hyper: torch.Tensor, l_g: torch.Tensor, lam: float) -> tor
     return l_hyper + lam * l_g
 
 
+def _eps_star(eps_pred: torch.Tensor, phi: torch.Tensor | None, cfg: APLAConfig) -> torch.Tensor:
+    """eps* of Eq. 4, or eps_pred itself when the run has no VGT (phi = 0)."""
+    return perturbed_eps(eps_pred, phi) if cfg.use_vgt else eps_pred
+
+
 def generator_loss(
     eps: torch.Tensor,
     eps_pred: torch.Tensor,
@@ -197,7 +202,7 @@ def generator_loss(
     """
     if cfg.use_vgt and phi is None:
         raise ValueError(f"generator_loss: APLAConfig.vgt={cfg.vgt!r} needs phi (got None)")
-    eps_star = perturbed_eps(eps_pred, phi) if cfg.use_vgt else eps_pred  # Eq. 4, or phi = 0
+    eps_star = _eps_star(eps_pred, phi, cfg)
     terms = {}
     if cfg.use_hyper_loss:
         total, parts = hyper_loss(eps, eps_star, perceptual, cfg.alpha, cfg.beta, cfg.gamma)
@@ -231,7 +236,7 @@ def discriminator_loss(
     """
     if not cfg.use_discriminator:
         return None, {}
-    eps_star = perturbed_eps(eps_pred, phi) if cfg.use_vgt else eps_pred
+    eps_star = _eps_star(eps_pred, phi, cfg)
     d_real, d_fake = disc(eps), disc(eps_star.detach())
     loss = discriminator_adversarial_loss(d_real, d_fake)
     terms = {

@@ -26,7 +26,6 @@ attention layers (and, optionally, GroupNorm, see `UNetConfig.norm_over_frames`)
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass, fields
 
@@ -511,11 +510,9 @@ def load_trainable_state(unet: nn.Module, tensors: dict, where: str = "checkpoin
 
 def save_trainable(unet: nn.Module, path) -> None:
     """Write the trainable parameters to a safetensors file, atomically (temporary file, then rename)."""
-    from safetensors.torch import save_file
+    from apla.checkpoint import atomic_save_safetensors
 
-    tmp = f"{path}.tmp"
-    save_file({n: t.contiguous().cpu() for n, t in trainable_state(unet).items()}, tmp)
-    os.replace(tmp, path)
+    atomic_save_safetensors(trainable_state(unet), path)
 
 
 def load_trainable(unet: nn.Module, path) -> None:

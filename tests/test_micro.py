@@ -2,7 +2,6 @@
 
 import json
 import math
-from dataclasses import fields
 from pathlib import Path
 
 import pytest
