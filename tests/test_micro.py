@@ -11,7 +11,7 @@ from safetensors import safe_open
 import apla
 import apla.text
 from apla.micro import MICRO_DIR, MICRO_PRESET, TEXT_ENCODER_CONFIG
-from apla.scheduler import classifier_free_guidance, ddim_sample, ddim_timesteps
+from apla.scheduler import classifier_free_guidance, ddim_sample, ddim_timesteps, make_alpha_bar
 from apla.unet import is_temporal_param
 
 COMPONENT_FILES = {
@@ -145,3 +145,97 @@ def test_pretraining_resumes_to_the_same_weights(tmp_path):
     torch.manual_seed(cfg.seed)
     init = pretrain.build_vae().state_dict()  # the seeded initialisation train_vae starts from
     assert not any(torch.equal(a[k], init[k]) for k in a if k.endswith("weight"))  # every layer moved
+
+
+def test_timestep_weight_adds_the_capped_x0_error():
+    """||eps - eps_hat||^2 = SNR ||x0 - x0_hat||^2, so 1 + min(1/SNR, cap) adds the x0 error, capped."""
+    from apla.micro.pretrain import timestep_weight
+
+    abar = make_alpha_bar().float()
+    assert torch.equal(timestep_weight(abar, 0.0), torch.ones_like(abar))  # cap 0: SD's plain epsilon loss
+    w = timestep_weight(abar, 20.0)
+    snr = abar / (1 - abar)
+    assert torch.allclose(w[:100], 1 + 1 / snr[:100])  # low noise: SNR > 8, under the cap
+    assert w[999] == 21.0 and w.max() == 21.0 and (w >= 1).all()
+    # the weighted epsilon error of a fixed x0 error is SNR + min(1, cap * SNR): never below the x0 error, capped
+    assert torch.allclose(w * snr, snr + torch.clamp(20.0 * snr, max=1.0))
+
+
+def test_contrastive_loss_matches_a_written_out_loop():
+    from apla.micro.pretrain import contrastive_loss
+
+    torch.manual_seed(0)
+    text, image = torch.randn(6, 8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0, 2, 1, 3])
+    scale = torch.tensor(math.log(10.0), dtype=torch.float64)
+    loss, acc = contrastive_loss(text, image, labels, scale)
+    tn, im = text / text.norm(dim=1, keepdim=True), image / image.norm(dim=1, keepdim=True)
+    total, hits = 0.0, 0
+    for i in range(6):
+        matches = [j for j in range(6) if labels[j] == labels[i]]
+        row = [10.0 * float(im[i] @ tn[j]) for j in range(6)]  # image i against every caption
+        col = [10.0 * float(im[j] @ tn[i]) for j in range(6)]  # caption i against every image
+        for logits in (row, col):
+            lse = math.log(sum(math.exp(v) for v in logits))
+            total += sum(lse - logits[j] for j in matches) / len(matches) / 2
+        hits += max(range(6), key=lambda j: row[j]) in matches
+    assert abs(loss.item() - total / 6) < 1e-10 and acc.item() == hits / 6
+    # features that tell the labels apart perfectly: accuracy 1 and a loss that falls as the scale grows
+    onehot = torch.nn.functional.one_hot(labels, 4).double()
+    low, acc1 = contrastive_loss(onehot, onehot, labels, torch.tensor(math.log(100.0)))
+    high, _ = contrastive_loss(onehot, onehot, labels, torch.tensor(0.0))
+    assert acc1.item() == 1.0 and low < high
+
+
+def test_caption_features_average_the_states_from_the_end_token_on():
+    from apla.micro.pretrain import caption_features
+
+    text_encoder = apla.text.build_text_encoder(TEXT_ENCODER_CONFIG)
+    ids = apla.text.tokenize(apla.text.load_tokenizer(), ["a red circle on the left", "a blue square"])
+    with torch.no_grad():
+        h = text_encoder(input_ids=ids).last_hidden_state
+        feats = caption_features(text_encoder, ids, TEXT_ENCODER_CONFIG["eos_token_id"])
+    assert torch.allclose(feats[0], h[0, 7:].mean(0), atol=1e-6)  # bos + 6 words, then the end token at 7
+    assert torch.allclose(feats[1], h[1, 4:].mean(0), atol=1e-6)
+
+
+def test_pretraining_stages_resume_and_export_a_loadable_folder(tmp_path):
+    """All stages on a tiny fake pool: text and U-Net stages stopped after one step and resumed end with the
+    weights of uninterrupted runs; the export loads through apla.load_stable_diffusion and samples."""
+    from apla.micro import pretrain
+
+    cfg = pretrain.PretrainConfig(vae_steps=1, vae_batch=2, text_steps=2, text_batch=4, unet_steps=2, unet_batch=2,
+                                  checkpoint_every=1, log_every=1, warmup=1)
+    tokenizer = apla.text.load_tokenizer()
+    captions = ["a red circle on the left", "a blue square at the top", "a red circle on the left", "a green diamond"]
+    g = torch.Generator().manual_seed(0)
+    pool = {"mean": torch.randn(4, 4, 16, 16, generator=g).half(), "std": torch.full((4, 4, 16, 16), 0.1).half(),
+            "ids": apla.text.tokenize(tokenizer, captions).int(), "empty_ids": apla.text.tokenize(tokenizer, [""]).int()}
+    runs = {}
+    for name in ("whole", "split"):
+        work = tmp_path / name
+        work.mkdir()
+        torch.save(pool, work / "pool.pt")
+        pretrain.write_json({"scaling_factor": 0.5}, work / "latent_stats.json")
+        pretrain.write_json({}, work / "pretrain_config.json")
+        assert pretrain.train_vae(cfg, work, deadline=float("inf"))
+        for stage in (pretrain.train_text, pretrain.train_unet):
+            if name == "split":
+                assert not stage(cfg, work, deadline=0.0)  # stops after one step, with a checkpoint
+            assert stage(cfg, work, deadline=float("inf"))
+        runs[name] = work
+    for file, key in (("text.pt", "text_encoder"), ("unet.pt", "unet"), ("unet.pt", "ema")):
+        a, b = (torch.load(runs[n] / file, weights_only=True)[key] for n in ("whole", "split"))
+        a, b = (x["unet"] if key == "ema" else x for x in (a, b))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (file, key)
+    out = tmp_path / "model"
+    pretrain.export(runs["whole"], out)
+    sd = apla.load_stable_diffusion(out)
+    assert sd.vae.scaling_factor == 0.5
+    text = pretrain.load_trained_text_encoder(runs["whole"]).state_dict()
+    loaded = sd.text_encoder.state_dict()
+    assert all(torch.equal(loaded[k], text[k].half().float()) for k in text if k in loaded and text[k].is_floating_point())
+    context = apla.text.encode_prompt(sd, ["", "a red circle"])  # (2, 77, D)
+    z = ddim_sample(lambda z_t, t: classifier_free_guidance(*sd.unet(torch.cat([z_t, z_t]), t, context).chunk(2), 3.0),
+                    torch.randn(1, 4, 1, 16, 16, generator=g), ddim_timesteps(2), sd.alpha_bar, progress=False)
+    assert torch.isfinite(z).all()

@@ -12,8 +12,9 @@ full 49,408-token BPE vocabulary, the v1.5 noise schedule -- at sizes a laptop C
 It is stored as a diffusers folder (`apla/assets/micro/`: unet/, vae/, text_encoder/, tokenizer/, scheduler/,
 model_index.json; float16 safetensors) with the same names and layouts as SD v1.5, so
 `apla.load_stable_diffusion("micro")` loads it through the same code as the real model. No APLA equation lives
-here; the pretraining (`apla.micro.pretrain`) uses SD's epsilon-prediction objective, the evaluation
-(`apla.micro.evaluate`) the shapes world's evaluator.
+here; the pretraining (`apla.micro.pretrain`: VAE, a contrastive text encoder as CLIP's, then the U-Net with
+SD's epsilon-prediction objective) makes it, the evaluation (`apla.micro.evaluate`) measures it with the shapes
+world's evaluator.
 
 `MICRO_PRESET` sizes an APLA run to this model (frames, resolution, steps, learning rate, guidance, VGT).
 """

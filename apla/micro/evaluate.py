@@ -146,10 +146,17 @@ def write_results(path: Path, r: dict) -> None:
             f"- VAE: {rec['vae_steps']} steps of {c['vae_batch']} fresh scenes, AdamW lr {c['vae_lr']}, "
             f"loss L1 + MSE + {c['vae_kl_weight']} KL, {rec['vae_train_s'] / 60:.0f} min; latent scale "
             f"1 / std(z) = {rec['scaling_factor']:.4f} (`scaling_factor` in vae/config.json).",
-            f"- U-Net + text encoder: {rec['unet_steps']} steps of {c['unet_batch']} from a pool of {c['pool_size']} "
-            f"encoded scenes ({100 * c['clip_fraction']:.0f}% of them single frames of moving-object clips with clip "
-            f"captions), epsilon-prediction MSE, SD v1.5 schedule, {100 * c['uncond_prob']:.0f}% empty captions, "
-            f"AdamW lr {c['unet_lr']}, EMA {c['ema_decay']}, {rec['unet_train_s'] / 60:.0f} min.",
+            f"- Text encoder: {rec['text_steps']} steps of {c['text_batch']} caption-latent pairs from a pool of "
+            f"{c['pool_size']} encoded scenes ({100 * c['clip_fraction']:.0f}% of them single frames of moving-object "
+            f"clips with clip captions), CLIP's contrastive loss against a small convolutional tower on the latents "
+            f"(pairs with the same caption count as matches), AdamW lr {c['text_lr']}, "
+            f"{rec['text_train_s'] / 60:.0f} min; then frozen.",
+            f"- U-Net: {rec['unet_steps']} steps of {c['unet_batch']} from the same pool, epsilon-prediction MSE "
+            f"weighted per sample by 1 + min(1 / SNR_t, {c['x0_weight_cap']:g}), SD v1.5 schedule, "
+            f"{100 * c['uncond_prob']:.0f}% empty captions, AdamW lr {c['unet_lr']}, EMA {c['ema_decay']}, "
+            f"{rec['unet_train_s'] / 60:.0f} min.",
+            f"- In all {(rec['vae_train_s'] + rec['text_train_s'] + rec['unet_train_s']) / 60:.0f} min of training "
+            "on a 2-core CPU.",
         ]
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -7,17 +7,24 @@ SD's recipe (Rombach et al. 2022) in two stages:
 1. `vae`: the KL autoencoder on rendered scenes, loss |x - D(z)| + (x - D(z))^2 + w_KL * KL(q(z|x) || N(0, I)),
    z ~ q(z|x); w_KL is small (sharp reconstructions, as SD's 1e-6). Then the latent scale: SD multiplies
    latents by a constant so the diffusion model sees unit variance; here it is measured, 1 / std(z).
-2. `unet`: the U-Net and the text encoder together (SD keeps a pretrained CLIP frozen; there is none to
-   keep here) with SD's epsilon-prediction objective on scaled latents, z_t = q_sample(z0, t, eps) (Eq. 1),
-   loss ||eps - eps_theta(z_t, t, c)||^2, t ~ U{0, ..., 999}, SD v1.5's schedule; the caption is replaced by
-   "" 10% of the time so that classifier-free guidance works. Single images, F = 1. An EMA of the weights
-   is what gets exported.
+2. `text`: the text encoder, CLIP-style (SD uses a CLIP text tower pretrained contrastively on image-text
+   pairs and keeps it frozen; there is none to take here): a symmetric contrastive loss between caption
+   features (the mean of the final token states from the end token on, which is most of what SD's U-Net
+   reads) and the features of a small convolutional image tower on the scaled latents. Captions repeat, so
+   every pair with the same caption counts as a match. The towers' heads are discarded.
+3. `unet`: the U-Net, text encoder frozen (as SD), with SD's epsilon-prediction objective on scaled latents,
+   z_t = q_sample(z0, t, eps) (Eq. 1), t ~ U{0, ..., 999}, SD v1.5's schedule; the caption is replaced by ""
+   10% of the time so that classifier-free guidance works. Single images, F = 1. Each sample's squared error
+   is weighted by 1 + min(1 / SNR_t, x0_weight_cap) (`timestep_weight`): the plain epsilon loss equals
+   SNR_t times the error of the implied x0, so it gives almost no weight to the noisy steps where the
+   layout (place, shape) is decided. An EMA of the weights is what gets exported.
 
 Every batch is drawn from a seed that depends on the step, and checkpoints (model, EMA, optimiser) are written
 every `checkpoint_every` steps to --work-dir, so a stage can be stopped (--max-minutes) and resumed and still
 reproduce the same weights. `export` writes the float16 diffusers folder.
 
     python -m apla.micro.pretrain --stage vae --work-dir ~/.cache/apla-micro
+    python -m apla.micro.pretrain --stage text --work-dir ~/.cache/apla-micro
     python -m apla.micro.pretrain --stage unet --work-dir ~/.cache/apla-micro
     python -m apla.micro.pretrain --stage export --work-dir ~/.cache/apla-micro --out apla/assets/micro
 """
@@ -35,6 +42,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from apla import shapes
 from apla.micro import (MICRO_DIR, MODEL_INDEX, SCHEDULER_CONFIG, TEXT_ENCODER_CONFIG, UNET_CONFIG,
@@ -62,11 +70,16 @@ class PretrainConfig:
     scale_samples: int = 2048
     pool_size: int = 24576  # encoded scenes the U-Net stage draws from
     clip_fraction: float = 0.2  # share of the pool that is a frame of a clip, captioned "... moving to the ..."
-    # stage 2: U-Net + text encoder
-    unet_steps: int = 4000
+    # stage 2: the text encoder (contrastive, against a small image tower on latents)
+    text_steps: int = 1500
+    text_batch: int = 256
+    text_lr: float = 1e-3
+    # stage 3: U-Net (text encoder frozen)
+    unet_steps: int = 6400
     unet_batch: int = 32
     unet_lr: float = 1e-3
     uncond_prob: float = 0.1  # SD: 10% empty captions for classifier-free guidance
+    x0_weight_cap: float = 20.0  # per-sample loss weight 1 + min(1 / SNR_t, cap); 0 = SD's plain epsilon loss
     ema_decay: float = 0.999
     warmup: int = 200
     checkpoint_every: int = 100
@@ -201,7 +214,7 @@ def measure_scaling_factor(cfg: PretrainConfig, vae: AutoencoderKL) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Stage 2: the U-Net and the text encoder
+# Stage 2: the text encoder; the pool of encoded scenes the later stages share
 # ---------------------------------------------------------------------------------------------------------------
 
 def clip_frames(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
@@ -246,34 +259,156 @@ def build_pool(cfg: PretrainConfig, vae: AutoencoderKL, tokenizer, work: Path) -
     return pool
 
 
-def train_unet(cfg: PretrainConfig, work: Path, deadline: float) -> bool:
-    """Run (or resume) stage 2; True when it has reached cfg.unet_steps."""
-    stats_path, path = work / "latent_stats.json", work / "unet.pt"
-    vae = load_trained_vae(work)
-    if not stats_path.is_file():
-        write_json({"scaling_factor": measure_scaling_factor(cfg, vae)}, stats_path)
-    scaling_factor = json.loads(stats_path.read_text())["scaling_factor"]
-    pool = build_pool(cfg, vae, load_tokenizer(), work)
+def latent_pool(cfg: PretrainConfig, work: Path) -> tuple[dict, float]:
+    """The pool of encoded scenes and the latent scale (made once from the trained VAE, then read back)."""
+    stats_path = work / "latent_stats.json"
+    if not stats_path.is_file() or not (work / "pool.pt").is_file():
+        vae = load_trained_vae(work)
+        if not stats_path.is_file():
+            write_json({"scaling_factor": measure_scaling_factor(cfg, vae)}, stats_path)
+        build_pool(cfg, vae, load_tokenizer(), work)
+    return load_ckpt(work / "pool.pt"), json.loads(stats_path.read_text())["scaling_factor"]
+
+
+class LatentImageTower(nn.Module):
+    """The image side of the micro CLIP: scaled latents (B, 4, 16, 16) -> features (B, D). Flattening (not
+    pooling) keeps where things are, so the text side must learn position words too."""
+
+    def __init__(self, dim: int, channels: int = 4, side: int = 16):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, 32, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SiLU(),  # (B, 64, side/2, side/2)
+            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.SiLU(),  # (B, 64, side/4, side/4)
+            nn.Flatten(), nn.Linear(64 * (side // 4) ** 2, dim))  # (B, 64 * (side/4)^2) -> (B, D)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+def caption_features(text_encoder, ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(B, 77) ids -> (B, D): the mean of the final token states from the first end token on (end + padding)."""
+    h = text_encoder(input_ids=ids).last_hidden_state  # (B, 77, D)
+    after = (ids == eos_id).long().cumsum(1) > 0  # (B, 77): True from the first end token on
+    return (h * after[..., None]).sum(1) / after.sum(1, keepdim=True)  # (B, 77, D) -> (B, D)
+
+
+def contrastive_loss(text: torch.Tensor, image: torch.Tensor, labels: torch.Tensor, logit_scale) -> tuple:
+    """Symmetric InfoNCE over a batch (CLIP's loss) where every pair with the same caption label is a match.
+    Returns the loss and the image -> caption retrieval accuracy."""
+    text, image = F.normalize(text, dim=-1), F.normalize(image, dim=-1)
+    logits = logit_scale.exp() * image @ text.T  # (B, B)
+    same = (labels[:, None] == labels[None, :]).to(logits.dtype)  # (B, B)
+    target = same / same.sum(1, keepdim=True)
+    # $$\tfrac12\big(\mathrm{CE}(\text{logits}, Y) + \mathrm{CE}(\text{logits}^\top, Y)\big)$$
+    loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    accuracy = same.gather(1, logits.argmax(1, keepdim=True)).mean()
+    return loss, accuracy
+
+
+def train_text(cfg: PretrainConfig, work: Path, deadline: float) -> bool:
+    """Run (or resume) stage 2; True when it has reached cfg.text_steps."""
+    path = work / "text.pt"
+    pool, scaling_factor = latent_pool(cfg, work)
     n = pool["mean"].shape[0]
-    del vae
+    labels = torch.unique(pool["ids"], dim=0, return_inverse=True)[1]  # (n,) caption label of each scene
+    torch.manual_seed(cfg.seed + 2)
+    text_encoder = build_text_encoder(TEXT_ENCODER_CONFIG).train()
+    dim = TEXT_ENCODER_CONFIG["hidden_size"]
+    heads = nn.ModuleDict({"image": LatentImageTower(dim), "text": nn.Linear(dim, dim, bias=False)})
+    logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature 0.07
+    params = list(text_encoder.parameters()) + list(heads.parameters()) + [logit_scale]
+    opt = torch.optim.AdamW(params, lr=cfg.text_lr, weight_decay=0.01)
+    step, train_s, ck = 0, 0.0, load_ckpt(path)
+    if ck is not None:
+        text_encoder.load_state_dict(ck["text_encoder"])
+        heads.load_state_dict(ck["heads"])
+        logit_scale.data.fill_(ck["logit_scale"])
+        opt.load_state_dict(ck["opt"])
+        step, train_s = int(ck["step"]), float(ck.get("train_s", 0.0))
+    if step >= cfg.text_steps:
+        return True
+    eos_id = TEXT_ENCODER_CONFIG["eos_token_id"]
+    t0, seen = time.time(), 0
+    while step < cfg.text_steps:
+        gen = torch.Generator().manual_seed(cfg.seed * 100_000 + 50_000 + step)
+        idx = torch.randint(n, (cfg.text_batch,), generator=gen)
+        noise_z = torch.randn(cfg.text_batch, 4, 16, 16, generator=gen)
+        z0 = scaling_factor * (pool["mean"][idx].float() + pool["std"][idx].float() * noise_z)  # (B, 4, 16, 16)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.text_steps, cfg.text_lr, cfg.warmup)
+        text = heads["text"](caption_features(text_encoder, pool["ids"][idx].long(), eos_id))
+        loss, accuracy = contrastive_loss(text, heads["image"](z0), labels[idx], logit_scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            logit_scale.clamp_(max=math.log(100.0))  # CLIP's cap on the inverse temperature
+        step, seen = step + 1, seen + 1
+        if step % cfg.log_every == 0:
+            log(work, "text", dict(step=step, loss=round(loss.item(), 4), accuracy=round(accuracy.item(), 3),
+                                   s_per_step=round((time.time() - t0) / seen, 3)))
+        if step % cfg.checkpoint_every == 0 or step == cfg.text_steps or time.time() > deadline:
+            save_atomic({"text_encoder": text_encoder.state_dict(), "heads": heads.state_dict(),
+                         "logit_scale": logit_scale.item(), "opt": opt.state_dict(), "step": step,
+                         "train_s": train_s + time.time() - t0}, path)
+            if time.time() > deadline:
+                break
+    return step >= cfg.text_steps
+
+
+def load_trained_text_encoder(work: Path):
+    ck = load_ckpt(work / "text.pt")
+    if ck is None:
+        raise FileNotFoundError(f"{work / 'text.pt'}: run --stage text first")
+    text_encoder = build_text_encoder(TEXT_ENCODER_CONFIG)
+    text_encoder.load_state_dict(ck["text_encoder"])
+    return text_encoder.eval().requires_grad_(False)
+
+
+def timestep_weight(alpha_bar_t: torch.Tensor, cap: float) -> torch.Tensor:
+    """Per-sample loss weight 1 + min(1 / SNR_t, cap), SNR_t = abar_t / (1 - abar_t); all ones when cap = 0.
+
+    ||eps - eps_hat||^2 = SNR_t ||x0 - x0_hat||^2, so the plain epsilon loss all but ignores the noisy steps
+    (SNR_t = 0.005 at t = 999) where the object's place and shape are settled; adding the x0 error, capped,
+    gives them weight while the epsilon term keeps the low-noise steps."""
+    if cap <= 0:
+        return torch.ones_like(alpha_bar_t)
+    snr = alpha_bar_t / (1 - alpha_bar_t)
+    # $$w_t = 1 + \min(1/\mathrm{SNR}_t, \text{cap})$$
+    return 1 + (1 / snr).clamp(max=cap)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 3: the U-Net
+# ---------------------------------------------------------------------------------------------------------------
+
+def train_unet(cfg: PretrainConfig, work: Path, deadline: float) -> bool:
+    """Run (or resume) stage 3; True when it has reached cfg.unet_steps."""
+    path = work / "unet.pt"
+    pool, scaling_factor = latent_pool(cfg, work)
+    n = pool["mean"].shape[0]
+    # the frozen text encoder's context for every distinct caption, once: (U, 77, D)
+    unique_ids, caption_of = torch.unique(torch.cat([pool["ids"], pool["empty_ids"]]), dim=0, return_inverse=True)
+    with torch.no_grad():
+        contexts = load_trained_text_encoder(work)(input_ids=unique_ids.long()).last_hidden_state
+    empty = caption_of[-1]
 
     torch.manual_seed(cfg.seed + 1)
-    unet, text_encoder = build_unet(), build_text_encoder(TEXT_ENCODER_CONFIG)
-    unet.train(), text_encoder.train()
-    params = [p for p in unet.parameters() if p.requires_grad] + list(text_encoder.parameters())
+    unet = build_unet()
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
-    ema = {"unet": {k: v.clone() for k, v in sd_state(unet).items()},
-           "text_encoder": {k: v.clone() for k, v in text_encoder.state_dict().items()}}
+    ema = {"unet": {k: v.clone() for k, v in sd_state(unet).items()}}
     step, train_s, ck = 0, 0.0, load_ckpt(path)
     if ck is not None:
         unet.load_state_dict(ck["unet"], strict=False)  # the frozen temporal layers keep their seeded init
-        text_encoder.load_state_dict(ck["text_encoder"])
         opt.load_state_dict(ck["opt"])
         ema, step, train_s = ck["ema"], int(ck["step"]), float(ck.get("train_s", 0.0))
     if step >= cfg.unet_steps:
         return True
     alpha_bar = make_alpha_bar()
-    live = {"unet": dict(unet.named_parameters()), "text_encoder": dict(text_encoder.named_parameters())}
+    live = {"unet": dict(unet.named_parameters())}
     t0, seen = time.time(), 0
     while step < cfg.unet_steps:
         gen = torch.Generator().manual_seed(cfg.seed * 100_000 + step)
@@ -283,9 +418,9 @@ def train_unet(cfg: PretrainConfig, work: Path, deadline: float) -> bool:
         # z ~ q(z|x), then SD's latent scale: z0 = scaling_factor * z
         z0 = scaling_factor * (pool["mean"][idx].float() + pool["std"][idx].float() * noise_z)
         z0 = z0.unsqueeze(2)  # (B, 4, h, w) -> (B, 4, 1, h, w): single images, F = 1
-        ids = pool["ids"][idx].long()
+        which = caption_of[idx].clone()
         drop = torch.rand(B, generator=gen) < cfg.uncond_prob  # classifier-free guidance: 10% empty captions
-        ids[drop] = pool["empty_ids"].long()
+        which[drop] = empty
         t = torch.randint(0, len(alpha_bar), (B,), generator=gen)
         eps = torch.randn(z0.shape, generator=gen)
         for g in opt.param_groups:
@@ -293,10 +428,10 @@ def train_unet(cfg: PretrainConfig, work: Path, deadline: float) -> bool:
 
         # Eq. (1): $z_t = \sqrt{\bar\alpha_t} z_0 + \sqrt{1-\bar\alpha_t}\,\epsilon$
         z_t = q_sample(z0, t, eps, alpha_bar)
-        context = text_encoder(input_ids=ids).last_hidden_state  # (B, 77, D)
-        eps_pred = unet(z_t, t, context)
-        # $\| \epsilon - \epsilon_\theta(z_t, t, c) \|^2$
-        loss = F.mse_loss(eps_pred, eps)
+        eps_pred = unet(z_t, t, contexts[which])  # context (B, 77, D)
+        # $w_t \| \epsilon - \epsilon_\theta(z_t, t, c) \|^2$, averaged
+        w = timestep_weight(alpha_bar[t].float(), cfg.x0_weight_cap)  # (B,)
+        loss = (w * (eps_pred - eps).pow(2).flatten(1).mean(1)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -312,7 +447,7 @@ def train_unet(cfg: PretrainConfig, work: Path, deadline: float) -> bool:
             log(work, "unet", dict(step=step, loss=round(loss.item(), 5), grad_norm=round(grad_norm.item(), 3),
                                    lr=round(opt.param_groups[0]["lr"], 6), s_per_step=round((time.time() - t0) / seen, 3)))
         if step % cfg.checkpoint_every == 0 or step == cfg.unet_steps or time.time() > deadline:
-            save_atomic({"unet": sd_state(unet), "text_encoder": text_encoder.state_dict(), "ema": ema,
+            save_atomic({"unet": sd_state(unet), "ema": ema,
                          "opt": opt.state_dict(), "step": step, "train_s": train_s + time.time() - t0}, path)
             if time.time() > deadline:
                 break
@@ -344,7 +479,7 @@ def stage_seconds(work: Path, stage: str) -> float:
 
 
 def export(work: Path, out: Path) -> None:
-    """Write the diffusers folder: EMA weights of U-Net and text encoder, the VAE, configs, tokenizer, scheduler."""
+    """Write the diffusers folder: the U-Net's EMA weights, the text encoder, the VAE, configs, tokenizer, scheduler."""
     from apla.text import clip_vocab_and_merges
 
     vae, ck = load_trained_vae(work), load_ckpt(work / "unet.pt")
@@ -358,7 +493,8 @@ def export(work: Path, out: Path) -> None:
     save_safetensors(ck["ema"]["unet"], out / "unet" / "diffusion_pytorch_model.safetensors")
     write_json(UNET_CONFIG, out / "unet" / "config.json")
     # SD v1.5's text_encoder/model.safetensors names carry the `text_model.` prefix
-    save_safetensors({"text_model." + k: v for k, v in ck["ema"]["text_encoder"].items()},
+    text_state = load_trained_text_encoder(work).state_dict()
+    save_safetensors({"text_model." + k: v for k, v in text_state.items()},
                      out / "text_encoder" / "model.safetensors")
     write_json(TEXT_ENCODER_CONFIG, out / "text_encoder" / "config.json")
     vocab, merges = clip_vocab_and_merges()
@@ -372,6 +508,7 @@ def export(work: Path, out: Path) -> None:
     write_json(SCHEDULER_CONFIG, out / "scheduler" / "scheduler_config.json")
     write_json(MODEL_INDEX, out / "model_index.json")
     write_json({"vae_steps": int(load_ckpt(work / "vae.pt")["step"]), "vae_train_s": round(stage_seconds(work, "vae")),
+                "text_steps": int(load_ckpt(work / "text.pt")["step"]), "text_train_s": round(stage_seconds(work, "text")),
                 "unet_steps": int(ck["step"]), "unet_train_s": round(stage_seconds(work, "unet")),
                 "scaling_factor": scaling_factor,
                 "pretrain_config": json.loads((work / "pretrain_config.json").read_text())},
@@ -388,9 +525,9 @@ def check_config(cfg: PretrainConfig, work: Path) -> None:
     """A stage that has started must resume with the settings it started with (the later stage's may change)."""
     saved_path, now = work / "pretrain_config.json", asdict(cfg)
     saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
-    started = [n for n in ("vae", "unet") if (work / f"{n}.pt").is_file()]
+    started = [n for n in ("vae", "text", "unet") if (work / f"{n}.pt").is_file()]
     for key, value in saved.items():
-        stage = "vae" if key.startswith("vae_") or key == "seed" else "unet"
+        stage = "vae" if key.startswith("vae_") or key == "seed" else "text" if key.startswith("text_") else "unet"
         if stage in started and now.get(key) != value:
             raise SystemExit(f"{work}: stage {stage!r} started with {key}={value!r}, now {now.get(key)!r}; "
                              "use the same value or a fresh --work-dir")
@@ -399,7 +536,7 @@ def check_config(cfg: PretrainConfig, work: Path) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=["vae", "unet", "export", "all"], default="all")
+    p.add_argument("--stage", choices=["vae", "text", "unet", "export", "all"], default="all")
     p.add_argument("--work-dir", default="~/.cache/apla-micro", help="stage checkpoints and the log (outside git)")
     p.add_argument("--out", default=str(MICRO_DIR), help="where --stage export writes the diffusers folder")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long; rerun to resume")
@@ -421,6 +558,11 @@ def main(argv=None) -> None:
             print(f"vae stage paused after {time.time() - t0:.0f}s; rerun to resume", flush=True)
             return
         log(work, "vae", dict(done=True, wall_s=round(time.time() - t0)))
+    if args.stage in ("text", "all"):
+        if not train_text(cfg, work, deadline):
+            print(f"text stage paused after {time.time() - t0:.0f}s; rerun to resume", flush=True)
+            return
+        log(work, "text", dict(done=True, wall_s=round(time.time() - t0)))
     if args.stage in ("unet", "all"):
         if not train_unet(cfg, work, deadline):
             print(f"unet stage paused after {time.time() - t0:.0f}s; rerun to resume", flush=True)
