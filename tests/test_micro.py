@@ -239,3 +239,20 @@ def test_pretraining_stages_resume_and_export_a_loadable_folder(tmp_path):
     z = ddim_sample(lambda z_t, t: classifier_free_guidance(*sd.unet(torch.cat([z_t, z_t]), t, context).chunk(2), 3.0),
                     torch.randn(1, 4, 1, 16, 16, generator=g), ddim_timesteps(2), sd.alpha_bar, progress=False)
     assert torch.isfinite(z).all()
+
+
+def test_results_file_rewrite_keeps_the_hand_written_tail(tmp_path):
+    from apla.micro.evaluate import HAND_WRITTEN, write_results
+
+    r = dict(source="micro", params={"vae": 1, "unet": 2, "text_encoder": 3}, weights_mib=1.0, command="cmd",
+             wall_s=1.0, threads=2, vae_scenes=4, vae_seed=1, psnr=30.0, prompts=4, prompt_seed=2,
+             colour=1.0, shape=0.5, position=0.9, steps=2, guidance=3.0, seed=0, grid=1, grid_prompts=["a red circle"])
+    path = tmp_path / "RESULTS.md"
+    write_results(path, r)
+    first = path.read_text()
+    assert "| 50.0% | >= 75% | **no** |" in first and HAND_WRITTEN not in first
+    path.write_text(first + "\n" + HAND_WRITTEN + "\n\n## One-shot\n\nkept\n")
+    write_results(path, {**r, "shape": 0.8})
+    text = path.read_text()
+    assert text.startswith(first.replace("| 50.0% | >= 75% | **no** |", "| 80.0% | >= 75% | yes |"))
+    assert text.endswith(HAND_WRITTEN + "\n\n## One-shot\n\nkept\n") and text.count(HAND_WRITTEN) == 1

@@ -3,7 +3,7 @@
 APLA (AAAI 2024) "utilize[s] the pre-trained weights of the Stable Diffusion" (Sec. Experiments) and tunes them
 on one clip. Real SD v1.5 needs a GPU; this package ships a stand-in that keeps every piece of SD end to end --
 the KL autoencoder, the cross-attention U-Net with SD's block types, a `CLIPTextModel` with CLIP's tokenizer and
-full 49,408-token BPE vocabulary, the v1.5 noise schedule -- at sizes a laptop CPU trains in about an hour:
+full 49,408-token BPE vocabulary, the v1.5 noise schedule -- at sizes 2 CPU cores train in about 70 minutes:
 
     x (B, 3, 64, 64) --VAE encoder--> z (B, 4, 16, 16)      (4x down, two levels fewer than SD's 8x)
     prompt --CLIP tokenizer--> ids (B, 77) --CLIPTextModel--> context (B, 77, 64)

@@ -102,6 +102,9 @@ def save_grid(images: torch.Tensor, path: Path, columns: int = 8, scale: int = 2
     os.replace(tmp, path)
 
 
+HAND_WRITTEN = "<!-- Written by hand below this line; `python -m apla.micro.evaluate` keeps it. -->"
+
+
 def write_results(path: Path, r: dict) -> None:
     def mark(ok):
         return "yes" if ok else "**no**"
@@ -158,8 +161,11 @@ def write_results(path: Path, r: dict) -> None:
             f"- In all {(rec['vae_train_s'] + rec['text_train_s'] + rec['unet_train_s']) / 60:.0f} min of training "
             "on a 2-core CPU.",
         ]
+    # Sections under HAND_WRITTEN (the one-shot table, notes) come from other commands: keep them.
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    tail = old[old.index(HAND_WRITTEN):] if HAND_WRITTEN in old else ""
     tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.write_text("\n".join(lines) + "\n" + ("\n" + tail if tail else ""), encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -199,7 +205,7 @@ def main(argv=None) -> dict:
              weights_mib=sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20 if folder.is_dir() else 0.0,
              pretrain=json.loads((folder / "pretrain_record.json").read_text()) if (folder / "pretrain_record.json").is_file() else None,
              grid=min(args.grid, len(prompts)), grid_prompts=prompts[:args.grid], wall_s=time.time() - t0,
-             command="python -m apla.micro.evaluate " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])))
+             command=" ".join(["python -m apla.micro.evaluate"] + [shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])]))
     print(json.dumps({"split": args.split, **{k: r[k] for k in ("psnr", "colour", "shape", "position", "guidance",
                                                                    "steps", "wall_s")}}), flush=True)
     if not args.no_write:
