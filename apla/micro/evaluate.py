@@ -159,7 +159,7 @@ def write_results(path: Path, r: dict) -> None:
             f"{100 * c['uncond_prob']:.0f}% empty captions, AdamW lr {c['unet_lr']}, EMA {c['ema_decay']}, "
             f"{rec['unet_train_s'] / 60:.0f} min.",
             f"- In all {(rec['vae_train_s'] + rec['text_train_s'] + rec['unet_train_s']) / 60:.0f} min of training "
-            "on a 2-core CPU.",
+            "steps (measuring the latent scale and encoding the pool are not counted).",
         ]
     # Sections under HAND_WRITTEN (the one-shot table, notes) come from other commands: keep them.
     old = path.read_text(encoding="utf-8") if path.is_file() else ""

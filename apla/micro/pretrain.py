@@ -2,7 +2,7 @@
 
 Not part of APLA (AAAI 2024): APLA starts from a pretrained Stable Diffusion (Sec. Experiments, "utilize the
 pre-trained weights of the Stable Diffusion"); this script makes the small one the project ships. It follows
-SD's recipe (Rombach et al. 2022) in two stages:
+SD's recipe (Rombach et al. 2022) in three stages, then an export:
 
 1. `vae`: the KL autoencoder on rendered scenes, loss |x - D(z)| + (x - D(z))^2 + w_KL * KL(q(z|x) || N(0, I)),
    z ~ q(z|x); w_KL is small (sharp reconstructions, as SD's 1e-6). Then the latent scale: SD multiplies
