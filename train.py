@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 import apla
 from apla import checkpoint as ckpt
 from apla.cli import autocast_for, fail, parse_train_args, pick_device
-from apla.config import resolve_video, vgt_config_for
+from apla.bundled import resolve_video
+from apla.config import vgt_config_for
 from apla.discriminator import Discriminator, DiscriminatorConfig
 from apla.losses import VGGFeatures, discriminator_loss, generator_loss
 from apla.scheduler import q_sample

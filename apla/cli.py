@@ -16,7 +16,8 @@ from typing import NoReturn, Optional
 
 import torch
 
-from apla.config import PRESETS, TrainConfig, default_config, preset_for
+from apla.bundled import preset
+from apla.config import TrainConfig, default_config
 
 
 def pick_device(name: str) -> torch.device:
@@ -123,7 +124,7 @@ def parse_train_args(argv: Optional[list] = None):
             saved = json.loads(saved_path.read_text())
     pretrained = (args.pretrained if "pretrained" in given else
                   file_values.get("pretrained", saved.get("pretrained", TrainConfig().pretrained)))
-    values = saved or {**PRESETS.get(preset_for(pretrained), {}), "pretrained": pretrained}
+    values = saved or {**preset(pretrained), "pretrained": pretrained}
     values = _merge(values, file_values)
     flags = {}
     for dest in given - {"config", "resume", "help"}:

@@ -7,14 +7,11 @@ The paper gives no values for alpha, beta, gamma or lambda; ours are documented 
 import dataclasses
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Tuple
 
-from apla.micro import MICRO_PRESET
+from apla.bundled import preset
 from apla.unet import DEFAULT_TRAINABLE
 from apla.vgt import VARIANTS, VGTConfig
-
-ASSETS = Path(__file__).resolve().parent / "assets"
 
 # Table 3's rows -> (vgt on, discriminator on, hyper-loss on)
 ABLATIONS = {
@@ -145,34 +142,11 @@ def dataclass_from_dict(cls, values: dict, where: str):
     return cls(**values)
 
 
-# Clips shipped inside the package, by name (any other --video value is a path)
-BUNDLED_CLIPS = {
-    "bigbuckbunny": ASSETS / "bigbuckbunny_24f_512.mp4",      # 24 frames of Big Buck Bunny (CC BY 3.0), 912x512
-    "red-circle-right": ASSETS / "shapes_red_circle_right.gif",  # the shapes world: a red circle moving right, 8 frames
-}
-
-
-def resolve_video(video: str) -> str:
-    """The path of a bundled clip's name, or `video` itself."""
-    return str(BUNDLED_CLIPS.get(video, video))
-
-
-# Presets: TrainConfig fields that a base model overrides (sizes tied to the model's scale)
-PRESETS = {
-    "sd15": {},                # the dataclass defaults above are SD v1.5's
-    "micro": MICRO_PRESET,     # the micro SD shipped in apla/assets/micro (apla.micro)
-}
-
-
-def preset_for(pretrained: str) -> str:
-    """The preset a base model's runs start from: "micro" for the shipped micro SD, "sd15" for anything else."""
-    return "micro" if str(pretrained) == "micro" else "sd15"
-
-
 def default_config(pretrained: str = None) -> "TrainConfig":
-    """The configuration a run gets before any file or flag: the dataclass defaults under the base model's preset."""
+    """The configuration a run gets before any file or flag: the dataclass defaults under the base model's preset
+    (a bundled model's apla_preset.json, apla.bundled)."""
     pretrained = TrainConfig.pretrained if pretrained is None else pretrained
-    return TrainConfig.from_dict({**PRESETS[preset_for(pretrained)], "pretrained": pretrained})
+    return TrainConfig.from_dict({**preset(pretrained), "pretrained": pretrained})
 
 
 def vgt_config_for(cfg: TrainConfig, latent_shape) -> VGTConfig:

@@ -33,6 +33,7 @@ try:  # transformers >= 5
 except ImportError:  # transformers 4
     from transformers.modeling_utils import no_init_weights
 
+from apla.bundled import model_path
 from apla.scheduler import make_alpha_bar
 from apla.text import build_text_encoder, load_tokenizer
 from apla.vae import AutoencoderKL, VAEConfig, vae_key_from_ldm
@@ -307,8 +308,7 @@ def load_stable_diffusion(
     for components not asked for) and `.source`.
     """
     components = tuple(components)
-    if source == "micro":  # the micro SD pretrained on the shapes world, shipped in the package (apla.micro)
-        source = Path(__file__).parent / "assets" / "micro"
+    source = model_path(source) or source  # a bundled model's name ("micro") -> its folder (apla.bundled)
     unknown = [c for c in components if c not in COMPONENTS]
     if unknown:
         raise ValueError(f"unknown component {unknown[0]!r}: choose from {COMPONENTS}")

@@ -10,6 +10,7 @@ from safetensors import safe_open
 
 import apla
 import apla.text
+from apla import bundled
 from apla.micro import MICRO_DIR, MICRO_PRESET, TEXT_ENCODER_CONFIG
 from apla.scheduler import classifier_free_guidance, ddim_sample, ddim_timesteps, make_alpha_bar
 from apla.unet import is_temporal_param
@@ -122,7 +123,7 @@ def test_preset_is_a_valid_training_config_for_the_default_clip():
     config = pytest.importorskip("apla.config")
     vgt = pytest.importorskip("apla.vgt")
     cfg = config.TrainConfig.from_dict(MICRO_PRESET)  # unknown keys would be an error
-    assert cfg.frames == 8 and cfg.size == 64 and Path(config.resolve_video(cfg.video)).is_file()
+    assert cfg.frames == 8 and cfg.size == 64 and Path(bundled.resolve_video(cfg.video)).is_file()
     assert config.default_config() == cfg  # it is what `python train.py` runs with no arguments
     model = vgt.VGT(cfg.vgt_model)
     z_t = torch.randn(1, 4, cfg.frames, 16, 16)  # (B, C, F, h, w) of the micro model's latents

@@ -4,7 +4,7 @@ import math
 
 from apla.config import TrainConfig, slug
 from apla.micro import oneshot
-from apla.shapes import render_clip
+from apla.micro.shapes import render_clip
 from apla.video import write_gif
 
 

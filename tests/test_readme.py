@@ -46,3 +46,19 @@ def test_readme_test_command_is_what_ci_runs():
     readme = README.read_text()
     test_cmd = readme.split("## Test", 1)[1].split("```bash", 1)[1].split("```", 1)[0].strip()
     assert test_cmd in ci.splitlines(), f"{test_cmd!r} is not a line of .ci/run"
+
+
+def test_pyproject_dependencies_mirror_requirements_txt():
+    import tomllib
+
+    project = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]
+    lines = [ln.split("#")[0].strip() for ln in (README.parent / "requirements.txt").read_text().splitlines()]
+    assert project["dependencies"] == [ln for ln in lines if ln]
+    assert "av" in project["optional-dependencies"]["video"]
+
+
+def test_readme_install_command_is_what_ci_installs():
+    ci = (README.parent / ".ci" / "run").read_text()
+    install = README.read_text().split("## Install", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    command = install.split("#")[0].strip()
+    assert any(line.endswith(command.removeprefix("pip ")) for line in ci.splitlines()), command

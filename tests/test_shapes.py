@@ -1,4 +1,4 @@
-"""Tests for apla/shapes.py: the procedural shapes world, its captions and clips, and the evaluator."""
+"""Tests for apla/micro/shapes.py: the procedural shapes world, its captions and clips, and the evaluator."""
 
 import itertools
 import math
@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image, ImageFilter, ImageSequence
 
-from apla import shapes as S
+from apla import bundled
+from apla.micro import shapes as S
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +198,7 @@ def test_default_clip_gif(tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(frames, rendered))
     assert torch.equal(clip, torch.stack([S.to_tensor(r) for r in rendered]))
     # the shipped asset is this clip
-    shipped = S.__file__.replace("shapes.py", "assets/shapes_red_circle_right.gif")
+    shipped = bundled.CLIPS["red-circle-right"]
     with Image.open(shipped) as gif:
         shipped_frames = [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(gif)]
     assert len(shipped_frames) == 8 and all(np.array_equal(a, b) for a, b in zip(rendered, shipped_frames))

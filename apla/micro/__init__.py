@@ -16,11 +16,13 @@ here; the pretraining (`apla.micro.pretrain`: VAE, a contrastive text encoder as
 SD's epsilon-prediction objective) makes it, the evaluation (`apla.micro.evaluate`) measures it with the shapes
 world's evaluator.
 
-`MICRO_PRESET` sizes an APLA run to this model (frames, resolution, steps, learning rate, guidance, VGT).
+`MICRO_PRESET` sizes an APLA run to this model (frames, resolution, steps, learning rate, guidance, VGT). The shapes
+world the model is trained on and measured with is `apla.micro.shapes`.
 """
 
 from __future__ import annotations
 
+import json
 from importlib import resources
 from pathlib import Path
 
@@ -116,34 +118,13 @@ MODEL_INDEX = {
     "vae": ["diffusers", "AutoencoderKL"],
 }
 
-# Sampling settings the micro model is evaluated with (apla.micro.evaluate).
-NUM_INFERENCE_STEPS = 50  # SD v1.5 default: 50 DDIM steps
-GUIDANCE_SCALE = 3.0  # SD v1.5 default: 7.5; chosen on 128 validation captions among 3, 5, 7.5 (not the held-out ones)
+# An APLA run sized to the micro model: the TrainConfig fields (apla.config) that override its SD-sized defaults,
+# stored beside the weights as apla_preset.json (apla.bundled reads it for `--pretrained micro`). Against SD v1.5's
+# defaults: 8 frames (SD: 24), 64 px (512), 300 steps (750), lr and disc_lr 3e-4 (3e-5: a from-scratch toy tolerates
+# a larger step), checkpoints every 100 steps (250), guidance 3 (12.5, Tune-A-Video's), and VGT at latent side 16
+# (64), 8 frames (24), width 64 (768), 2 + 2 decoder blocks (12 + 12), 4 heads (12), MLP hidden 256 (3072).
+MICRO_PRESET = json.loads((MICRO_DIR / "apla_preset.json").read_text())
 
-# An APLA run sized to the micro model: TrainConfig fields (apla.config) that override its SD-sized defaults
-# (in comments). Sampling uses NUM_INFERENCE_STEPS and GUIDANCE_SCALE above.
-MICRO_PRESET = {
-    "pretrained": "micro",
-    "video": "red-circle-right",  # apla/assets/shapes_red_circle_right.gif, shapes.DEFAULT_CLIP
-    "prompt": "a red circle moving to the right",
-    "edit_prompts": ["a blue circle moving to the right", "a red square moving to the right"],
-    "frames": 8,  # SD: 24 ("we uniformly sample 24 frames")
-    "size": 64,  # SD: 512
-    "max_steps": 300,  # SD: 750
-    "lr": 3e-4,  # SD: 3e-5 (a from-scratch toy tolerates a larger step)
-    "disc_lr": 3e-4,  # SD: 3e-5
-    "checkpoint_every": 100,  # SD: 250
-    "sample_steps": NUM_INFERENCE_STEPS,  # SD: 50
-    "guidance": GUIDANCE_SCALE,  # SD: 12.5 (Tune-A-Video)
-    "vgt_model": {  # VGTConfig fields (apla.vgt); its variant comes from APLAConfig.vgt
-        "in_channels": 4,
-        "sample_size": 16,  # SD: 64 (latent side)
-        "max_frames": 8,  # SD: 24
-        "patch_size": 2,
-        "width": 64,  # SD: 768
-        "spatial_depth": 2,  # SD: 12
-        "temporal_depth": 2,  # SD: 12
-        "heads": 4,  # SD: 12
-        "mlp_hidden": 256,  # SD: 3072
-    },
-}
+# Sampling settings the micro model is evaluated with (apla.micro.evaluate), the preset's.
+NUM_INFERENCE_STEPS = MICRO_PRESET["sample_steps"]  # SD v1.5 default: 50 DDIM steps
+GUIDANCE_SCALE = MICRO_PRESET["guidance"]  # SD v1.5 default: 7.5; chosen on 128 validation captions among 3, 5, 7.5

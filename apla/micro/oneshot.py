@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from apla.config import TrainConfig, resolve_video, slug
-from apla.shapes import attribute_accuracy, centroid_path, evaluate_image, parse_caption
+from apla.bundled import resolve_video
+from apla.config import TrainConfig, slug
+from apla.micro.shapes import attribute_accuracy, centroid_path, evaluate_image, parse_caption
 from apla.video import VideoError, count_frames, read_video
 
 

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from apla import shapes
+from apla.micro import shapes
 from apla.micro import (MICRO_DIR, MODEL_INDEX, SCHEDULER_CONFIG, TEXT_ENCODER_CONFIG, UNET_CONFIG,
                         VAE_CONFIG)
 from apla.scheduler import make_alpha_bar, q_sample

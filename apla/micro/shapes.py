@@ -504,6 +504,6 @@ def score_images(images, targets) -> dict:
     return out
 
 
-if __name__ == "__main__":  # regenerate the shipped clip: python -m apla.shapes
-    target = os.path.join(os.path.dirname(__file__), "assets", "shapes_red_circle_right.gif")
+if __name__ == "__main__":  # regenerate the shipped clip: python -m apla.micro.shapes
+    target = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "shapes_red_circle_right.gif")
     print(write_default_clip(target), "->", target)
