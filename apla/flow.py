@@ -121,7 +121,6 @@ def warp(img: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
 
 def inside(flow: torch.Tensor) -> torch.Tensor:
     """(N, 1, H, W) bool: does x + w(x) fall inside the image (the data term is only trusted there)?"""
-    n, _, h, w = flow.shape
     grid = sample_grid(flow)
     return (grid.abs() <= 1).all(-1, keepdim=True).permute(0, 3, 1, 2)  # (N, H, W, 1) -> (N, 1, H, W)
 

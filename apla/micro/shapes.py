@@ -413,15 +413,15 @@ def object_mask(img) -> tuple[np.ndarray, np.ndarray, np.ndarray, float] | None:
 def evaluate_image(img) -> dict:
     """Read a scene back from an image (uint8 (H, W, 3), or [-1, 1] (3, H, W) tensor/array).
 
-    Returns dict(colour, shape, centroid=(x, y), position, size, shape_iou); all None when no object is found.
+    Returns dict(colour, shape, centroid=(x, y), position, size, shape_iou, rgb); all None when no object is found.
     - colour: the PALETTE entry nearest (RGB) the median colour of the mask's interior (mask eroded by one pixel
-      when that leaves any pixel);
+      when that leaves any pixel); rgb: that median colour itself, (r, g, b) in 0-255 units;
     - centroid: sum(w * pixel centre) / sum(w), w = clip(dist / level, 0, 1) on the mask dilated by 2 px;
     - size: the equivalent radius sqrt(area / pi), area = sum(w);
     - shape: argmax over SHAPES of the soft IoU sum(min(w, c)) / sum(max(w, c)) between w and the coverage c of
       that shape rendered with the same centroid and area;
     - position: position_word(centroid)."""
-    none = dict(colour=None, shape=None, centroid=None, position=None, size=None, shape_iou=None)
+    none = dict(colour=None, shape=None, centroid=None, position=None, size=None, shape_iou=None, rgb=None)
     seg = object_mask(img)
     if seg is None:
         return none
@@ -450,7 +450,7 @@ def evaluate_image(img) -> dict:
         ious[shape] = float(np.minimum(template, w).sum() / np.maximum(template, w).sum())
     shape = max(ious, key=ious.get)
     return dict(colour=colour, shape=shape, centroid=(cx, cy), position=position_word(cx, cy, n_rows),
-                size=size, shape_iou=ious[shape])
+                size=size, shape_iou=ious[shape], rgb=tuple(float(c) for c in median))
 
 
 def centroid_path(frames) -> np.ndarray:
