@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from apla.vae import Upsample  # nearest 2x then a 3x3 conv: the same module in SD's VAE decoder and U-Net
+
 
 class UNetConfigError(ValueError):
     """A U-Net config value this implementation does not support (SD v1.5's architecture only)."""
@@ -178,19 +180,6 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(c, c, 3, stride=2, padding=1)
 
     def forward(self, x):
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x, size=None):
-        if size is None:
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        else:
-            x = F.interpolate(x, size=size, mode="nearest")
         return self.conv(x)
 
 
@@ -522,7 +511,7 @@ def load_trainable(unet: nn.Module, path) -> None:
     load_trainable_state(unet, load_file(str(path)), where=str(path))
 
 
-LDM_PREFIX = "model.diffusion_model."
+UNET_LDM_PREFIX = "model.diffusion_model."
 # inside a ResNet block: single-file (ldm) name -> diffusers name
 _LDM_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
                "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
@@ -537,9 +526,9 @@ def unet_key_from_ldm(key: str, layers_per_block: int = 2) -> str:
     pairs (ResNet .0, transformer .1) and one downsampler (.0.op); middle_block.{0,1,2} = ResNet, transformer,
     ResNet; output_blocks per level `layers_per_block + 1` entries (ResNet .0, transformer .1, upsampler .1 or .2).
     Transformer internals and up/down sampler convs keep their names."""
-    if not key.startswith(LDM_PREFIX):
+    if not key.startswith(UNET_LDM_PREFIX):
         raise ValueError(f"not a single-file U-Net key: {key}")
-    k = key[len(LDM_PREFIX):]
+    k = key[len(UNET_LDM_PREFIX):]
     for old, new in _LDM_TOP.items():
         if k.startswith(old + "."):
             return new + k[len(old):]

@@ -36,12 +36,13 @@ except ImportError:  # transformers 4
 from apla.bundled import model_path
 from apla.scheduler import make_alpha_bar
 from apla.text import build_text_encoder, load_tokenizer
-from apla.vae import AutoencoderKL, VAEConfig, vae_key_from_ldm
+from apla.unet import UNET_LDM_PREFIX, UNet3DConditionModel, UNetConfig, is_temporal_param, unet_key_from_ldm
+from apla.vae import VAE_LDM_PREFIX, AutoencoderKL, VAEConfig, vae_key_from_ldm
 
 COMPONENTS = ("vae", "text_encoder", "unet")
 
 # Single-file prefixes of the three networks.
-LDM_PREFIX = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model.transformer."}
+LDM_PREFIX = {"unet": UNET_LDM_PREFIX, "vae": VAE_LDM_PREFIX, "text_encoder": "cond_stage_model.transformer."}
 # Entries real single files carry besides the networks' weights: noise-schedule buffers, EMA bookkeeping
 # (and EMA copies), the text encoder's int64 position_ids. They are skipped.
 LDM_SKIPPED = re.compile(
@@ -214,12 +215,6 @@ def _mapped(rule: Callable[[str], str], key: str, file: TensorFile) -> str:
         raise WeightsError(f"{file.path}: unknown key {key!r}") from None
 
 
-def _unet_module():
-    import apla.unet  # written alongside; imported only when a U-Net is asked for
-
-    return apla.unet
-
-
 def _load_single_file(path: Path, components, device, dtype) -> StableDiffusion:
     file = TensorFile(path)
     _check_sd1(file)
@@ -234,10 +229,9 @@ def _load_single_file(path: Path, components, device, dtype) -> StableDiffusion:
         names = _text_names(model, keys, LDM_PREFIX["text_encoder"])
         sd.text_encoder = load_into(model, file, names, device=device, dtype=dtype).eval()
     if "unet" in components:
-        unet = _unet_module()
-        names = {k: _mapped(unet.unet_key_from_ldm, k, file) for k in keys if k.startswith(LDM_PREFIX["unet"])}
-        model = unet.UNet3DConditionModel(unet.UNetConfig())
-        sd.unet = load_into(model, file, names, device=device, dtype=dtype, keep_fresh=unet.is_temporal_param).eval()
+        names = {k: _mapped(unet_key_from_ldm, k, file) for k in keys if k.startswith(LDM_PREFIX["unet"])}
+        model = UNet3DConditionModel(UNetConfig())
+        sd.unet = load_into(model, file, names, device=device, dtype=dtype, keep_fresh=is_temporal_param).eval()
     return sd
 
 
@@ -271,11 +265,10 @@ def _load_folder(folder: Path, components, device, dtype) -> StableDiffusion:
         names = _text_names(model, file.keys())
         sd.text_encoder = load_into(model, file, names, device=device, dtype=dtype).eval()
     if "unet" in components:
-        unet = _unet_module()
         file, cfg = _component_file(folder, "unet")
-        model = unet.UNet3DConditionModel(unet.UNetConfig.from_diffusers(cfg))
+        model = UNet3DConditionModel(UNetConfig.from_diffusers(cfg))
         names = {k: k for k in file.keys()}
-        sd.unet = load_into(model, file, names, device=device, dtype=dtype, keep_fresh=unet.is_temporal_param).eval()
+        sd.unet = load_into(model, file, names, device=device, dtype=dtype, keep_fresh=is_temporal_param).eval()
     return sd
 
 
