@@ -63,7 +63,14 @@ FOLDER_FILES = {
 
 
 class WeightsError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file and the offending key."""
+    """A weights file that cannot be loaded (an SD checkpoint here, the perceptual VGG16 in `apla.losses`); the
+    message names the file and the offending key."""
+
+
+def count_parameters(module: nn.Module, skip: Callable[[str], bool] = lambda name: False) -> int:
+    """Number of scalars in `module`'s parameters, leaving out those whose name `skip` accepts. Every VGT
+    parameter trains, so for VGT this is the count of Table 1 ("Trainable Parameters")."""
+    return sum(p.numel() for name, p in module.named_parameters() if not skip(name))
 
 
 @dataclass
