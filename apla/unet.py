@@ -56,9 +56,10 @@ class UNetConfig:
     up_block_types: tuple = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
     flip_sin_to_cos: bool = True  # SD v1.5: time embedding is [cos, sin]
     freq_shift: int = 0  # SD v1.5
-    # False (default): every GroupNorm normalises each frame alone, exactly as SD does per image, which keeps the
-    # network causal in frames while the temporal attention's output is zero. True: Tune-A-Video's code, which
-    # applies the ResNet and output GroupNorms to the whole (B, C, F, H, W) tensor, pooling statistics over frames.
+    # False (default, so that a loaded SD equals SD): every GroupNorm normalises each frame alone, exactly as SD does
+    # per image, which keeps the network causal in frames while the temporal attention's output is zero. True:
+    # Tune-A-Video's code, which applies the ResNet and output GroupNorms to the whole (B, C, F, H, W) tensor,
+    # pooling statistics over frames; APLA runs use it by default (TrainConfig.groupnorm, set_norm_over_frames).
     # Identical frames give the same result either way.
     norm_over_frames: bool = False
 
@@ -426,6 +427,14 @@ class UNet3DConditionModel(nn.Module):
         self.conv_norm_out = FrameGroupNorm(cfg.norm_num_groups, ch[0], cfg.norm_eps, cfg.norm_over_frames)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
+    def set_norm_over_frames(self, flag: bool) -> None:
+        """GroupNorm of the ResNet blocks and the output: statistics over all frames of a clip (True, Tune-A-Video's
+        code) or per frame (False, SD per image, the default of a loaded model). No weight changes."""
+        self.config.norm_over_frames = flag
+        for m in self.modules():
+            if isinstance(m, FrameGroupNorm):
+                m.over_frames = flag
+
     def enable_gradient_checkpointing(self, flag: bool = True):
         """Recompute each ResNet block and spatial transformer in backward instead of storing its activations."""
         for m in self.modules():
@@ -506,20 +515,6 @@ def load_trainable_state(unet: nn.Module, tensors: dict, where: str = "checkpoin
             if tensors[name].shape != p.shape:
                 raise ValueError(f"{where}: {name} has shape {tuple(tensors[name].shape)}, expected {tuple(p.shape)}")
             p.copy_(tensors[name])
-
-
-def save_trainable(unet: nn.Module, path) -> None:
-    """Write the trainable parameters to a safetensors file, atomically (temporary file, then rename)."""
-    from apla.checkpoint import atomic_save_safetensors
-
-    atomic_save_safetensors(trainable_state(unet), path)
-
-
-def load_trainable(unet: nn.Module, path) -> None:
-    """Load a `save_trainable` file; its names and shapes must equal the trainable set exactly."""
-    from safetensors.torch import load_file
-
-    load_trainable_state(unet, load_file(str(path)), where=str(path))
 
 
 LDM_PREFIX = "model.diffusion_model."
