@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from apla.unet import (DEFAULT_TRAINABLE, Attention, UNet3DConditionModel, UNetConfig, UNetConfigError,
-                       is_temporal_param, load_trainable_state, mark_trainable, sparse_causal_kv, trainable_state,
-                       unet_key_from_ldm)
+                       is_temporal_param, load_trainable_state, mark_trainable, sparse_causal_kv, trainable_state)
+from apla.weights import unet_key_from_ldm
 
 # names and shapes (no weights) of Stable Diffusion v1.5 as published (Rombach et al. 2022; CreativeML OpenRAIL-M)
 MANIFEST = Path(__file__).parent / "data" / "sd15_tensors.json"
