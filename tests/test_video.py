@@ -8,7 +8,6 @@ import pytest
 import torch
 from PIL import Image
 
-from apla import video
 from apla.video import (
     VideoError,
     count_frames,
