@@ -52,7 +52,8 @@ class APLA(nn.Module):
     """The generator G = (U-Net eps_theta, VGT phi) and the discriminator D of Algorithm 1, and its step.
 
     unet: the inflated U-Net with its trainable set marked; vgt: a VGT, or None (phi = 0); disc: a Discriminator,
-    or None (lambda = 0); perceptual: VGGFeatures for L_per, or None when gamma = 0; alpha_bar: (T,) the noise
+    or None (lambda = 0); perceptual: VGGFeatures for L_per (needed by forward when gamma > 0; sampling needs
+    none); alpha_bar: (T,) the noise
     schedule of Eq. 1.
     """
 
@@ -63,8 +64,6 @@ class APLA(nn.Module):
         w = effective_weights(cfg)
         if w["lam"] > 0 and disc is None:
             raise ValueError("APLA: lambda > 0 needs a discriminator (disc=None given)")
-        if w["gamma"] > 0 and perceptual is None:
-            raise ValueError("APLA: gamma > 0 needs perceptual features (perceptual=None given)")
         self.alpha, self.beta, self.gamma, self.lam = w["alpha"], w["beta"], w["gamma"], w["lam"]
         self.saturating = cfg.saturating
         self.register_buffer("alpha_bar", alpha_bar, persistent=False)
