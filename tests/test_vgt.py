@@ -159,17 +159,6 @@ def test_eq14_hyper_block_matches_functional_convolutions():
     assert torch.allclose(out, y.reshape(B, d, F, Hp * Wp).permute(0, 2, 3, 1), atol=1e-12)
 
 
-def test_every_equation_function_cites_its_equation():
-    table = {4: V.perturbed_eps, 7: V.DecoderBlock.forward, 8: V.DecoderBlock.forward, 9: V.spatial_tokens,
-             10: V.temporal_input, 11: V.temporal_output, 12: V.hadamard_fusion, 13: V.MLPHead.forward,
-             14: V.HyperBlock.forward, 15: V.MLPHead.forward}
-    for n, fn in table.items():
-        assert f"Eq. ({n})" in fn.__doc__, fn.__qualname__
-
-
-# --------------------------------------------------------------------------------------------- the model
-
-
 @pytest.mark.parametrize("variant", V.VARIANTS)
 def test_intermediates_shapes_and_are_what_forward_uses(variant):
     cfg = tiny(variant, patch_size=2, sample_size=32)
