@@ -22,7 +22,7 @@ the tensors in between (`VGTIntermediates`). Also here: `perturbation_ratio` (th
 Fig. 5b) and the four variants of Table 1: "pure", "hyper" (masked self-attention: a transformer decoder) and
 "pure-en", "hyper-en" (no mask: an encoder).
 
-Where the paper is silent we chose as follows (each choice is repeated at the code it governs):
+Where the paper is silent we chose as follows, once, here (the code each choice governs points back to this list):
 
 * Input. VGT receives z_t only, plus the timestep t. Paper: "phi(z_t, t)" (Eq. 4) and "z_t is the input of
   VGT-Pure". It does not receive the text context.
