@@ -23,6 +23,9 @@ ABLATIONS = {
 }
 
 
+GROUPNORM = ("frames", "per-frame")  # TrainConfig.groupnorm
+
+
 @dataclass
 class APLAConfig:
     """Weights and switches of APLA's objective (Eqs. 4-6, 16-20)."""
@@ -35,7 +38,9 @@ class APLAConfig:
     use_discriminator: bool = True  # False: Table 3's "w/o Discriminator", no lambda * L_g term
     use_hyper_loss: bool = True  # False: Table 3's "w/o Hyper-Loss", plain MSE (Eq. 6, or Eq. 5 without VGT)
     saturating: bool = True  # L_g as written in the paper, E[log(1 - D(G))]; False: non-saturating -log D(G)
-    perceptual_weights: str | None = None  # torchvision-layout VGG16 file (.safetensors/.pth); None: seeded init
+    # L_per's VGG16 (Eq. 17): a torchvision-layout file (.safetensors/.pth); "random": seeded random features; None:
+    # torchvision's file from the torch hub cache if there, else "random" (apla.run.resolve_perceptual_weights)
+    perceptual_weights: str | None = None
 
     def __post_init__(self):
         if self.vgt not in VARIANTS + ("none",):
@@ -73,7 +78,7 @@ class TrainConfig:
     gradient clipping at 1.0, its trainable set of the U-Net).
     """
     pretrained: str = "micro"            # file, diffusers folder, hub id ("runwayml/stable-diffusion-v1-5"), "micro"
-    video: str = "bigbuckbunny"          # a path, or the name of a bundled clip (BUNDLED_CLIPS)
+    video: str = "bigbuckbunny"          # a path, or the name of a bundled clip (apla.bundled.CLIPS)
     prompt: str = "a white rabbit stretching on a grassy hillside"
     output_dir: str = "runs/apla"
     max_steps: int = 750                 # the paper trains 750 (default) or 1500 steps
@@ -81,9 +86,10 @@ class TrainConfig:
     start: int = 0
     stride: int = 1
     size: int = 512                      # "at a resolution of 512 x 512"
-    seed: int = 33
+    seed: int = 33                       # seeds the noise, the timesteps and (unless init_seed) the new weights
+    init_seed: int | None = None         # seed of VGT's, D's and the VGG features' initialisation; None: seed
     lr: float = 3e-5                     # "a learning rate of 3e-5"
-    disc_lr: float = 3e-5
+    disc_lr: float = 3e-5                # D's AdamW (the paper names one learning rate; we give D the same)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     weight_decay: float = 1e-2
@@ -96,6 +102,10 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     trainable: Tuple[str, ...] = DEFAULT_TRAINABLE
+    # GroupNorm of the U-Net's ResNet blocks and output: "frames" pools statistics over the clip's frames, as
+    # Tune-A-Video's code does (the paper "build[s] the model based on Tune-A-Video"); "per-frame" normalises each
+    # frame alone, as SD does per image (apla.unet.UNet3DConditionModel.set_norm_over_frames)
+    groupnorm: str = "frames"
     apla: APLAConfig = field(default_factory=APLAConfig)
     vgt_model: VGTConfig = field(default_factory=VGTConfig)  # VGT sizes; its variant comes from apla.vgt
     edit_prompts: Tuple[str, ...] = ()   # prompts sample.py uses by default besides the run's own
@@ -124,11 +134,15 @@ class TrainConfig:
         return cfg
 
     def validate(self):
+        if self.groupnorm not in GROUPNORM:
+            raise ValueError(f"groupnorm must be one of {GROUPNORM}, got {self.groupnorm!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         for name in ("max_steps", "frames", "stride", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.size < 8 or self.size % 8:
+            raise ValueError(f"size must be a positive multiple of 8 (the VAE downsamples by 8), got {self.size}")
         if self.start < 0:
             raise ValueError(f"start must be >= 0, got {self.start}")
 
