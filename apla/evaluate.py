@@ -141,18 +141,28 @@ def read_source(source, frames: int, size: tuple[int, int], start: int = 0, stri
 
 
 def pick_clip(clip_model: str | None, videos: list[torch.Tensor], device):
-    """The CLIP scorer: the named one ("none": no CLIP scores); by default the micro world's pair when every video
-    is at its 64x64 size, else none (the user names a CLIP model with --clip-model; nothing is downloaded)."""
+    """(scorer, name) of the CLIP model to score with: the named one ("none": (None, None)); by default the micro
+    world's pair when every video is at its 64x64 size, else none (the user names a CLIP model with --clip-model;
+    nothing is downloaded unless named)."""
     if clip_model is None:
         small = videos and all(v.shape[-2:] == (MICRO_SIDE, MICRO_SIDE) for v in videos)
         clip_model = "micro" if small else "none"
     return (None, None) if clip_model == "none" else (load_clip(clip_model, device), clip_model)
 
 
+def run_clip(cfg, clip_model: str | None, device):
+    """(scorer, name) for a run's samples (sample.py): the named model, else the micro pair on a micro run, else
+    none. Loaded before sampling, so that a CLIP model that does not load stops sample.py before any work."""
+    if clip_model is None:
+        clip_model = "micro" if cfg.pretrained == "micro" else "none"
+    return pick_clip(clip_model, [], device)
+
+
 def score_videos(items: list[dict], source=None, source_prompt: str | None = None, start: int = 0, stride: int = 1,
-                 clip_model: str | None = None, device="cpu") -> dict:
-    """Score a list of {"name", "video", "prompt"?, "path"?}; returns the report (JSON-ready)."""
-    clip, clip_name = pick_clip(clip_model, [it["video"] for it in items], device)
+                 clip: tuple = (None, None), device="cpu") -> dict:
+    """Score a list of {"name", "video", "prompt"?, "path"?}; clip = (scorer, name) of `pick_clip`. Returns the
+    report (JSON-ready)."""
+    scorer, clip_name = clip
     rows, sources = [], {}
     for it in items:
         video = it["video"]
@@ -162,7 +172,7 @@ def score_videos(items: list[dict], source=None, source_prompt: str | None = Non
             if key not in sources:
                 sources[key] = read_source(source, key[0], key[1:], start, stride)
             src = sources[key]
-        scored = score_video(video, it.get("prompt"), src, source_prompt, clip, device)
+        scored = score_video(video, it.get("prompt"), src, source_prompt, scorer, device)
         rows.append({"name": it["name"], "path": it.get("path"), "prompt": it.get("prompt"),
                      "frames": int(video.shape[0]), "height": int(video.shape[-2]), "width": int(video.shape[-1]),
                      **scored})
@@ -171,17 +181,16 @@ def score_videos(items: list[dict], source=None, source_prompt: str | None = Non
             "directions": {k: v[1] for k, v in METRICS.items()}}
 
 
-def score_samples(videos: list[tuple[str, torch.Tensor]], cfg, out: Path | None = None, clip_model: str | None = None,
+def score_samples(videos: list[tuple[str, torch.Tensor]], cfg, out: Path | None = None, clip: tuple = (None, None),
                   device="cpu") -> dict:
     """What sample.py calls: score its (prompt, frames) against the run's source clip (cfg: the run's TrainConfig),
-    frames quantized to 8 bits as its files hold them; with `out`, write the report there (atomically)."""
+    frames quantized to 8 bits as its files hold them; clip = `run_clip(...)`; with `out`, write the report there
+    (atomically)."""
     from apla.checkpoint import atomic_write_json
     from apla.config import slug
 
-    if clip_model is None and cfg.pretrained != "micro":
-        clip_model = "none"
     items = [{"name": slug(p), "prompt": p, "video": quantize(f.cpu())} for p, f in videos]
-    report = score_videos(items, cfg.video, cfg.prompt, cfg.start, cfg.stride, clip_model, device)
+    report = score_videos(items, cfg.video, cfg.prompt, cfg.start, cfg.stride, clip, device)
     if out is not None:
         atomic_write_json(out, report)
     return report
@@ -258,7 +267,8 @@ def main(argv=None) -> int:
             items.append({"name": name, "path": str(video_file), "prompt": prompt, "video": load(read_from, video_file)})
         source = args.source or (cfg.video if cfg else None)
         start, stride = (cfg.start, cfg.stride) if cfg and not args.source else (0, 1)
-        report = score_videos(items, source, cfg.prompt if cfg else None, start, stride, args.clip_model, device)
+        clip = pick_clip(args.clip_model, [it["video"] for it in items], device)
+        report = score_videos(items, source, cfg.prompt if cfg else None, start, stride, clip, device)
     except (VideoError, MetricsError) as e:
         fail(str(e).splitlines()[0])
     print(format_table(report))

@@ -55,12 +55,12 @@ def test_sample_py_report_is_what_evaluate_prints_for_the_folder(run, tmp_path):
     """score_samples (sample.py's call) on the frames in memory == the command on the written folder (read from
     the lossless PNG strips)."""
     root, cfg, clips = run
-    written = evaluate.score_samples(list(clips.items()), cfg, out=tmp_path / "metrics.json", clip_model="none")
+    written = evaluate.score_samples(list(clips.items()), cfg, out=tmp_path / "metrics.json")
     assert json.loads((tmp_path / "metrics.json").read_text())["videos"][0]["metrics"]
     items = [{"name": slug(p), "prompt": p, "video": evaluate.load(root / "samples" / f"{slug(p)}.png",
                                                                     root / "samples" / f"{slug(p)}.gif")}
              for p in clips]
-    read = evaluate.score_videos(items, cfg.video, cfg.prompt, clip_model="none")
+    read = evaluate.score_videos(items, cfg.video, cfg.prompt)
     for a, b in zip(written["videos"], read["videos"]):
         assert a["prompt"] == b["prompt"]
         for k, v in a["metrics"].items():
