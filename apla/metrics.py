@@ -250,8 +250,12 @@ def frame_consistency(embeddings: torch.Tensor) -> float:
 def clip_frame_consistency(video: torch.Tensor, clip) -> float:
     """Tables 2-3's "CLIP score" of frame consistency (higher is better), as Tune-A-Video measures it: CLIP image
     embeddings of every frame, 100 x the mean cosine similarity over all pairs of distinct frames (`frame_consistency`).
-    The paper: "we evaluate the CLIP score ... across all generated frames by employing average cosine measurements".
-    `clip`: `load_clip(...)`'s scorer, or anything with `image_features(video)` -> (F, D)."""
+
+    The paper: "we evaluate the CLIP score (Radford et al. 2021) across all generated frames by employing average
+    cosine measurements"; Table 2 files the score under "Frame Consistency" while its caption speaks of "content
+    consistency with text prompt". A choice: we report both readings, this one (frames against frames) and
+    `clip_text_alignment` (frames against the prompt). `clip`: `load_clip(...)`'s scorer, or anything with
+    `image_features(video)` -> (F, D)."""
     _check_video(video)
     return frame_consistency(clip.image_features(video))
 

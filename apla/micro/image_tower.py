@@ -19,7 +19,7 @@ count as matches) on rendered shapes-world images: half single scenes captioned 
 right"). It is measured by retrieval on held-out scenes (seeds never used in training): for each image, is its own
 caption the most similar among all captions of its kind?
 
-    python -m apla.micro.image_tower                      # train (about 10 min on 2 CPU cores), write
+    python -m apla.micro.image_tower                      # train (13 min on one core of a shared machine), write
                                                           # apla/assets/micro/clip_image/, print the retrieval table
     python -m apla.micro.image_tower --evaluate-only      # re-measure the shipped tower
 """
