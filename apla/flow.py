@@ -194,7 +194,7 @@ def optical_flow(frames_a: torch.Tensor, frames_b: torch.Tensor, cfg: FlowConfig
 
 
 def video_flow(video: torch.Tensor, cfg: FlowConfig = FlowConfig()) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward and backward flow between the adjacent frames of a video (F, 3, H, W), all pairs in one batch:
+    """Forward and backward flow between the adjacent frames of a video (F, 3, H, W), all pairs in one call:
     forward[k] goes from frame k to k+1, backward[k] from frame k+1 to k; each (F-1, 2, H, W)."""
     a, b = video[:-1], video[1:]
     both = optical_flow(torch.cat([a, b]), torch.cat([b, a]), cfg)  # (2(F-1), 2, H, W)
