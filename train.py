@@ -54,8 +54,6 @@ def main(argv=None) -> int:
     torch.manual_seed(cfg.seed)
 
     # ---- inputs are checked before anything is written ---------------------------------------------------------
-    if cfg.size % 8:
-        fail(f"--size {cfg.size} is not a multiple of 8: the VAE downsamples by 8")
     try:
         frames = read_video(resolve_video(cfg.video), cfg.frames, start=cfg.start, stride=cfg.stride,
                             size=cfg.size)                                                 # (F, 3, H, W)
