@@ -23,7 +23,7 @@ from apla.cli import autocast_for, fail, pick_device, sample_parser
 from apla.config import TrainConfig, slug, vgt_config_for
 from apla.scheduler import classifier_free_guidance, ddim_invert, ddim_sample, ddim_timesteps
 from apla.unet import load_trainable_state, mark_trainable
-from apla.video import write_gif, write_mp4, write_png_strip
+from apla.video import PyAVMissing, write_gif, write_mp4, write_png_strip
 from apla.vgt import VGT, perturbed_eps
 
 
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
 
     out_dir = Path(args.out) if args.out else run_dir / "samples"
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, mp4_skipped = [], False
     for prompt in prompts:
         with torch.no_grad():
             cond = apla.encode_prompt(sd, [prompt]).to(device)             # (1, 77, D)
@@ -114,8 +114,10 @@ def main(argv=None) -> int:
         try:
             write_mp4(frames, stem.with_suffix(".mp4"), fps=args.fps)
             written.append(stem.with_suffix(".mp4"))
-        except ImportError:
-            pass
+        except PyAVMissing as e:  # the GIF and the PNG need only Pillow; no MP4, said once
+            if not mp4_skipped:
+                print(f"note: MP4s skipped, GIFs and PNGs written: {e}", file=sys.stderr)
+            mp4_skipped = True
         print(f"{prompt!r}: {', '.join(str(p) for p in written[-3:] if p.stem == stem.name)}", file=sys.stderr)
     return 0
 

@@ -51,16 +51,21 @@ class VideoError(ValueError):
     """A clip that cannot be read or written as asked; the message names the file or value at fault."""
 
 
+class PyAVMissing(VideoError, ImportError):
+    """An MP4/WebM/MOV/MKV to read or write, and PyAV not installed; the message says how to install it."""
+
+
 # ----------------------------------------------------------------------------------------------------------
 # helpers
 
 
 def _require_av(purpose: str):
-    """Import PyAV, or fail with a one-line message saying how to install it."""
+    """Import PyAV, or raise PyAVMissing with a one-line message saying how to install it."""
     try:
         import av
     except ImportError:
-        raise ImportError(f"{purpose} needs PyAV, which is not installed: pip install av") from None
+        install = 'pip install av (or pip install "apla[video]")'
+        raise PyAVMissing(f"{purpose} needs PyAV, which is not installed: {install}") from None
     return av
 
 

@@ -1,5 +1,5 @@
 """Bad input to the scripts is one line on stderr ("error: ...") and exit status 2, with nothing written: numeric
-flags and config fields out of range, an unknown device, a hub id that cannot be reached."""
+flags and config fields out of range, an unknown device, a hub id that cannot be reached, a missing PyAV."""
 import importlib.util
 import json
 import os
@@ -12,8 +12,11 @@ import torch
 
 from apla import cli
 from apla.config import TrainConfig, default_config
+from apla.micro import oneshot
+from apla.video import PyAVMissing, VideoError, read_video
 
 ROOT = Path(__file__).resolve().parents[1]
+BBB_CUT = ROOT / "tests" / "data" / "bigbuckbunny_cut.mp4"  # 24 frames, 128x72, H.264
 SHAPES_GIF = ROOT / "apla" / "assets" / "shapes_red_circle_right.gif"
 
 
@@ -36,6 +39,10 @@ def one_error_line(capsys, fn, argv) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
     return err[0]
+
+
+def no_pyav(monkeypatch):
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` raises ImportError, as without PyAV
 
 
 # ------------------------------------------------------------------------------------------ numeric ranges
@@ -165,3 +172,36 @@ def test_unreachable_hub_id_is_one_line(tmp_path):
     assert err[0].startswith("error: cannot load --pretrained 'some-org/some-model': some-org/some-model: could not "
                              "be resolved as a hub id ("), err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------ PyAV
+
+INSTALL_PYAV = 'needs PyAV, which is not installed: pip install av (or pip install "apla[video]")'
+
+
+def test_missing_pyav_is_a_video_error(monkeypatch):
+    no_pyav(monkeypatch)
+    with pytest.raises(PyAVMissing) as e:
+        read_video(BBB_CUT, 2, size=64)
+    assert isinstance(e.value, VideoError) and isinstance(e.value, ImportError)
+    assert str(e.value) == f"reading bigbuckbunny_cut.mp4 {INSTALL_PYAV}"
+
+
+def test_train_mp4_without_pyav_is_one_line(capsys, tmp_path, monkeypatch):
+    no_pyav(monkeypatch)
+    out = tmp_path / "run"
+    line = one_error_line(capsys, train.main, ["--video", str(BBB_CUT), "--frames", "2", "--output-dir", str(out),
+                                               "--device", "cpu"])
+    assert line == f"error: reading bigbuckbunny_cut.mp4 {INSTALL_PYAV}"
+    assert not out.exists()
+
+
+def test_oneshot_mp4_without_pyav_is_one_line(capsys, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = {**default_config().to_dict(), "video": str(BBB_CUT), "frames": 4}
+    (run / "config.json").write_text(json.dumps(cfg))
+    no_pyav(monkeypatch)
+    assert oneshot.main(["--run", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: reading bigbuckbunny_cut.mp4 {INSTALL_PYAV}"]
