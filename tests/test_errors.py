@@ -1,5 +1,6 @@
 """Bad input to the scripts is one line on stderr ("error: ...") and exit status 2, with nothing written: numeric
-flags and config fields out of range, an unknown device, a hub id that cannot be reached, a missing PyAV."""
+flags and config fields out of range, a hub id that cannot be reached, a missing PyAV. And the bundled SD-size clip
+is a folder of JPEG frames that reads, trains and samples without PyAV."""
 import importlib.util
 import json
 import os
@@ -9,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
-from apla import cli
+from apla import bundled, cli
 from apla.config import TrainConfig, default_config
 from apla.micro import oneshot
-from apla.video import PyAVMissing, VideoError, read_video
+from apla.video import PyAVMissing, VideoError, count_frames, read_video
 
 ROOT = Path(__file__).resolve().parents[1]
 BBB_CUT = ROOT / "tests" / "data" / "bigbuckbunny_cut.mp4"  # 24 frames, 128x72, H.264
@@ -205,3 +207,58 @@ def test_oneshot_mp4_without_pyav_is_one_line(capsys, tmp_path, monkeypatch):
     assert oneshot.main(["--run", str(run)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: reading bigbuckbunny_cut.mp4 {INSTALL_PYAV}"]
+
+
+def test_make_clips_without_pyav_is_one_line(capsys, monkeypatch):
+    from apla.assets import make_clips
+
+    no_pyav(monkeypatch)
+    line = one_error_line(capsys, make_clips.main, [str(BBB_CUT)])
+    assert line == f"error: reading bigbuckbunny_cut.mp4 {INSTALL_PYAV}"
+
+
+# ------------------------------------------------------------------------- the bundled SD-size clip, no PyAV
+
+def test_bundled_bigbuckbunny_is_24_jpeg_frames_read_without_pyav(monkeypatch):
+    folder = Path(bundled.resolve_video("bigbuckbunny"))
+    files = sorted(folder.iterdir())
+    assert [f.name for f in files] == [f"{i:05d}.jpg" for i in range(24)]
+    assert sum(f.stat().st_size for f in files) < 3 * 2**20  # the assets README's 2.8 MB
+    with Image.open(files[0]) as im:
+        assert im.format == "JPEG" and im.size == (912, 512)
+    no_pyav(monkeypatch)
+    assert count_frames(folder) == 24
+    x = read_video(bundled.resolve_video("bigbuckbunny"), 24, size=512)  # the SD-size run's read
+    assert x.shape == (24, 3, 512, 512) and x.min() >= -1 and x.max() <= 1
+
+
+def test_bundled_bigbuckbunny_holds_the_frames_of_the_test_cut():
+    """The JPEG frames and the test's H.264 cut come from the same 24 source frames: at the cut's 128x72 each JPEG
+    frame is closest to the cut's frame of the same index, above 30 dB."""
+    pytest.importorskip("av")
+    cut = read_video(BBB_CUT, 24, size=(72, 128)).double()
+    jpeg = read_video(bundled.resolve_video("bigbuckbunny"), 24, size=(72, 128)).double()
+    mse = ((jpeg[:, None] - cut[None]) ** 2).mean(dim=(2, 3, 4))  # (24 JPEG, 24 cut)
+    psnr = 10 * torch.log10(4 / mse)  # range 2 of [-1, 1]
+    assert torch.equal(psnr.argmax(dim=1), torch.arange(24))
+    assert psnr.diagonal().min() > 30
+
+
+def test_bundled_bigbuckbunny_trains_and_samples_without_pyav(capsys, tmp_path, monkeypatch):
+    """The README's SD-size commands with nothing outside requirements.txt, at the micro model's size: train.py
+    reads the bundled clip; sample.py writes GIFs and PNGs and says once, in one line, that it skips the MP4s."""
+    no_pyav(monkeypatch)
+    run = tmp_path / "run"
+    assert train.main(["--video", "bigbuckbunny", "--prompt", "a white rabbit on the grass", "--frames", "2",
+                       "--max-steps", "1", "--output-dir", str(run), "--device", "cpu", "--no-progress"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "samples"
+    prompts = ["a red circle moving to the right", "a blue square moving to the right"]
+    assert sample.main(["--run", str(run), "--prompt", prompts[0], "--prompt", prompts[1], "--steps", "1",
+                        "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    notes = [line for line in err if "PyAV" in line]
+    assert notes == [f"note: MP4s skipped, GIFs and PNGs written: writing MP4 {INSTALL_PYAV}"], err
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"{stem}.{ext}" for stem in ("a_red_circle_moving_to_the_right", "a_blue_square_moving_to_the_right")
+        for ext in ("gif", "png"))
