@@ -1,12 +1,16 @@
-"""Tune a pretrained Stable Diffusion, inflated to video, on one clip with APLA (Algorithm 1, Eqs. 1 and 4-20).
+"""Tune a pretrained Stable Diffusion, inflated to video, on one clip with APLA (Algorithm 1).
 
-    python train.py                                   # the defaults (see --help)
-    python train.py --pretrained path/to/v1-5-pruned-emaonly.safetensors --video clip.mp4 --prompt "..." \
+    python train.py                                   # the defaults (see --help): the micro model on a shapes clip
+    python train.py --pretrained path/to/v1-5-pruned-emaonly.safetensors --video bigbuckbunny --prompt "..." \
         --mixed-precision bf16 --gradient-checkpointing
 
-Reads top to bottom: configuration -> base model -> clip encoded once -> the step of Algorithm 1 repeated
-(Eq. 1 noising, Eq. 4 perturbed prediction, Eq. 18 hyper-loss + Eq. 20 adversarial term for U-Net and VGT,
-Eq. 19 for the discriminator) -> checkpoints and a JSONL log in the run directory.
+Reads top to bottom: configuration -> the clip and the base model -> the clip and the prompt encoded once -> the
+run's models (U-Net trainable set, VGT, D) -> Algorithm 1's loop, whose step is `apla.algorithm.APLA`
+(Eq. 1 noising, Eq. 4 perturbed prediction, Eq. 18 hyper-loss, Eq. 20 for U-Net and VGT, Eq. 19 for D)
+-> a JSONL log line per step and atomic checkpoints in the run directory.
+
+Algorithm 1 says "Extract the first frame x_0 from v": we read x_0 as the whole clip (every sampled frame), since
+the same algorithm outputs a video and the paper trains on "24 frames" of each clip.
 """
 from __future__ import annotations
 
@@ -21,181 +25,99 @@ from tqdm.auto import tqdm
 
 import apla
 from apla import checkpoint as ckpt
-from apla.cli import autocast_for, fail, parse_train_args, pick_device
+from apla import run
 from apla.bundled import resolve_video
-from apla.config import vgt_config_for
-from apla.discriminator import Discriminator, DiscriminatorConfig
-from apla.losses import VGGFeatures, discriminator_loss, generator_loss
-from apla.scheduler import q_sample
-from apla.unet import load_trainable_state, mark_trainable, trainable_state
+from apla.cli import autocast_for, fail, parse_train_args, pick_device
 from apla.video import VideoError, read_video
-from apla.vgt import VGT
 
 
-@torch.no_grad()
-def encode_clip(sd, frames: torch.Tensor, device, chunk: int = 4):
-    """Encode (F, 3, H, W) frames once: the posterior mean and std of z0, scaled, as (1, 4, F, h, w)."""
-    means, stds = [], []
-    for i in range(0, frames.shape[0], chunk):
-        mean, logvar = sd.vae.encode(frames[i:i + chunk].to(device))   # (f, 4, h, w) each
-        means.append(mean.float())
-        stds.append((0.5 * logvar.float()).exp())
-    s = sd.vae.scaling_factor
-    mean = torch.cat(means).permute(1, 0, 2, 3).unsqueeze(0) * s   # (F, 4, h, w) -> (1, 4, F, h, w)
-    std = torch.cat(stds).permute(1, 0, 2, 3).unsqueeze(0) * s     # (F, 4, h, w) -> (1, 4, F, h, w)
-    return mean, std
+def start_checkpoint(run_dir: Path, resume: bool):
+    """The checkpoint a run continues from (--resume), or None for a new run; one-line errors otherwise."""
+    latest = ckpt.latest_checkpoint(run_dir)
+    if resume and latest is None:
+        fail(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+    if not resume and latest is not None:
+        fail(f"{run_dir} already holds a run; pass --resume to continue it or choose another --output-dir")
+    return latest
+
+
+def log_line(step: int, t: torch.Tensor, terms: dict, seconds: float) -> dict:
+    """One record of log.jsonl: the step's terms as floats, read from the device in one transfer."""
+    values = torch.stack([t[0].float().cpu(), *[v.cpu() for v in terms.values()]]).tolist()
+    return {"step": step, "t": int(values[0]), **dict(zip(terms, values[1:])), "step_time": seconds}
 
 
 def main(argv=None) -> int:
-    # ---- configuration: dataclass defaults <- preset of the base model <- --config file <- flags ----------------
+    # ---- configuration: dataclass defaults <- the base model's preset <- --config file <- flags ----------------
     cfg, resume = parse_train_args(argv)
-    run_dir = Path(cfg.output_dir)
-    device = pick_device(cfg.device)
+    run_dir, device = Path(cfg.output_dir), pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
+    start = start_checkpoint(run_dir, resume)
 
-    # ---- inputs are checked before anything is written ---------------------------------------------------------
+    # ---- the clip x (Algorithm 1's x_0: every sampled frame) and the base model, checked before anything is written
     try:
         frames = read_video(resolve_video(cfg.video), cfg.frames, start=cfg.start, stride=cfg.stride,
                             size=cfg.size)                                                 # (F, 3, H, W)
+        sd = apla.load_stable_diffusion(cfg.pretrained, device=device)
     except VideoError as e:
         fail(str(e))
-    start_ckpt = None
-    if resume:
-        start_ckpt = ckpt.latest_checkpoint(run_dir)
-        if start_ckpt is None:
-            fail(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
-    elif ckpt.latest_checkpoint(run_dir) is not None:
-        fail(f"{run_dir} already holds a run; pass --resume to continue it or choose another --output-dir")
-
-    try:
-        sd = apla.load_stable_diffusion(cfg.pretrained, device=device)
     except (ValueError, OSError) as e:
         fail(f"cannot load --pretrained {cfg.pretrained!r}: {e}")
+    cfg.apla.perceptual_weights = run.resolve_perceptual_weights(cfg.apla)          # recorded in config.json
 
-    # ---- the models: U-Net's trainable set (Tune-A-Video), VGT (phi), discriminator (D) -------------------------
-    unet = sd.unet
-    sd.vae.requires_grad_(False)
-    sd.text_encoder.requires_grad_(False)
-    n_unet = mark_trainable(unet, cfg.trainable)
-    unet.enable_gradient_checkpointing(cfg.gradient_checkpointing)
-    base_signature = ckpt.model_signature(unet)
-
-    # ---- the clip and the prompt, encoded once ------------------------------------------------------------------
-    z0_mean, z0_std = encode_clip(sd, frames, device)                  # (1, 4, F, h, w) each
+    # ---- the clip and the prompt, encoded once -----------------------------------------------------------------
+    z0_mean, z0_std = run.encode_clip(sd.vae, frames, device)                  # (1, 4, F, h, w) each
     with torch.no_grad():
-        context = apla.encode_prompt(sd, [cfg.prompt]).to(device)      # (1, 77, D)
+        context = apla.encode_prompt(sd, [cfg.prompt]).to(device)              # (1, 77, D)
+
+    # ---- the run's models: U-Net eps_theta (its trainable set), VGT phi, discriminator D; their optimisers ------
     try:
-        vgt = VGT(vgt_config_for(cfg, z0_mean.shape)).to(device) if cfg.apla.use_vgt else None
+        model = run.build_apla(cfg, sd, z0_mean.shape, device)
     except ValueError as e:
         fail(str(e))
-    disc = (Discriminator(DiscriminatorConfig(channels=z0_mean.shape[1], num_frames=z0_mean.shape[2]))
-            .to(device) if cfg.apla.use_discriminator else None)
-    perceptual = (VGGFeatures(weights=cfg.apla.perceptual_weights).to(device).requires_grad_(False)
-                  if cfg.apla.use_hyper_loss and cfg.apla.gamma > 0 else None)
-    gen_params = [p for p in unet.parameters() if p.requires_grad] + (list(vgt.parameters()) if vgt else [])
-    opt_g = torch.optim.AdamW(gen_params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                              weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                              weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon) if disc else None
+    model.unet.enable_gradient_checkpointing(cfg.gradient_checkpointing)
+    opt_g, opt_d = run.optimizers(cfg, model)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
-
-    alpha_bar = sd.alpha_bar.to(device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    step = 0
-
-    meta = {"base_model": base_signature, "vgt": cfg.apla.vgt if cfg.apla.use_vgt else "none",
-            "discriminator": cfg.apla.use_discriminator, "pretrained": cfg.pretrained}
-    if start_ckpt is not None:
+    meta, step = run.checkpoint_meta(cfg, model), 0
+    if start is not None:
         try:
-            weights, state, _ = ckpt.load_checkpoint(start_ckpt, expect={k: meta[k] for k in
-                                                                          ("base_model", "vgt", "discriminator")})
-            load_trainable_state(unet, {k[5:]: v for k, v in weights.items() if k.startswith("unet.")},
-                                 where=str(start_ckpt))
-            if vgt is not None:
-                vgt.load_state_dict({k[4:]: v for k, v in weights.items() if k.startswith("vgt.")})
-            if disc is not None:
-                disc.load_state_dict({k[5:]: v for k, v in weights.items() if k.startswith("disc.")})
-        except (ckpt.CheckpointError, ValueError, RuntimeError) as e:
-            fail(f"cannot resume from {start_ckpt}: {str(e).splitlines()[0]}")
-        opt_g.load_state_dict(state["opt_g"])
-        if opt_d is not None:
-            opt_d.load_state_dict(state["opt_d"])
-        gen.set_state(state["generator"])
-        step = int(state["step"])
-
+            step = run.load_checkpoint(start, cfg, model, opt_g, opt_d, gen)
+        except ckpt.CheckpointError as e:
+            fail(f"cannot resume: {e}")
+        run.truncate_log(run_dir, step)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt.atomic_write_json(run_dir / "config.json", cfg.to_dict())
     ckpt.atomic_save_safetensors({"z0_mean": z0_mean, "z0_std": z0_std, "context": context},
                                  run_dir / "source.safetensors", metadata={"prompt": cfg.prompt})
-
-    def save(step_done: int):
-        weights = {f"unet.{k}": v for k, v in trainable_state(unet).items()}
-        if vgt is not None:
-            weights.update({f"vgt.{k}": v for k, v in vgt.state_dict().items()})
-        if disc is not None:
-            weights.update({f"disc.{k}": v for k, v in disc.state_dict().items()})
-        state = {"step": step_done, "opt_g": opt_g.state_dict(), "generator": gen.get_state()}
-        if opt_d is not None:
-            state["opt_d"] = opt_d.state_dict()
-        ckpt.save_checkpoint(run_dir, step_done, weights, state, meta, keep=cfg.keep_checkpoints)
-
-    print(f"apla: {n_unet / 1e6:.3f} M U-Net parameters train"
-          + (f", VGT-{cfg.apla.vgt} {sum(p.numel() for p in vgt.parameters()) / 1e6:.3f} M" if vgt else "")
-          + (f", D {sum(p.numel() for p in disc.parameters())} parameters" if disc else "")
-          + f"; {frames.shape[0]} frames at {cfg.size}px on {device}; run dir {run_dir}", file=sys.stderr)
+    sizes = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) / 1e6
+             for k, m in (("U-Net", model.unet), (f"VGT-{cfg.apla.vgt}", model.vgt), ("D", model.disc)) if m}
+    print(f"apla: trains {', '.join(f'{k} {v:.3f} M' for k, v in sizes.items())} parameters; {frames.shape[0]} "
+          f"frames at {cfg.size}px on {device}; run dir {run_dir}", file=sys.stderr)
 
     # ---- Algorithm 1: the fine-tuning loop ----------------------------------------------------------------------
-    unet.train()
-    log = open(run_dir / "log.jsonl", "a")
-    bar = tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps, desc="APLA tuning",
-               disable=not cfg.progress)
-    for step in bar:
-        t0 = time.perf_counter()
-        # a posterior sample of the cached clip latents, a timestep t ~ U{0..T-1} and the noise eps ~ N(0, I)
-        z0 = z0_mean + z0_std * torch.randn(z0_mean.shape, generator=gen, device=device)
-        t = torch.randint(0, alpha_bar.shape[0], (z0.shape[0],), generator=gen, device=device)
-        eps = torch.randn(z0.shape, generator=gen, device=device)
-        # Eq. (1): z_t = sqrt(alpha_bar_t) z0 + sqrt(1 - alpha_bar_t) eps
-        z_t = q_sample(z0, t, eps, alpha_bar)
-        with autocast_for(cfg.mixed_precision, device):
-            eps_pred = unet(z_t, t, context)                               # (1, 4, F, h, w)
-            phi = vgt(z_t, t) if vgt is not None else None                 # (1, 4, F, h, w)
-            # Eq. (4), Eqs. (16)-(18) and (20): the generator's (U-Net + VGT) objective
-            total, terms = generator_loss(eps, eps_pred.float(), None if phi is None else phi.float(), disc,
-                                          cfg.apla, perceptual)
-        bad = [k for k, v in terms.items() if not math.isfinite(v)]
-        if bad or not torch.isfinite(total):
-            log.close()
-            fail(f"step {step + 1}: loss term {bad[0] if bad else 'total'} is not finite "
-                 f"({terms.get(bad[0]) if bad else total.item()}); stopping, the last good checkpoint is kept",
-                 code=1)
-        opt_g.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        if cfg.max_grad_norm > 0:
-            scaler.unscale_(opt_g)
-            torch.nn.utils.clip_grad_norm_(gen_params, cfg.max_grad_norm)
-        scaler.step(opt_g)
-        if disc is not None:
-            # Eq. (19): D learns to tell the true noise (real) from the perturbed prediction (fake), detached
-            d_loss, d_terms = discriminator_loss(eps, eps_pred.float(), None if phi is None else phi.float(), disc,
-                                                 cfg.apla)
-            if not torch.isfinite(d_loss):
-                log.close()
-                fail(f"step {step + 1}: loss term discriminator is not finite ({d_loss.item()}); stopping, "
-                     f"the last good checkpoint is kept", code=1)
-            opt_d.zero_grad(set_to_none=True)
-            scaler.scale(d_loss).backward()
-            scaler.step(opt_d)
-            terms.update(d_terms)
-        scaler.update()
-
-        record = {"step": step + 1, "t": int(t[0]), **terms, "step_time": time.perf_counter() - t0}
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        bar.set_postfix(loss=f"{terms['total']:.4f}")
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.max_steps:
-            save(step + 1)
-    log.close()
+    model.train()
+    amp = autocast_for(cfg.mixed_precision, device)
+    with open(run_dir / "log.jsonl", "a") as log:
+        bar = tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps, desc="APLA tuning",
+                   disable=not cfg.progress)
+        for step in bar:
+            t0 = time.perf_counter()
+            # a posterior sample of the cached clip latents, a timestep t ~ U{0..T-1} and the noise eps ~ N(0, I)
+            z0 = z0_mean + z0_std * torch.randn(z0_mean.shape, generator=gen, device=device)
+            t = torch.randint(0, len(sd.alpha_bar), (1,), generator=gen, device=device)
+            eps = torch.randn(z0.shape, generator=gen, device=device)
+            terms = model.train_step(z0, context, t, eps, opt_g, opt_d, scaler, cfg.max_grad_norm, amp)
+            record = log_line(step + 1, t, terms, time.perf_counter() - t0)
+            bad = [k for k, v in record.items() if not math.isfinite(v)]
+            if bad:
+                fail(f"step {step + 1}: loss term {bad[0]} is not finite ({record[bad[0]]}); stopping, the last "
+                     f"good checkpoint is kept", code=1)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{record['total']:.4f}")
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.max_steps:
+                run.save_checkpoint(run_dir, step + 1, cfg, model, opt_g, opt_d, gen, meta)
     print(f"apla: done, {cfg.max_steps} steps; checkpoint {ckpt.latest_checkpoint(run_dir)}", file=sys.stderr)
     return 0
 

@@ -122,7 +122,6 @@ def save_checkpoint(run_dir, step: int, weights: Dict[str, torch.Tensor], state:
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "weights.safetensors"),
                   metadata={"apla": json.dumps(meta, sort_keys=True)})
         torch.save(state, tmp / "state.pt")
-        _before_rename_hook()
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -133,10 +132,6 @@ def save_checkpoint(run_dir, step: int, weights: Dict[str, torch.Tensor], state:
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _before_rename_hook() -> None:
-    """Called between writing a checkpoint and renaming it into place (tests simulate a crash here)."""
 
 
 def read_checkpoint_meta(ckpt: Path) -> dict:

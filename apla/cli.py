@@ -17,7 +17,7 @@ from typing import NoReturn, Optional
 import torch
 
 from apla.bundled import preset
-from apla.config import SEED, Range, TrainConfig, default_config
+from apla.config import GROUPNORM, SEED, Range, TrainConfig, default_config
 
 
 def pick_device(name: str) -> torch.device:
@@ -113,13 +113,20 @@ def train_parser() -> argparse.ArgumentParser:
     a("--start", type=int, default=d.start, help="first frame taken")
     a("--stride", type=int, default=d.stride, help="take every n-th frame")
     a("--size", type=int, default=d.size, help="training resolution (square, a multiple of 8)")
-    a("--seed", type=int, default=d.seed, help="seed of every random draw")
+    a("--seed", type=int, default=d.seed,
+      help="seed of every random draw: noise, timesteps and the initial weights of VGT, D and random VGG features")
     a("--lr", type=float, default=d.lr, help="AdamW learning rate of the U-Net's trainable set and VGT")
     a("--disc-lr", type=float, default=d.disc_lr, help="AdamW learning rate of the discriminator")
     a("--vgt", choices=["pure", "hyper", "pure-en", "hyper-en", "none"], default=d.apla.vgt,
       help="VGT variant (Table 1); 'none' is the 'w/o VGT' ablation")
     a("--no-discriminator", action="store_true", help="ablation: no adversarial term (Table 3)")
     a("--no-hyper-loss", action="store_true", help="ablation: plain MSE instead of the hyper-loss (Table 3)")
+    a("--groupnorm", choices=list(GROUPNORM), default=d.groupnorm,
+      help="U-Net GroupNorm: 'frames' pools statistics over the clip's frames (Tune-A-Video's network), "
+           "'per-frame' normalises each frame alone (SD per image)")
+    a("--perceptual-weights", default=d.apla.perceptual_weights,
+      help="VGG16 weights of the perceptual term (torchvision layout, .pth or .safetensors), or 'random' (default: "
+           "torchvision's vgg16-397923af.pth from the torch hub cache if present, else random features)")
     a("--mixed-precision", choices=["no", "bf16", "fp16"], default=d.mixed_precision,
       help="autocast dtype (bf16 recommended on CUDA)")
     a("--gradient-checkpointing", action="store_true", help="recompute U-Net activations to save memory")
@@ -157,6 +164,8 @@ def parse_train_args(argv: Optional[list] = None):
             flags.setdefault("apla", {})["use_discriminator"] = not v
         elif dest == "no_hyper_loss":
             flags.setdefault("apla", {})["use_hyper_loss"] = not v
+        elif dest == "perceptual_weights":
+            flags.setdefault("apla", {})["perceptual_weights"] = v
         elif dest == "no_progress":
             flags["progress"] = not v
         else:

@@ -29,8 +29,9 @@ ABLATIONS = {
 @dataclass(frozen=True)
 class Range:
     """The values a numeric setting may take: a finite number (an integer if `integer`, a multiple of `multiple`)
-    from `low` to `high`, each end allowed unless `open_low` / `open_high`. Config files, train.py's flags (both
-    through `validate`) and sample.py's flags are checked against the same ranges, so they get the same message."""
+    from `low` to `high`, each end allowed unless `open_low` / `open_high`; `why` is said after it. Config files,
+    train.py's flags (both through `validate`) and sample.py's flags are checked against the same ranges, so they
+    get the same message."""
 
     low: float | None = None
     high: float | None = None
@@ -38,8 +39,12 @@ class Range:
     open_high: bool = False
     integer: bool = False
     multiple: int = 1
+    why: str = ""
 
     def __str__(self) -> str:
+        return f"{self._values()} ({self.why})" if self.why else self._values()
+
+    def _values(self) -> str:
         if self.multiple > 1 and self.low == 0 and self.open_low and self.high is None:
             return f"a positive multiple of {self.multiple}"
         what = f"a multiple of {self.multiple}" if self.multiple > 1 else "an integer" if self.integer else "a number"
@@ -70,7 +75,8 @@ class Range:
 NON_NEGATIVE = Range(0)
 POSITIVE = Range(0, open_low=True)
 AT_LEAST_ONE = Range(1, integer=True)
-SEED = Range(0, 2**64 - 1, integer=True)  # what torch.Generator.manual_seed takes, less the negative seeds
+SEED = Range(0, 2**63 - 1, integer=True)  # torch.Generator.manual_seed takes up to 2**64 - 1; apla.run adds 2
+GROUPNORM = ("frames", "per-frame")  # TrainConfig.groupnorm
 
 
 @dataclass
@@ -85,7 +91,9 @@ class APLAConfig:
     use_discriminator: bool = True  # False: Table 3's "w/o Discriminator", no lambda * L_g term
     use_hyper_loss: bool = True  # False: Table 3's "w/o Hyper-Loss", plain MSE (Eq. 6, or Eq. 5 without VGT)
     saturating: bool = True  # L_g as written in the paper, E[log(1 - D(G))]; False: non-saturating -log D(G)
-    perceptual_weights: str | None = None  # torchvision-layout VGG16 file (.safetensors/.pth); None: seeded init
+    # L_per's VGG16 (Eq. 17): a torchvision-layout file (.safetensors/.pth); "random": seeded random features; None:
+    # torchvision's file from the torch hub cache if there, else "random" (apla.run.resolve_perceptual_weights)
+    perceptual_weights: str | None = None
 
     RANGES = {"alpha": NON_NEGATIVE, "beta": NON_NEGATIVE, "gamma": NON_NEGATIVE, "lam": NON_NEGATIVE}
 
@@ -128,7 +136,7 @@ class TrainConfig:
     gradient clipping at 1.0, its trainable set of the U-Net).
     """
     pretrained: str = "micro"            # file, diffusers folder, hub id ("runwayml/stable-diffusion-v1-5"), "micro"
-    video: str = "bigbuckbunny"          # a path, or the name of a bundled clip (BUNDLED_CLIPS)
+    video: str = "bigbuckbunny"          # a path, or the name of a bundled clip (apla.bundled.CLIPS)
     prompt: str = "a white rabbit stretching on a grassy hillside"
     output_dir: str = "runs/apla"
     max_steps: int = 750                 # the paper trains 750 (default) or 1500 steps
@@ -136,7 +144,8 @@ class TrainConfig:
     start: int = 0
     stride: int = 1
     size: int = 512                      # "at a resolution of 512 x 512"
-    seed: int = 33
+    seed: int = 33                       # seeds the noise, the timesteps and (unless init_seed) the new weights
+    init_seed: int | None = None         # seed of VGT's, D's and the VGG features' initialisation; None: seed
     lr: float = 3e-5                     # "a learning rate of 3e-5"
     disc_lr: float = 3e-5
     adam_beta1: float = 0.9
@@ -151,6 +160,10 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     trainable: Tuple[str, ...] = DEFAULT_TRAINABLE
+    # GroupNorm of the U-Net's ResNet blocks and output: "frames" pools statistics over the clip's frames, as
+    # Tune-A-Video's code does (the paper "build[s] the model based on Tune-A-Video"); "per-frame" normalises each
+    # frame alone, as SD does per image (apla.unet.UNet3DConditionModel.set_norm_over_frames)
+    groupnorm: str = "frames"
     apla: APLAConfig = field(default_factory=APLAConfig)
     vgt_model: VGTConfig = field(default_factory=VGTConfig)  # VGT sizes; its variant comes from apla.vgt
     edit_prompts: Tuple[str, ...] = ()   # prompts sample.py uses by default besides the run's own
@@ -181,7 +194,7 @@ class TrainConfig:
 
     RANGES = {
         "max_steps": AT_LEAST_ONE, "frames": AT_LEAST_ONE, "start": Range(0, integer=True), "stride": AT_LEAST_ONE,
-        "size": Range(0, open_low=True, multiple=VAE_DOWNSAMPLE),  # the VAE halves the sides 3 times
+        "size": Range(0, open_low=True, multiple=VAE_DOWNSAMPLE, why=f"the VAE downsamples by {VAE_DOWNSAMPLE}"),
         "seed": SEED, "lr": POSITIVE, "disc_lr": POSITIVE,
         "adam_beta1": Range(0, 1, open_high=True), "adam_beta2": Range(0, 1, open_high=True),
         "weight_decay": NON_NEGATIVE, "adam_epsilon": POSITIVE,
@@ -193,10 +206,14 @@ class TrainConfig:
     def validate(self):
         """ValueError naming the first field out of its range (`RANGES`, and `APLAConfig.RANGES` as "apla.<field>");
         the one place where config files, saved runs and train.py's flags are checked."""
+        if self.groupnorm not in GROUPNORM:
+            raise ValueError(f"groupnorm must be one of {GROUPNORM}, got {self.groupnorm!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         for name, allowed in self.RANGES.items():
             allowed.check(name, getattr(self, name))
+        if self.init_seed is not None:
+            SEED.check("init_seed", self.init_seed)
         self.apla.validate()
 
 

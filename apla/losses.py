@@ -7,9 +7,8 @@
     Eq. (18)  L_hyper = alpha L_MSE + beta L_L1 + gamma L_per                 hyper_loss
     Eq. (20)  min_theta (L_hyper + lambda L_g) + max_D L_g                    final_objective
 
-and the two per-step helpers a training script calls, `generator_loss` and `discriminator_loss`, which honour
-APLAConfig's ablation switches (Table 3). Expectations are means over all elements (as in Tune-A-Video's
-F.mse_loss), computed in float32.
+One training step combines them in `apla.algorithm.APLA.forward`. Expectations are means over all elements (as in
+Tune-A-Video's F.mse_loss), computed in float32.
 
 dist_per (Eq. 17) is not defined by the paper beyond its citation of Zhang et al. 2018 (LPIPS); we use the
 LPIPS distance with unit layer weights: VGG16 features at relu1_2, relu2_2 and relu3_3, each unit-normalised
@@ -24,9 +23,7 @@ import os
 import torch
 import torch.nn as nn
 
-from apla.config import APLAConfig
-from apla.discriminator import discriminator_adversarial_loss, generator_adversarial_loss
-from apla.vgt import perturbation_ratio, perturbed_eps
+from apla.vgt import perturbed_eps
 
 # torchvision's VGG16 `features`: channel widths, "M" = max-pool (indices of features.N follow from it)
 VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -177,71 +174,3 @@ def final_objective(l_hyper: torch.Tensor, l_g: torch.Tensor, lam: float) -> tor
     """
     # $$\mathcal{L}_{hyper} + \lambda L_g$$
     return l_hyper + lam * l_g
-
-
-def _eps_star(eps_pred: torch.Tensor, phi: torch.Tensor | None, cfg: APLAConfig) -> torch.Tensor:
-    """eps* of Eq. 4, or eps_pred itself when the run has no VGT (phi = 0)."""
-    return perturbed_eps(eps_pred, phi) if cfg.use_vgt else eps_pred
-
-
-def generator_loss(
-    eps: torch.Tensor,
-    eps_pred: torch.Tensor,
-    phi: torch.Tensor | None,
-    disc: nn.Module | None,
-    cfg: APLAConfig,
-    perceptual: VGGFeatures | None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """One training step's generator loss (Eq. 20's min over theta), honouring the ablation switches.
-
-    eps: the true noise (B, C, F, H, W); eps_pred: the U-Net's eps_theta; phi: VGT's output (ignored, phi = 0,
-    when cfg.vgt == "none"); disc: the Discriminator (unused without it); perceptual: VGGFeatures (unused when
-    the hyper-loss is off or gamma == 0). Returns (total, named float terms for logging).
-    - hyper-loss on: Eq. 18 on eps* = eps_pred + phi; off: plain MSE, Eq. 6 (Eq. 5 when there is no VGT);
-    - discriminator on: + lambda * L_g(D(eps*)) (Eq. 20); off: no adversarial term.
-    """
-    if cfg.use_vgt and phi is None:
-        raise ValueError(f"generator_loss: APLAConfig.vgt={cfg.vgt!r} needs phi (got None)")
-    eps_star = _eps_star(eps_pred, phi, cfg)
-    terms = {}
-    if cfg.use_hyper_loss:
-        total, parts = hyper_loss(eps, eps_star, perceptual, cfg.alpha, cfg.beta, cfg.gamma)
-        terms.update({k: v.item() for k, v in parts.items()})
-        terms["hyper"] = total.item()
-    else:
-        total = perturbed_mse_loss(eps, eps_pred, phi) if cfg.use_vgt else mse_loss(eps, eps_pred)
-        terms["mse"] = total.item()
-    if cfg.use_discriminator:
-        if disc is None:
-            raise ValueError("generator_loss: APLAConfig.use_discriminator=True needs disc (got None)")
-        l_g = generator_adversarial_loss(disc(eps_star), saturating=cfg.saturating)
-        total = final_objective(total, l_g, cfg.lam)
-        terms["adv_g"] = l_g.item()
-    if cfg.use_vgt:
-        terms["phi_ratio"] = perturbation_ratio(phi, eps_pred).item()
-    terms["total"] = total.item()
-    return total, terms
-
-
-def discriminator_loss(
-    eps: torch.Tensor,
-    eps_pred: torch.Tensor,
-    phi: torch.Tensor | None,
-    disc: nn.Module | None,
-    cfg: APLAConfig,
-) -> tuple[torch.Tensor | None, dict[str, float]]:
-    """One training step's discriminator loss (Eq. 19): D(eps) real, D(eps*.detach()) fake.
-
-    Returns (None, {}) when cfg.use_discriminator is False, so the caller skips D's step.
-    """
-    if not cfg.use_discriminator:
-        return None, {}
-    eps_star = _eps_star(eps_pred, phi, cfg)
-    d_real, d_fake = disc(eps), disc(eps_star.detach())
-    loss = discriminator_adversarial_loss(d_real, d_fake)
-    terms = {
-        "disc": loss.item(),
-        "d_real": torch.sigmoid(d_real.float()).mean().item(),
-        "d_fake": torch.sigmoid(d_fake.float()).mean().item(),
-    }
-    return loss, terms

@@ -17,7 +17,7 @@ Inflation (Tune-A-Video, Sec. 4.2 of Wu et al.):
 Every attention is one call of `torch.nn.functional.scaled_dot_product_attention`, no attention matrix is built
 here. Module names equal diffusers' `UNet2DConditionModel` names, plus `attn_temp`/`norm_temp` in each
 transformer block, so a diffusers `unet/diffusion_pytorch_model.safetensors` loads by identity and a single-file
-checkpoint through `unet_key_from_ldm`.
+checkpoint through `apla.weights.unet_key_from_ldm`.
 
 Shapes: internally the U-Net keeps activations as (B*F, C, H, W) and passes `num_frames` down; only the
 attention layers (and, optionally, GroupNorm, see `UNetConfig.norm_over_frames`) look across frames.
@@ -26,7 +26,6 @@ attention layers (and, optionally, GroupNorm, see `UNetConfig.norm_over_frames`)
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, fields
 
 import torch
@@ -56,9 +55,10 @@ class UNetConfig:
     up_block_types: tuple = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
     flip_sin_to_cos: bool = True  # SD v1.5: time embedding is [cos, sin]
     freq_shift: int = 0  # SD v1.5
-    # False (default): every GroupNorm normalises each frame alone, exactly as SD does per image, which keeps the
-    # network causal in frames while the temporal attention's output is zero. True: Tune-A-Video's code, which
-    # applies the ResNet and output GroupNorms to the whole (B, C, F, H, W) tensor, pooling statistics over frames.
+    # False (default, so that a loaded SD equals SD): every GroupNorm normalises each frame alone, exactly as SD does
+    # per image, which keeps the network causal in frames while the temporal attention's output is zero. True:
+    # Tune-A-Video's code, which applies the ResNet and output GroupNorms to the whole (B, C, F, H, W) tensor,
+    # pooling statistics over frames; APLA runs use it by default (TrainConfig.groupnorm, set_norm_over_frames).
     # Identical frames give the same result either way.
     norm_over_frames: bool = False
 
@@ -426,6 +426,14 @@ class UNet3DConditionModel(nn.Module):
         self.conv_norm_out = FrameGroupNorm(cfg.norm_num_groups, ch[0], cfg.norm_eps, cfg.norm_over_frames)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
+    def set_norm_over_frames(self, flag: bool) -> None:
+        """GroupNorm of the ResNet blocks and the output: statistics over all frames of a clip (True, Tune-A-Video's
+        code) or per frame (False, SD per image, the default of a loaded model). No weight changes."""
+        self.config.norm_over_frames = flag
+        for m in self.modules():
+            if isinstance(m, FrameGroupNorm):
+                m.over_frames = flag
+
     def enable_gradient_checkpointing(self, flag: bool = True):
         """Recompute each ResNet block and spatial transformer in backward instead of storing its activations."""
         for m in self.modules():
@@ -506,65 +514,3 @@ def load_trainable_state(unet: nn.Module, tensors: dict, where: str = "checkpoin
             if tensors[name].shape != p.shape:
                 raise ValueError(f"{where}: {name} has shape {tuple(tensors[name].shape)}, expected {tuple(p.shape)}")
             p.copy_(tensors[name])
-
-
-def save_trainable(unet: nn.Module, path) -> None:
-    """Write the trainable parameters to a safetensors file, atomically (temporary file, then rename)."""
-    from apla.checkpoint import atomic_save_safetensors
-
-    atomic_save_safetensors(trainable_state(unet), path)
-
-
-def load_trainable(unet: nn.Module, path) -> None:
-    """Load a `save_trainable` file; its names and shapes must equal the trainable set exactly."""
-    from safetensors.torch import load_file
-
-    load_trainable_state(unet, load_file(str(path)), where=str(path))
-
-
-LDM_PREFIX = "model.diffusion_model."
-# inside a ResNet block: single-file (ldm) name -> diffusers name
-_LDM_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-               "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
-_LDM_TOP = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-            "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
-
-
-def unet_key_from_ldm(key: str, layers_per_block: int = 2) -> str:
-    """Map a single-file name (`model.diffusion_model.input_blocks.N.M...`) to our (= diffusers') name.
-
-    Single files number the U-Net's layers flatly: input_blocks.0 is conv_in, then per level `layers_per_block`
-    pairs (ResNet .0, transformer .1) and one downsampler (.0.op); middle_block.{0,1,2} = ResNet, transformer,
-    ResNet; output_blocks per level `layers_per_block + 1` entries (ResNet .0, transformer .1, upsampler .1 or .2).
-    Transformer internals and up/down sampler convs keep their names."""
-    if not key.startswith(LDM_PREFIX):
-        raise ValueError(f"not a single-file U-Net key: {key}")
-    k = key[len(LDM_PREFIX):]
-    for old, new in _LDM_TOP.items():
-        if k.startswith(old + "."):
-            return new + k[len(old):]
-    m = re.fullmatch(r"(input_blocks|middle_block|output_blocks)\.(\d+)\.(?:(\d+)\.)?(.+)", k)
-    if m is None:
-        raise ValueError(f"not a single-file U-Net key: {key}")
-    part, n, sub, rest = m.group(1), int(m.group(2)), m.group(3), m.group(4)
-    sub = int(sub) if sub is not None else None
-    per = layers_per_block + 1
-    if part == "middle_block":
-        level, layer, kind = "mid_block", n // 2, ("resnets" if n % 2 == 0 else "attentions")
-    elif part == "input_blocks":
-        level, layer = f"down_blocks.{(n - 1) // per}", (n - 1) % per
-        kind = "downsamplers" if rest.startswith("op.") else ("resnets" if sub == 0 else "attentions")
-        if kind == "downsamplers":
-            layer, rest = 0, "conv." + rest[len("op."):]
-    else:
-        level, layer = f"up_blocks.{n // per}", n % per
-        kind = "upsamplers" if rest.startswith("conv.") else ("resnets" if sub == 0 else "attentions")
-        layer = 0 if kind == "upsamplers" else layer
-    if kind == "resnets":
-        for old, new in _LDM_RESNET.items():
-            if rest.startswith(old + "."):
-                rest = new + rest[len(old):]
-                break
-        else:
-            raise ValueError(f"not a single-file U-Net key: {key}")
-    return f"{level}.{kind}.{layer}.{rest}"

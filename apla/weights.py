@@ -214,6 +214,53 @@ def _mapped(rule: Callable[[str], str], key: str, file: TensorFile) -> str:
         raise WeightsError(f"{file.path}: unknown key {key!r}") from None
 
 
+# The U-Net's single-file names. Inside a ResNet block: single-file (ldm) name -> diffusers name
+_LDM_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+               "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+_LDM_TOP = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+            "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
+
+
+def unet_key_from_ldm(key: str, layers_per_block: int = 2) -> str:
+    """Map a single-file name (`model.diffusion_model.input_blocks.N.M...`) to our (= diffusers') name.
+
+    Single files number the U-Net's layers flatly: input_blocks.0 is conv_in, then per level `layers_per_block`
+    pairs (ResNet .0, transformer .1) and one downsampler (.0.op); middle_block.{0,1,2} = ResNet, transformer,
+    ResNet; output_blocks per level `layers_per_block + 1` entries (ResNet .0, transformer .1, upsampler .1 or .2).
+    Transformer internals and up/down sampler convs keep their names."""
+    if not key.startswith(LDM_PREFIX["unet"]):
+        raise ValueError(f"not a single-file U-Net key: {key}")
+    k = key[len(LDM_PREFIX["unet"]):]
+    for old, new in _LDM_TOP.items():
+        if k.startswith(old + "."):
+            return new + k[len(old):]
+    m = re.fullmatch(r"(input_blocks|middle_block|output_blocks)\.(\d+)\.(?:(\d+)\.)?(.+)", k)
+    if m is None:
+        raise ValueError(f"not a single-file U-Net key: {key}")
+    part, n, sub, rest = m.group(1), int(m.group(2)), m.group(3), m.group(4)
+    sub = int(sub) if sub is not None else None
+    per = layers_per_block + 1
+    if part == "middle_block":
+        level, layer, kind = "mid_block", n // 2, ("resnets" if n % 2 == 0 else "attentions")
+    elif part == "input_blocks":
+        level, layer = f"down_blocks.{(n - 1) // per}", (n - 1) % per
+        kind = "downsamplers" if rest.startswith("op.") else ("resnets" if sub == 0 else "attentions")
+        if kind == "downsamplers":
+            layer, rest = 0, "conv." + rest[len("op."):]
+    else:
+        level, layer = f"up_blocks.{n // per}", n % per
+        kind = "upsamplers" if rest.startswith("conv.") else ("resnets" if sub == 0 else "attentions")
+        layer = 0 if kind == "upsamplers" else layer
+    if kind == "resnets":
+        for old, new in _LDM_RESNET.items():
+            if rest.startswith(old + "."):
+                rest = new + rest[len(old):]
+                break
+        else:
+            raise ValueError(f"not a single-file U-Net key: {key}")
+    return f"{level}.{kind}.{layer}.{rest}"
+
+
 def _unet_module():
     import apla.unet  # written alongside; imported only when a U-Net is asked for
 
@@ -235,7 +282,7 @@ def _load_single_file(path: Path, components, device, dtype) -> StableDiffusion:
         sd.text_encoder = load_into(model, file, names, device=device, dtype=dtype).eval()
     if "unet" in components:
         unet = _unet_module()
-        names = {k: _mapped(unet.unet_key_from_ldm, k, file) for k in keys if k.startswith(LDM_PREFIX["unet"])}
+        names = {k: _mapped(unet_key_from_ldm, k, file) for k in keys if k.startswith(LDM_PREFIX["unet"])}
         model = unet.UNet3DConditionModel(unet.UNetConfig())
         sd.unet = load_into(model, file, names, device=device, dtype=dtype, keep_fresh=unet.is_temporal_param).eval()
     return sd

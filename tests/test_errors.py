@@ -57,10 +57,10 @@ TRAIN_FLAGS = [  # flag, value, the field named in the message
     ("--frames", "0", "frames must be an integer >= 1, got 0"),
     ("--start", "-1", "start must be an integer >= 0, got -1"),
     ("--stride", "0", "stride must be an integer >= 1, got 0"),
-    ("--size", "60", "size must be a positive multiple of 8, got 60"),
-    ("--size", "-8", "size must be a positive multiple of 8, got -8"),
+    ("--size", "60", "size must be a positive multiple of 8 (the VAE downsamples by 8), got 60"),
+    ("--size", "-8", "size must be a positive multiple of 8 (the VAE downsamples by 8), got -8"),
     ("--checkpoint-every", "0", "checkpoint_every must be an integer >= 1, got 0"),
-    ("--seed", "-1", "seed must be an integer in [0, 18446744073709551615], got -1"),
+    ("--seed", "-1", "seed must be an integer in [0, 9223372036854775807], got -1"),
 ]
 
 
@@ -86,6 +86,7 @@ CONFIG_FIELDS = [  # the fields that only a config file (or a saved run) sets
     ({"guidance": -2.0}, "guidance must be a number >= 0, got -2.0"),
     ({"sample_steps": 0}, "sample_steps must be an integer in [1, 1000], got 0"),
     ({"frames": 2.5}, "frames must be an integer >= 1, got 2.5"),
+    ({"init_seed": -3}, "init_seed must be an integer in [0, 9223372036854775807], got -3"),
     ({"lr": "fast"}, "lr must be a number > 0, got 'fast'"),
     ({"apla": 3}, "apla must be a table of APLAConfig fields, got 3"),
 ]
@@ -131,7 +132,7 @@ SAMPLE_FLAGS = [
     ("--guidance", "nan", "must be a number >= 0, got nan"),
     ("--fps", "0", "must be an integer in [1, 100], got 0"),
     ("--fps", "500", "must be an integer in [1, 100], got 500"),
-    ("--seed", "-1", "must be an integer in [0, 18446744073709551615], got -1"),
+    ("--seed", "-1", "must be an integer in [0, 9223372036854775807], got -1"),
 ]
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from apla import checkpoint as ckpt
+from apla.algorithm import APLA
 from apla import cli
 from tests.tiny_sd import TINY_RUN, make_tiny_sd
 
@@ -137,45 +138,49 @@ def test_resume_is_exact(tiny, tmp_path):
 
 
 def test_nan_loss_stops_with_one_line_and_keeps_last_checkpoint(tiny, tmp_path, monkeypatch, capsys):
-    real = train.generator_loss
+    real = APLA.forward
     calls = {"n": 0}
 
-    def poisoned(*args, **kwargs):
-        total, terms = real(*args, **kwargs)
+    def poisoned(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
         calls["n"] += 1
         if calls["n"] == 3:
-            terms["l1"] = float("nan")
-            total = total * float("nan")
-        return total, terms
+            out.terms["l1"] = out.terms["l1"] * float("nan")
+        return out
 
-    monkeypatch.setattr(train, "generator_loss", poisoned)
+    monkeypatch.setattr(APLA, "forward", poisoned)
     run = tmp_path / "nan"
     code = run_exit(train.main, train_args(tiny, run, 5, SHAPES_GIF, 4, "--checkpoint-every", "1"))
     assert code == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "step 3" in err and "l1" in err
     assert ckpt.latest_checkpoint(run).name == "step-000002"
+    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2]
 
 
 def test_checkpoint_is_atomic(tiny, tmp_path, monkeypatch):
     run = tmp_path / "atomic"
-    saves = {"n": 0}
+    real_replace, saves = os.replace, {"n": 0}
 
-    def crash_second_save():
-        saves["n"] += 1
-        if saves["n"] == 2:
-            raise KeyboardInterrupt("killed between write and rename")
+    def crash_second_checkpoint_rename(src, dst):
+        if Path(dst).name.startswith("step-"):
+            saves["n"] += 1
+            if saves["n"] == 2:
+                raise KeyboardInterrupt("killed between write and rename")
+        return real_replace(src, dst)
 
-    monkeypatch.setattr(ckpt, "_before_rename_hook", crash_second_save)
+    monkeypatch.setattr(ckpt.os, "replace", crash_second_checkpoint_rename)
     with pytest.raises(KeyboardInterrupt):
         train.main(train_args(tiny, run, 4, SHAPES_GIF, 4, "--checkpoint-every", "1"))
     assert [d.name for d in ckpt.list_checkpoints(run)] == ["step-000001"]
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # temporary folder removed
     # a leftover temporary folder of a hard kill is ignored, and the run resumes from the last complete checkpoint
     (run / "checkpoints" / ".step-000002.x.tmp").mkdir()
-    monkeypatch.setattr(ckpt, "_before_rename_hook", lambda: None)
+    monkeypatch.setattr(ckpt.os, "replace", real_replace)
     assert train.main(train_args(tiny, run, 2, SHAPES_GIF, 4, "--resume")) == 0
     assert ckpt.latest_checkpoint(run).name == "step-000002"
+    # the log holds each step once: the records written after the checkpoint it resumed from were cut back
+    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2]
 
 
 @pytest.fixture(scope="module")
@@ -261,3 +266,20 @@ def test_default_run_on_the_micro_model(tmp_path):
     for prompt in [cfg["prompt"], *cfg["edit_prompts"]]:
         with Image.open(run / "samples" / f"{prompt.replace(' ', '_')}.gif") as im:
             assert im.size == (64, 64)
+
+
+def test_groupnorm_setting_is_saved_and_honoured_by_sample(tiny, tmp_path, monkeypatch):
+    from apla import run as apla_run
+    from apla.unet import FrameGroupNorm
+
+    built = []
+    real = apla_run.build_apla
+    monkeypatch.setattr(apla_run, "build_apla", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    for setting, pooled in (("per-frame", False), ("frames", True)):
+        run = tmp_path / setting
+        assert train.main(train_args(tiny, run, 1, SHAPES_GIF, 4, "--groupnorm", setting)) == 0
+        assert json.loads((run / "config.json").read_text())["groupnorm"] == setting
+        assert sample.main(["--run", str(run), "--steps", "1", "--no-progress", "--device", "cpu",
+                            "--prompt", "a red circle"]) == 0
+        norms = [m for m in built[-1].unet.modules() if isinstance(m, FrameGroupNorm)]
+        assert norms and all(m.over_frames is pooled for m in norms), setting

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from apla.unet import (DEFAULT_TRAINABLE, Attention, UNet3DConditionModel, UNetConfig, UNetConfigError,
-                       is_temporal_param, load_trainable, mark_trainable, save_trainable, sparse_causal_kv,
-                       unet_key_from_ldm)
+                       is_temporal_param, load_trainable_state, mark_trainable, sparse_causal_kv, trainable_state)
+from apla.weights import unet_key_from_ldm
 
 # names and shapes (no weights) of Stable Diffusion v1.5 as published (Rombach et al. 2022; CreativeML OpenRAIL-M)
 MANIFEST = Path(__file__).parent / "data" / "sd15_tensors.json"
@@ -285,7 +285,7 @@ def test_gradient_checkpointing_same_output_and_grads():
         torch.testing.assert_close(results[1][1][n], results[0][1][n], rtol=1e-5, atol=1e-7)
 
 
-def test_mark_trainable_and_trainable_file_roundtrip(tmp_path):
+def test_mark_trainable_and_trainable_state_roundtrip():
     unet = _tiny_unet()
     n = mark_trainable(unet)
     names = {k for k, p in unet.named_parameters() if p.requires_grad}
@@ -296,30 +296,27 @@ def test_mark_trainable_and_trainable_file_roundtrip(tmp_path):
     mark_trainable(unet, ("attn1.to_q", "attn2.to_q", "attn_temp"))  # Tune-A-Video's set: no norm_temp
     names = {k for k, p in unet.named_parameters() if p.requires_grad}
 
-    path = tmp_path / "trainable.safetensors"
-    save_trainable(unet, path)
-    assert set(load_file(str(path))) == names and not (tmp_path / "trainable.safetensors.tmp").exists()
-    saved = {k: p.detach().clone() for k, p in unet.named_parameters() if p.requires_grad}
+    state = {k: v.clone() for k, v in trainable_state(unet).items()}
+    assert set(state) == names
     with torch.no_grad():
         for p in unet.parameters():
             p.add_(1.0)
-    load_trainable(unet, path)
+    load_trainable_state(unet, state)
     for k, p in unet.named_parameters():
-        if k in saved:
-            assert torch.equal(p, saved[k])
+        if k in state:
+            assert torch.equal(p, state[k])
 
     mark_trainable(unet, DEFAULT_TRAINABLE)
     with pytest.raises(ValueError, match="missing trainable parameter .*norm_temp"):
-        load_trainable(unet, path)
+        load_trainable_state(unet, state)
     mark_trainable(unet, ("attn_temp",))
     with pytest.raises(ValueError, match="unexpected tensor .*to_q"):
-        load_trainable(unet, path)
+        load_trainable_state(unet, state)
     other = _tiny_unet(**{"cross_attention_dim": 16})  # same names, attn2.to_k differs: not trainable here
     mark_trainable(other, ("attn2",))
-    save_trainable(other, tmp_path / "other.safetensors")
     mark_trainable(unet, ("attn2",))
     with pytest.raises(ValueError, match="attn2.to_k.weight has shape"):
-        load_trainable(unet, tmp_path / "other.safetensors")
+        load_trainable_state(unet, trainable_state(other))
 
 
 def test_key_rules_reject_and_config_rejects():

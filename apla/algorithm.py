@@ -1,0 +1,138 @@
+"""Algorithm 1 of APLA (Yao et al., AAAI 2024): one fine-tuning step, read top to bottom in `APLA.forward`.
+
+    Eq. (1)   z_t = sqrt(alpha_bar_t) z0 + sqrt(1 - alpha_bar_t) eps                         q_sample
+    Eq. (4)   eps* = eps_theta(z_t, t, c) + phi(z_t, t)                                      perturbed_eps
+    Eq. (18)  L_hyper = alpha L_MSE + beta L_L1 + gamma L_per, on eps*  (Eq. 6 if beta = gamma = 0)  hyper_loss
+    Eq. (20)  min_theta L_hyper + lambda L_g(D(eps*))                                        final_objective
+    Eq. (19)  max_D E[log D(eps)] + E[log(1 - D(eps*))], eps* detached                       discriminator_adversarial_loss
+
+`APLA` holds the generator (the U-Net eps_theta with its trainable set, and VGT phi) and the discriminator D, so
+`train.py`'s loop is `model.train_step(...)` and a test or a notebook calls the very same step.
+
+Table 3's ablations are values, not branches (`effective_weights`): without VGT phi = 0 (no VGT module), without
+the hyper-loss beta = gamma = 0 (Eq. 18 becomes alpha * Eq. 6), without the discriminator lambda = 0 (no D).
+
+Eq. 6 reads eps_theta(z*_t, t): we take it as the perturbed prediction eps* = eps_theta(z_t, t) + phi(z_t, t) of
+Eq. 4, since Eq. 4 is where the paper defines the starred quantity ("we add the perturbation to the U-Net"); the
+literal alternative, the U-Net evaluated on a perturbed input z*_t, is defined nowhere in the paper.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+from apla.config import APLAConfig
+from apla.discriminator import discriminator_adversarial_loss, generator_adversarial_loss
+from apla.losses import final_objective, hyper_loss
+from apla.scheduler import classifier_free_guidance, q_sample
+from apla.vgt import perturbation_ratio, perturbed_eps
+
+
+class StepOutput(NamedTuple):
+    """What one step computes: the two objectives (tensors with graphs) and the terms to log (0-d tensors)."""
+
+    loss_g: torch.Tensor  # Eq. 20, minimised over theta (U-Net trainable set and VGT)
+    loss_d: torch.Tensor | None  # Eq. 19 as a loss for D; None without D
+    terms: dict  # name -> 0-d float32 tensor, detached: mse, l1, perceptual, hyper, adv_g, total, phi_ratio, ...
+    eps_star: torch.Tensor  # Eq. 4, (B, C, F, h, w)
+
+
+def effective_weights(cfg: APLAConfig) -> dict:
+    """The loss weights a run trains with, Table 3's ablations written as values: no hyper-loss -> beta = gamma = 0,
+    no discriminator -> lambda = 0."""
+    hyper, adversarial = cfg.use_hyper_loss, cfg.use_discriminator
+    return {"alpha": cfg.alpha, "beta": cfg.beta if hyper else 0.0, "gamma": cfg.gamma if hyper else 0.0,
+            "lam": cfg.lam if adversarial else 0.0}
+
+
+class APLA(nn.Module):
+    """The generator G = (U-Net eps_theta, VGT phi) and the discriminator D of Algorithm 1, and its step.
+
+    unet: the inflated U-Net with its trainable set marked; vgt: a VGT, or None (phi = 0); disc: a Discriminator,
+    or None (lambda = 0); perceptual: VGGFeatures for L_per (needed by forward when gamma > 0; sampling needs
+    none); alpha_bar: (T,) the noise
+    schedule of Eq. 1.
+    """
+
+    def __init__(self, unet: nn.Module, vgt: nn.Module | None, disc: nn.Module | None, perceptual: nn.Module | None,
+                 cfg: APLAConfig, alpha_bar: torch.Tensor):
+        super().__init__()
+        self.unet, self.vgt, self.disc, self.perceptual = unet, vgt, disc, perceptual
+        w = effective_weights(cfg)
+        if w["lam"] > 0 and disc is None:
+            raise ValueError("APLA: lambda > 0 needs a discriminator (disc=None given)")
+        self.alpha, self.beta, self.gamma, self.lam = w["alpha"], w["beta"], w["gamma"], w["lam"]
+        self.saturating = cfg.saturating
+        self.register_buffer("alpha_bar", alpha_bar, persistent=False)
+
+    def generator_parameters(self) -> list:
+        """theta of Eq. 20: the U-Net's trainable set and all of VGT."""
+        unet = [p for p in self.unet.parameters() if p.requires_grad]
+        return unet + (list(self.vgt.parameters()) if self.vgt is not None else [])
+
+    def perturbation(self, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """phi(z_t, t) in float32, or 0 for a run without VGT (Table 3's "w/o VGT")."""
+        return self.vgt(z_t, t).float() if self.vgt is not None else torch.zeros_like(z_t, dtype=torch.float32)
+
+    def forward(self, z0: torch.Tensor, context: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> StepOutput:
+        """One step of Algorithm 1 on clean latents z0 (B, C, F, h, w), text states context (B, 77, D), timesteps
+        t (B,) and noise eps ~ N(0, I) of z0's shape."""
+        z_t = q_sample(z0, t, eps, self.alpha_bar)                                   # Eq. (1)
+        eps_pred = self.unet(z_t, t, context).float()                                # eps_theta(z_t, t, c)
+        phi = self.perturbation(z_t, t)                                              # phi(z_t, t)
+        eps_star = perturbed_eps(eps_pred, phi)                                      # Eq. (4)
+        l_hyper, parts = hyper_loss(eps, eps_star, self.perceptual, self.alpha, self.beta, self.gamma)  # Eq. (18)
+        d_fake = self.disc(eps_star).float() if self.disc is not None else None      # D(eps*)
+        l_g = generator_adversarial_loss(d_fake, self.saturating) if d_fake is not None else l_hyper.new_zeros(())
+        loss_g = final_objective(l_hyper, l_g, self.lam)                             # Eq. (20)
+        terms = {**parts, "hyper": l_hyper, "adv_g": l_g, "total": loss_g, "phi_ratio": perturbation_ratio(phi, eps_pred)}
+        loss_d = None
+        if self.disc is not None:
+            d_real, d_fake_d = self.disc(eps).float(), self.disc(eps_star.detach()).float()
+            loss_d = discriminator_adversarial_loss(d_real, d_fake_d)                # Eq. (19)
+            terms.update(disc=loss_d, d_real=torch.sigmoid(d_real).mean(), d_fake=torch.sigmoid(d_fake_d).mean())
+        return StepOutput(loss_g, loss_d, {k: v.detach().float() for k, v in terms.items()}, eps_star)
+
+    def train_step(self, z0, context, t, eps, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer | None,
+                   scaler: torch.amp.GradScaler | None = None, max_grad_norm: float = 0.0,
+                   autocast=None) -> dict:
+        """forward, then theta's AdamW step on Eq. 20 (gradients clipped at max_grad_norm when > 0), then D's step
+        on Eq. 19. Returns the logged terms as 0-d tensors (no host synchronisation here)."""
+        scaler = scaler or torch.amp.GradScaler(enabled=False)
+        with autocast or nullcontext():
+            out = self(z0, context, t, eps)
+        opt_g.zero_grad(set_to_none=True)
+        scaler.scale(out.loss_g).backward()
+        if max_grad_norm > 0:
+            scaler.unscale_(opt_g)
+            torch.nn.utils.clip_grad_norm_(self.generator_parameters(), max_grad_norm)
+        scaler.step(opt_g)
+        if out.loss_d is not None:
+            opt_d.zero_grad(set_to_none=True)  # also drops the gradients L_g left on D
+            scaler.scale(out.loss_d).backward()
+            scaler.step(opt_d)
+        scaler.update()
+        return out.terms
+
+    @torch.no_grad()
+    def guided_eps(self, z_t: torch.Tensor, t, uncond: torch.Tensor, cond: torch.Tensor, scale: float,
+                   use_vgt: bool = True) -> torch.Tensor:
+        """Classifier-free guidance on eps*: eps*(z, "") + s (eps*(z, c) - eps*(z, "")).
+
+        phi(z_t, t) does not see the text, so it cancels from the difference: the guided eps* equals the guided
+        eps_theta plus phi once, and VGT runs once per step instead of twice.
+        """
+        t = torch.as_tensor(t, device=z_t.device).reshape(-1).expand(z_t.shape[0])  # () or (1,) -> (B,)
+        both = self.unet(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([uncond, cond])).float()
+        guided = classifier_free_guidance(*both.chunk(2), scale)  # (2B, ...) -> uncond, cond
+        return perturbed_eps(guided, self.perturbation(z_t, t)) if use_vgt else guided
+
+    @torch.no_grad()
+    def eps_star(self, z_t: torch.Tensor, t, context: torch.Tensor, use_vgt: bool = True) -> torch.Tensor:
+        """Eq. (4) at sampling time: eps_theta(z_t, t, c) + phi(z_t, t) (phi left out with use_vgt=False)."""
+        t = torch.as_tensor(t, device=z_t.device).reshape(-1).expand(z_t.shape[0])  # () or (1,) -> (B,)
+        eps_pred = self.unet(z_t, t, context).float()
+        return perturbed_eps(eps_pred, self.perturbation(z_t, t)) if use_vgt else eps_pred

@@ -1,0 +1,164 @@
+"""Algorithm 1's step, apla.algorithm.APLA: equal to the step train.py took before it existed (recorded values),
+Eq. 20 and Eq. 19 on real tensors, ablations as values, only what trains moves, phi small at initialisation."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F_
+
+from apla.algorithm import APLA, effective_weights
+from apla.config import ABLATIONS, APLAConfig
+from apla.discriminator import Discriminator, DiscriminatorConfig, discriminator_adversarial_loss
+from apla.losses import VGGFeatures, hyper_loss, mse_loss
+from apla.scheduler import make_alpha_bar, q_sample
+from apla.unet import UNet3DConditionModel, UNetConfig, is_temporal_param, mark_trainable
+from apla.vgt import VGT, VGTConfig, perturbation_ratio
+
+TINY_UNET = UNetConfig(block_out_channels=(16, 32), layers_per_block=1, attention_head_dim=4, cross_attention_dim=32,
+                       norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+F = 4
+REFERENCE = Path(__file__).parent / "data" / "step_reference.json"
+
+
+def _models(variant="pure"):
+    torch.manual_seed(0)
+    unet = UNet3DConditionModel(TINY_UNET)
+    with torch.no_grad():  # temporal output projections away from zero, so their gradients are not trivially tied
+        for n, p in unet.named_parameters():
+            if "attn_temp.to_out" in n:
+                p.normal_(std=0.02)
+    vgt = VGT(VGTConfig(variant=variant, width=32, spatial_depth=1, temporal_depth=1, heads=2, mlp_hidden=64,
+                        sample_size=8, max_frames=F, init_seed=0))
+    disc = Discriminator(DiscriminatorConfig(channels=4, num_frames=F, init_seed=0))
+    return unet, vgt, disc
+
+
+def _model(row="full", **overrides):
+    cfg = APLAConfig.ablation(row, **overrides)
+    unet, vgt, disc = _models()
+    mark_trainable(unet)
+    w = effective_weights(cfg)
+    return APLA(unet, vgt if cfg.use_vgt else None, disc if cfg.use_discriminator else None,
+                VGGFeatures(seed=0) if w["gamma"] > 0 else None, cfg, make_alpha_bar())
+
+
+def _optimisers(model):
+    opt_d = torch.optim.AdamW(model.disc.parameters(), lr=1e-3) if model.disc is not None else None
+    return torch.optim.AdamW(model.generator_parameters(), lr=1e-3), opt_d
+
+
+def _batch(g):
+    z0 = torch.randn(1, 4, F, 8, 8, generator=g)
+    eps = torch.randn(z0.shape, generator=g)
+    return z0, torch.randint(0, 1000, (1,), generator=g), eps
+
+
+@pytest.mark.parametrize("row", list(ABLATIONS))
+def test_step_equals_the_recorded_step_of_the_earlier_train_py(row):
+    """tests/data/step_reference.json holds the loss terms of three steps and the trainable weights after them, as
+    train.py computed them (generator_loss + discriminator_loss, float32, CPU) before APLA.train_step replaced them."""
+    ref = json.loads(REFERENCE.read_text())[row]
+    model = _model(row)
+    opt_g, opt_d = _optimisers(model)
+    g = torch.Generator().manual_seed(3)
+    context = torch.randn(1, 77, 32, generator=g)
+    for want in ref["terms"]:
+        z0, t, eps = _batch(g)
+        got = model.train_step(z0, context, t, eps, opt_g, opt_d, max_grad_norm=1.0)
+        for k, v in want.items():
+            assert got[k].item() == pytest.approx(v, rel=1e-4, abs=1e-6), (row, k)
+    params = {f"{prefix}.{n}": p for prefix in ("unet", "vgt", "disc") if getattr(model, prefix) is not None
+              for n, p in getattr(model, prefix).named_parameters() if p.requires_grad}
+    assert set(params) == set(ref["weights"])
+    for k, (total, squares) in ref["weights"].items():
+        assert params[k].double().sum().item() == pytest.approx(total, rel=1e-4, abs=1e-5), k
+        assert params[k].double().pow(2).sum().item() == pytest.approx(squares, rel=1e-4, abs=1e-6), k
+
+
+def test_forward_is_eq20_and_eq19_on_the_same_eps_star():
+    model = _model("full", beta=0.5, gamma=0.2, lam=0.3)
+    g = torch.Generator().manual_seed(1)
+    z0, t, eps = _batch(g)
+    context = torch.randn(1, 77, 32, generator=g)
+    out = model(z0, context, t, eps)
+    z_t = q_sample(z0, t, eps, model.alpha_bar)
+    eps_pred, phi = model.unet(z_t, t, context), model.vgt(z_t, t)
+    eps_star = eps_pred + phi
+    torch.testing.assert_close(out.eps_star, eps_star)
+    hyper, _ = hyper_loss(eps, eps_star, model.perceptual, 1.0, 0.5, 0.2)
+    l_g = -F_.softplus(model.disc(eps_star)).mean()                       # E[log(1 - D(eps*))]
+    assert out.loss_g.item() == pytest.approx(hyper.item() + 0.3 * l_g.item(), rel=1e-6)
+    assert out.loss_d.item() == pytest.approx(discriminator_adversarial_loss(model.disc(eps), model.disc(eps_star)).item(),
+                                              rel=1e-6)
+    assert out.terms["phi_ratio"].item() == pytest.approx((phi.norm() / eps_pred.norm()).item(), rel=1e-5)
+    # D's loss reaches D only: eps* is detached for it
+    out.loss_d.backward()
+    assert all(p.grad is None for p in model.generator_parameters())
+    assert model.disc.conv.weight.grad is not None
+
+
+def test_ablations_are_values():
+    assert effective_weights(APLAConfig.ablation("w/o hyper-loss&discriminator")) == {
+        "alpha": 1.0, "beta": 0.0, "gamma": 0.0, "lam": 0.0}
+    g = torch.Generator().manual_seed(2)
+    z0, t, eps = _batch(g)
+    context = torch.randn(1, 77, 32, generator=g)
+    # no VGT, no hyper-loss: plain Eq. 5 on the U-Net alone (phi = 0), no D
+    model = _model("w/o vgt&hyper-loss", lam=0.0)
+    assert model.vgt is None and model.perceptual is None
+    out = model(z0, context, t, eps)
+    eps_pred = model.unet(q_sample(z0, t, eps, model.alpha_bar), t, context)
+    assert out.loss_g.item() == pytest.approx(mse_loss(eps, eps_pred).item(), rel=1e-6)
+    assert out.terms["phi_ratio"].item() == 0.0
+    with pytest.raises(ValueError, match="lambda > 0 needs a discriminator"):
+        APLA(model.unet, None, None, None, APLAConfig(vgt="none"), make_alpha_bar())
+
+
+def test_one_step_moves_trainable_parts_only():
+    model = _model("full")
+    assert 0 < sum(p.numel() for p in model.unet.parameters() if p.requires_grad) < \
+        sum(p.numel() for p in model.unet.parameters())
+    named = {f"{prefix}.{n}": p for prefix in ("unet", "vgt", "disc", "perceptual")
+             for n, p in getattr(model, prefix).named_parameters()}
+    before = {k: p.detach().clone() for k, p in named.items()}
+    opt_g, opt_d = _optimisers(model)
+    g = torch.Generator().manual_seed(1)
+    z0, t, eps = _batch(g)
+    model.train_step(z0, torch.randn(1, 77, 32, generator=g), t, eps, opt_g, opt_d)
+    moved = {k for k in before if not torch.equal(before[k], named[k])}
+    trainable = {f"unet.{n}" for n, p in model.unet.named_parameters() if p.requires_grad}
+    frozen = {k for k in before if k.startswith(("unet.", "perceptual.")) and k not in trainable}
+    assert not moved & frozen, sorted(moved & frozen)[:5]
+    assert trainable <= moved, sorted(trainable - moved)[:5]
+    assert {k for k in before if k.startswith(("vgt.", "disc."))} <= moved
+    # the frozen set is everything SD ships: the temporal layers are all trainable
+    assert all(k in trainable for k in before if k.startswith("unet.") and is_temporal_param(k[5:]))
+
+
+def test_phi_ratio_small_at_init_with_a_tiny_unet():
+    g = torch.Generator().manual_seed(1)
+    z0, t, eps = _batch(g)
+    context = torch.randn(1, 77, 32, generator=g)
+    for variant in ("pure", "hyper", "pure-en", "hyper-en"):
+        unet, vgt, _ = _models(variant)
+        with torch.no_grad():
+            z_t = q_sample(z0, t, eps, make_alpha_bar())
+            ratio = perturbation_ratio(vgt(z_t, t), unet(z_t, t, context)).item()
+        assert ratio < 1e-2, (variant, ratio)
+
+
+def test_guidance_adds_phi_once():
+    """phi(z_t, t) does not see the text, so it cancels from the guidance difference: guided eps* = guided
+    eps_theta + phi."""
+    model = _model("full").eval()
+    g = torch.Generator().manual_seed(4)
+    z_t = torch.randn(1, 4, F, 8, 8, generator=g)
+    uncond, cond = torch.randn(2, 1, 77, 32, generator=g)
+    t = torch.tensor([321])
+    e_u, e_c = model.eps_star(z_t, t, uncond), model.eps_star(z_t, t, cond)
+    guided = e_u + 7.5 * (e_c - e_u)                                   # |guided| ~ 10: float32 rounding ~ 1e-5
+    torch.testing.assert_close(model.guided_eps(z_t, t, uncond, cond, 7.5), guided, rtol=1e-5, atol=1e-4)
+    assert (model.guided_eps(z_t, t, uncond, cond, 7.5) - model.guided_eps(z_t, t, uncond, cond, 7.5, use_vgt=False)
+            - model.perturbation(z_t, t)).abs().max() < 1e-5
