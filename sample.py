@@ -3,6 +3,10 @@
     python sample.py                                  # the default run, its prompt and its preset's edits
     python sample.py --run runs/apla --prompt "a blue square moving to the right" --steps 50 --guidance 12.5
 
+Algorithm 1's second loop, "Sampling z_{t-1} using DDIM inversion", is read as Tune-A-Video does it: DDIM inversion
+of the clip's latents to z_T with the empty prompt, then DDIM sampling from z_T with the new prompt; both evaluate
+the perturbed prediction eps*, since Eq. 4 defines the tuned model's output.
+
 Reads top to bottom: the run's config and latest checkpoint -> the base model with the run's tuned weights ->
 z_T by DDIM inversion of the cached clip latents with the empty prompt (Tune-A-Video's recipe, on eps*), or seeded
 noise -> for each prompt, DDIM sampling (Eq. 3) with classifier-free guidance on the perturbed prediction

@@ -10,7 +10,9 @@ run's models (U-Net trainable set, VGT, D) -> Algorithm 1's loop, whose step is 
 -> a JSONL log line per step and atomic checkpoints in the run directory.
 
 Algorithm 1 says "Extract the first frame x_0 from v": we read x_0 as the whole clip (every sampled frame), since
-the same algorithm outputs a video and the paper trains on "24 frames" of each clip.
+the same algorithm outputs a video and the paper trains on "24 frames" of each clip. Its "Encode x_0 ... into a
+latent code z_0" is done once; as Tune-A-Video, each step then draws a fresh sample of the VAE posterior of the
+cached latents (mean + std * noise), and sampling inverts the posterior mean.
 """
 from __future__ import annotations
 

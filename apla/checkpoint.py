@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from safetensors import safe_open
@@ -31,36 +31,46 @@ class CheckpointError(ValueError):
     """A run directory or checkpoint that cannot be used; the message says why in one line."""
 
 
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and an atomic rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
-def atomic_write_json(path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def atomic_save_safetensors(tensors: Dict[str, torch.Tensor], path, metadata: Optional[dict] = None) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def atomic_write(path, write: Callable[[str], None]) -> str:
+    """The project's one way to write a file: call write(tmp_path) on a temporary file beside `path`, then rename
+    it to `path` (atomic on one filesystem); on any error the temporary file is removed and `path` is untouched."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
-                  metadata={k: str(v) for k, v in (metadata or {}).items()})
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the permissions open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
-            os.unlink(tmp)
+            os.remove(tmp)
         raise
+    return path
+
+
+def atomic_write_bytes(path, data: bytes) -> str:
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def atomic_write_json(path, obj) -> str:
+    return atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def atomic_torch_save(obj, path) -> str:
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_save_safetensors(tensors: Dict[str, torch.Tensor], path, metadata: Optional[dict] = None) -> str:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()}))
 
 
 def model_signature(module: torch.nn.Module, probes: int = 16) -> dict:

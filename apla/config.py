@@ -147,7 +147,7 @@ class TrainConfig:
     seed: int = 33                       # seeds the noise, the timesteps and (unless init_seed) the new weights
     init_seed: int | None = None         # seed of VGT's, D's and the VGG features' initialisation; None: seed
     lr: float = 3e-5                     # "a learning rate of 3e-5"
-    disc_lr: float = 3e-5
+    disc_lr: float = 3e-5                # D's AdamW (the paper names one learning rate; we give D the same)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     weight_decay: float = 1e-2

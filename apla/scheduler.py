@@ -9,7 +9,8 @@ Implements
 and the two tools APLA takes from Tune-A-Video: DDIM inversion of a clip (ddim_invert_step, ddim_invert)
 and classifier-free guidance (Ho & Salimans 2022).
 
-The schedule is Stable Diffusion v1.5's: "scaled_linear" betas from 0.00085 to 0.012 over T = 1000 steps,
+Choice: the paper fixes no schedule ("The diffusion process and U-Net are represented by phi and pi respectively";
+"During inference, we employ the DDIM sampler"), so the schedule is Stable Diffusion v1.5's, whose weights it tunes: "scaled_linear" betas from 0.00085 to 0.012 over T = 1000 steps,
 DDIM timesteps spaced by T // n with offset 1 (50 steps: 981, 961, ..., 1), and the final step landing on
 alpha_bar_0 (SD's `set_alpha_to_one = False`).
 

@@ -102,7 +102,8 @@ def tokenize(tokenizer: CLIPTokenizer, prompts: str | list[str]) -> torch.Tensor
 def encode_prompt(sd, prompts: str | list[str]) -> torch.Tensor:
     """`context` for the U-Net: CLIP's last hidden states (B, 77, D) for the prompts (D = 768 for SD v1.5).
 
-    SD v1 uses no attention mask: padding tokens are attended to (CLIP's causal mask only).
+    SD v1 uses no attention mask: padding tokens are attended to (CLIP's causal mask only). APLA "builds upon
+    pre-trained stable diffusion networks", so its text condition is SD v1's.
     """
     ids = tokenize(sd.tokenizer, prompts).to(sd.text_encoder.device)  # (B, 77)
     return sd.text_encoder(input_ids=ids).last_hidden_state  # (B, 77, D)

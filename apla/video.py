@@ -22,20 +22,21 @@ Where the paper is silent (choices made here, each resting on the sentence of Se
 
 MP4/WebM/MOV/MKV go through PyAV (`pip install av`), an optional dependency; frames folders and GIFs need only
 Pillow. Every writer is atomic: it writes a temporary file in the target folder and renames it over the target
-with `os.replace`, so a failure never leaves a half-written file.
+with `os.replace` (`apla.checkpoint.atomic_write`), so a failure never leaves a half-written file.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import tempfile
 from fractions import Fraction
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageSequence
+
+from apla.checkpoint import atomic_write
 
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png")  # frames of a folder clip (DAVIS ships 00000.jpg, 00001.jpg, ...)
 GIF_EXTENSIONS = (".gif",)
@@ -265,30 +266,6 @@ def to_uint8(frames: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).contiguous().numpy()  # (F, 3, H, W) -> (F, H, W, 3)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> str:
-    """Call write(tmp_path) on a temporary file beside `path`, then rename it to `path`; on error remove it."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".part")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the permissions open() would
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
 def write_gif(frames: torch.Tensor, path: str | os.PathLike, fps: float = 8) -> str:
     """Write (F, 3, H, W) frames in [-1, 1] as a looping GIF; returns the path.
 
@@ -302,7 +279,7 @@ def write_gif(frames: torch.Tensor, path: str | os.PathLike, fps: float = 8) -> 
     def write(tmp):
         images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=duration_ms, loop=0)
 
-    return _atomic_write(path, write)
+    return atomic_write(path, write)
 
 
 def write_mp4(frames: torch.Tensor, path: str | os.PathLike, fps: float = 8, crf: int = MP4_CRF) -> str:
@@ -322,7 +299,7 @@ def write_mp4(frames: torch.Tensor, path: str | os.PathLike, fps: float = 8, crf
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")))
             container.mux(stream.encode())  # flush the encoder
 
-    return _atomic_write(path, write)
+    return atomic_write(path, write)
 
 
 def write_png_strip(frames: torch.Tensor, path: str | os.PathLike, max_frames: int | None = None) -> str:
@@ -338,4 +315,4 @@ def write_png_strip(frames: torch.Tensor, path: str | os.PathLike, max_frames: i
             array = array[np.linspace(0, len(array) - 1, max_frames).round().astype(int)]
     strip = np.concatenate(list(array), axis=1)  # n x (H, W, 3) -> (H, n * W, 3)
     image = Image.fromarray(strip)
-    return _atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

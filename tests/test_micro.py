@@ -217,8 +217,8 @@ def test_pretraining_stages_resume_and_export_a_loadable_folder(tmp_path):
         work = tmp_path / name
         work.mkdir()
         torch.save(pool, work / "pool.pt")
-        pretrain.write_json({"scaling_factor": 0.5}, work / "latent_stats.json")
-        pretrain.write_json({}, work / "pretrain_config.json")
+        pretrain.atomic_write_json(work / "latent_stats.json", {"scaling_factor": 0.5})
+        pretrain.atomic_write_json(work / "pretrain_config.json", {})
         assert pretrain.train_vae(cfg, work, deadline=float("inf"))
         for stage in (pretrain.train_text, pretrain.train_unet):
             if name == "split":

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from apla.unet import (DEFAULT_TRAINABLE, Attention, UNet3DConditionModel, UNetConfig, UNetConfigError,
                        is_temporal_param, load_trainable_state, mark_trainable, sparse_causal_kv, trainable_state)

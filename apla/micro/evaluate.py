@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shlex
 import sys
 import time
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from apla.checkpoint import atomic_write, atomic_write_bytes
 from apla.micro import shapes
 from apla.micro import GUIDANCE_SCALE, MICRO_DIR, NUM_INFERENCE_STEPS
 from apla.scheduler import classifier_free_guidance, ddim_sample, ddim_timesteps
@@ -97,9 +97,7 @@ def save_grid(images: torch.Tensor, path: Path, columns: int = 8, scale: int = 2
         r, c = divmod(k, columns)
         grid[r * (H + 2):r * (H + 2) + H, c * (W + 2):c * (W + 2) + W] = pixels[k]
     img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
-    tmp = path.with_suffix(".tmp.png")
-    img.save(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 HAND_WRITTEN = "<!-- Written by hand below this line; `python -m apla.micro.evaluate` keeps it. -->"
@@ -164,9 +162,7 @@ def write_results(path: Path, r: dict) -> None:
     # Sections under HAND_WRITTEN (the one-shot table, notes) come from other commands: keep them.
     old = path.read_text(encoding="utf-8") if path.is_file() else ""
     tail = old[old.index(HAND_WRITTEN):] if HAND_WRITTEN in old else ""
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n" + ("\n" + tail if tail else ""), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, ("\n".join(lines) + "\n" + ("\n" + tail if tail else "")).encode("utf-8"))
 
 
 def main(argv=None) -> dict:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -44,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from apla.checkpoint import atomic_save_safetensors, atomic_torch_save, atomic_write_bytes, atomic_write_json
 from apla.micro import shapes
 from apla.micro import (MICRO_DIR, MODEL_INDEX, SCHEDULER_CONFIG, TEXT_ENCODER_CONFIG, UNET_CONFIG,
                         VAE_CONFIG)
@@ -116,20 +116,8 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Checkpoints (atomic)
+# Checkpoints (written atomically by apla.checkpoint)
 # ---------------------------------------------------------------------------------------------------------------
-
-def save_atomic(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def write_json(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
 
 def load_ckpt(path: Path):
     return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
@@ -188,7 +176,7 @@ def train_vae(cfg: PretrainConfig, work: Path, deadline: float) -> bool:
             log(work, "vae", dict(step=step, loss=round(loss.item(), 5), l1=round(l1.item(), 5), psnr=round(psnr, 2),
                                   kl=round(kl.item(), 3), s_per_step=round((time.time() - t0) / seen, 3)))
         if step % cfg.checkpoint_every == 0 or step == cfg.vae_steps or time.time() > deadline:
-            save_atomic({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
+            atomic_torch_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
                          "train_s": train_s + time.time() - t0}, path)
             if time.time() > deadline:
                 break
@@ -255,7 +243,7 @@ def build_pool(cfg: PretrainConfig, vae: AutoencoderKL, tokenizer, work: Path) -
     n = cfg.pool_size
     pool = {"mean": torch.cat(means)[:n], "std": torch.cat(stds)[:n],
             "ids": tokenize(tokenizer, captions[:n]).int(), "empty_ids": tokenize(tokenizer, [""]).int()}
-    save_atomic(pool, path)
+    atomic_torch_save(pool, path)
     return pool
 
 
@@ -265,7 +253,7 @@ def latent_pool(cfg: PretrainConfig, work: Path) -> tuple[dict, float]:
     if not stats_path.is_file() or not (work / "pool.pt").is_file():
         vae = load_trained_vae(work)
         if not stats_path.is_file():
-            write_json({"scaling_factor": measure_scaling_factor(cfg, vae)}, stats_path)
+            atomic_write_json(stats_path, {"scaling_factor": measure_scaling_factor(cfg, vae)})
         build_pool(cfg, vae, load_tokenizer(), work)
     return load_ckpt(work / "pool.pt"), json.loads(stats_path.read_text())["scaling_factor"]
 
@@ -349,7 +337,7 @@ def train_text(cfg: PretrainConfig, work: Path, deadline: float) -> bool:
             log(work, "text", dict(step=step, loss=round(loss.item(), 4), accuracy=round(accuracy.item(), 3),
                                    s_per_step=round((time.time() - t0) / seen, 3)))
         if step % cfg.checkpoint_every == 0 or step == cfg.text_steps or time.time() > deadline:
-            save_atomic({"text_encoder": text_encoder.state_dict(), "heads": heads.state_dict(),
+            atomic_torch_save({"text_encoder": text_encoder.state_dict(), "heads": heads.state_dict(),
                          "logit_scale": logit_scale.item(), "opt": opt.state_dict(), "step": step,
                          "train_s": train_s + time.time() - t0}, path)
             if time.time() > deadline:
@@ -447,7 +435,7 @@ def train_unet(cfg: PretrainConfig, work: Path, deadline: float) -> bool:
             log(work, "unet", dict(step=step, loss=round(loss.item(), 5), grad_norm=round(grad_norm.item(), 3),
                                    lr=round(opt.param_groups[0]["lr"], 6), s_per_step=round((time.time() - t0) / seen, 3)))
         if step % cfg.checkpoint_every == 0 or step == cfg.unet_steps or time.time() > deadline:
-            save_atomic({"unet": sd_state(unet), "ema": ema,
+            atomic_torch_save({"unet": sd_state(unet), "ema": ema,
                          "opt": opt.state_dict(), "step": step, "train_s": train_s + time.time() - t0}, path)
             if time.time() > deadline:
                 break
@@ -459,13 +447,8 @@ def train_unet(cfg: PretrainConfig, work: Path, deadline: float) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 
 def save_safetensors(state: dict, path: Path, dtype=torch.float16) -> None:
-    from safetensors.torch import save_file
-
-    state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
+    atomic_save_safetensors(state, path, metadata={"format": "pt"})
 
 
 def stage_seconds(work: Path, stage: str) -> float:
@@ -489,30 +472,29 @@ def export(work: Path, out: Path) -> None:
     for sub in ("vae", "unet", "text_encoder", "tokenizer", "scheduler"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     save_safetensors(vae.state_dict(), out / "vae" / "diffusion_pytorch_model.safetensors")
-    write_json({**VAE_CONFIG, "scaling_factor": round(scaling_factor, 5)}, out / "vae" / "config.json")
+    atomic_write_json(out / "vae" / "config.json", {**VAE_CONFIG, "scaling_factor": round(scaling_factor, 5)})
     save_safetensors(ck["ema"]["unet"], out / "unet" / "diffusion_pytorch_model.safetensors")
-    write_json(UNET_CONFIG, out / "unet" / "config.json")
+    atomic_write_json(out / "unet" / "config.json", UNET_CONFIG)
     # SD v1.5's text_encoder/model.safetensors names carry the `text_model.` prefix
     text_state = load_trained_text_encoder(work).state_dict()
     save_safetensors({"text_model." + k: v for k, v in text_state.items()},
                      out / "text_encoder" / "model.safetensors")
-    write_json(TEXT_ENCODER_CONFIG, out / "text_encoder" / "config.json")
+    atomic_write_json(out / "text_encoder" / "config.json", TEXT_ENCODER_CONFIG)
     vocab, merges = clip_vocab_and_merges()
-    write_json(vocab, out / "tokenizer" / "vocab.json")
-    tmp = out / "tokenizer" / "merges.txt.tmp"
-    tmp.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
-    os.replace(tmp, out / "tokenizer" / "merges.txt")
-    write_json({"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
-                "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-                "do_lower_case": True}, out / "tokenizer" / "tokenizer_config.json")
-    write_json(SCHEDULER_CONFIG, out / "scheduler" / "scheduler_config.json")
-    write_json(MODEL_INDEX, out / "model_index.json")
-    write_json({"vae_steps": int(load_ckpt(work / "vae.pt")["step"]), "vae_train_s": round(stage_seconds(work, "vae")),
-                "text_steps": int(load_ckpt(work / "text.pt")["step"]), "text_train_s": round(stage_seconds(work, "text")),
-                "unet_steps": int(ck["step"]), "unet_train_s": round(stage_seconds(work, "unet")),
-                "scaling_factor": scaling_factor,
-                "pretrain_config": json.loads((work / "pretrain_config.json").read_text())},
-               out / "pretrain_record.json")
+    atomic_write_json(out / "tokenizer" / "vocab.json", vocab)
+    atomic_write_bytes(out / "tokenizer" / "merges.txt",
+                       ("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n").encode("utf-8"))
+    atomic_write_json(out / "tokenizer" / "tokenizer_config.json",
+                      {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
+                       "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                       "do_lower_case": True})
+    atomic_write_json(out / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
+    atomic_write_json(out / "model_index.json", MODEL_INDEX)
+    atomic_write_json(out / "pretrain_record.json", {
+        "vae_steps": int(load_ckpt(work / "vae.pt")["step"]), "vae_train_s": round(stage_seconds(work, "vae")),
+        "text_steps": int(load_ckpt(work / "text.pt")["step"]), "text_train_s": round(stage_seconds(work, "text")),
+        "unet_steps": int(ck["step"]), "unet_train_s": round(stage_seconds(work, "unet")),
+        "scaling_factor": scaling_factor, "pretrain_config": json.loads((work / "pretrain_config.json").read_text())})
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"exported to {out} ({total / 2**20:.1f} MiB)", flush=True)
 
@@ -531,7 +513,7 @@ def check_config(cfg: PretrainConfig, work: Path) -> None:
         if stage in started and now.get(key) != value:
             raise SystemExit(f"{work}: stage {stage!r} started with {key}={value!r}, now {now.get(key)!r}; "
                              "use the same value or a fresh --work-dir")
-    write_json(now, saved_path)
+    atomic_write_json(saved_path, now)
 
 
 def main(argv=None) -> None:
