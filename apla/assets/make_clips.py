@@ -17,6 +17,7 @@ import os
 
 from PIL import Image
 
+from apla.checkpoint import atomic_write
 from apla.cli import fail
 from apla.video import VideoError, count_frames, read_video, to_uint8, write_mp4
 
@@ -39,8 +40,9 @@ def write_frames_folder(frames, folder: str, quality: int = JPEG_QUALITY) -> lis
             os.remove(os.path.join(folder, name))
     paths = []
     for i, array in enumerate(to_uint8(frames)):  # (H, W, 3) uint8 each
-        paths.append(os.path.join(folder, f"{i:05d}.jpg"))
-        Image.fromarray(array).save(paths[-1], format="JPEG", quality=quality, optimize=True)
+        image = Image.fromarray(array)
+        paths.append(atomic_write(os.path.join(folder, f"{i:05d}.jpg"),
+                                  lambda tmp: image.save(tmp, format="JPEG", quality=quality, optimize=True)))
     return paths
 
 
