@@ -243,7 +243,7 @@ def frame_consistency(embeddings: torch.Tensor) -> float:
     if n < 2:
         raise MetricsError(f"frame consistency needs at least 2 frames, got {n}")
     cos = cosine_matrix(embeddings, embeddings)  # (F, F)
-    # the diagonal (each frame with itself) is left out
+    # $$\frac{100}{F(F-1)} \sum_{i \ne j} \cos(e_i, e_j)$$: the diagonal (each frame with itself) is left out
     return (100 * (cos.sum() - cos.diagonal().sum()) / (n * (n - 1))).item()
 
 
@@ -266,7 +266,9 @@ def clip_text_alignment(video: torch.Tensor, prompt: str, clip) -> float:
         100 / F sum_f cos(E_img(x_f), E_txt(prompt))
     """
     _check_video(video, least=1)
-    return (100 * cosine_matrix(clip.image_features(video), clip.text_features([prompt]))).mean().item()
+    cos = cosine_matrix(clip.image_features(video), clip.text_features([prompt]))  # (F, 1)
+    # $$\frac{100}{F} \sum_f \cos(E_{img}(x_f), E_{txt}(q))$$
+    return (100 * cos).mean().item()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -184,7 +183,6 @@ def train(cfg: TowerConfig, log_every: int = 100) -> tuple[MicroCLIP, float]:
     import apla
 
     torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
     sd = apla.load_stable_diffusion("micro", components=("text_encoder",))
     model = MicroCLIP(cfg, sd.text_encoder, sd.tokenizer)
     images, captions = render_pool(cfg.pool_size, TRAIN_SEED + cfg.seed * 100_000)
