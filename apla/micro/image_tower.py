@@ -13,7 +13,7 @@ module makes the image side the metrics need, in pixel space:
 
 Training (`python -m apla.micro.image_tower`): the text encoder stays exactly as shipped (frozen; its caption
 features are computed once for every caption of the world); the tower, a linear text head and CLIP's temperature
-learn with CLIP's symmetric contrastive loss (`apla.micro.pretrain.contrastive_loss`, pairs with the same caption
+learn with CLIP's symmetric contrastive loss (`apla.micro.contrastive.contrastive_loss`, pairs with the same caption
 count as matches) on rendered shapes-world images: half single scenes captioned with colour, shape and position
 ("a red circle on the left"), half frames of moving-object clips captioned as the clip ("a red circle moving to the
 right"). It is measured by retrieval on held-out scenes (seeds never used in training): for each image, is its own
@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from apla.micro import MICRO_DIR, shapes
-from apla.micro.pretrain import LatentImageTower, caption_features, clip_frames, contrastive_loss, lr_at
+from apla.micro.contrastive import LatentImageTower, caption_features, contrastive_loss
+from apla.micro.pretrain import clip_frames, lr_at
 
 TOWER_DIR = MICRO_DIR / "clip_image"
 TRAIN_SEED = 5_000_000  # + chunk index; other seed namespaces: pretrain.py's 1e6..3e6, evaluations 7000-8001
