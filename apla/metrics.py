@@ -276,7 +276,7 @@ def clip_text_alignment(video: torch.Tensor, prompt: str, clip) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 
 def shapes_measures(video: torch.Tensor, prompt: str, source: torch.Tensor | None = None) -> dict:
-    """On a shapes-world video, what its evaluator reads frame by frame (`apla.micro.shapes.evaluate_image`):
+    """On a shapes-world video, what its evaluator reads frame by frame (`apla.micro.shapes_eval.evaluate_image`):
 
     - edited_right: for the attributes (colour, shape) the prompt sets differently from the source clip's object
       (read from the source's frames), the fraction of frames where all of them are as the prompt says;
@@ -291,7 +291,8 @@ def shapes_measures(video: torch.Tensor, prompt: str, source: torch.Tensor | Non
     without them. Returns a dict of floats, and `edited`: the names of the edited attributes."""
     from collections import Counter
 
-    from apla.micro.shapes import evaluate_image, parse_caption
+    from apla.micro.shapes import parse_caption
+    from apla.micro.shapes_eval import evaluate_image
 
     _check_video(video, least=1)
     reads = [evaluate_image(frame) for frame in video]

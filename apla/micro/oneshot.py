@@ -22,7 +22,7 @@ from pathlib import Path
 from apla.bundled import resolve_video
 from apla.config import TrainConfig, slug
 from apla.metrics import psnr, shapes_measures
-from apla.micro.shapes import evaluate_image
+from apla.micro.shapes_eval import evaluate_image
 from apla.video import VideoError, count_frames, read_video
 
 
