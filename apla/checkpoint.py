@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -60,8 +61,20 @@ def atomic_write_bytes(path, data: bytes) -> str:
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
+def _strict(obj):
+    """obj with every non-finite float as None: JSON has no inf or nan (Python's own `Infinity` is not JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path, obj) -> str:
-    return atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+    """Strict JSON (non-finite numbers written as null), indented, atomically."""
+    return atomic_write_bytes(path, (json.dumps(_strict(obj), indent=2, allow_nan=False) + "\n").encode())
 
 
 def atomic_torch_save(obj, path) -> str:

@@ -4,6 +4,7 @@ import dataclasses
 import json
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch import nn
 
@@ -129,3 +130,13 @@ def test_truncate_log_keeps_each_step_once(tmp_path):
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     run.truncate_log(tmp_path, 2)
     assert [json.loads(x)["step"] for x in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_json_files_are_strict_json(tmp_path):
+    """JSON has no inf or nan: an infinite PSNR (identical videos) is written as null, and the file parses strictly."""
+    from apla.checkpoint import atomic_write_json
+
+    atomic_write_json(tmp_path / "m.json", {"psnr": float("inf"), "rows": [1.5, float("nan")], "n": 3})
+    text = (tmp_path / "m.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) == {
+        "psnr": None, "rows": [1.5, None], "n": 3}
