@@ -92,9 +92,9 @@ def main(argv=None) -> int:
     ckpt.atomic_write_json(run_dir / "config.json", cfg.to_dict())
     ckpt.atomic_save_safetensors({"z0_mean": z0_mean, "z0_std": z0_std, "context": context},
                                  run_dir / "source.safetensors", metadata={"prompt": cfg.prompt})
-    sizes = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) / 1e6
+    sizes = {k: sum(p.numel() for p in m.parameters() if p.requires_grad)
              for k, m in (("U-Net", model.unet), (f"VGT-{cfg.apla.vgt}", model.vgt), ("D", model.disc)) if m}
-    print(f"apla: trains {', '.join(f'{k} {v:.3f} M' for k, v in sizes.items())} parameters; {frames.shape[0]} "
+    print(f"apla: trains {', '.join(f'{k} {v:,}' for k, v in sizes.items())} parameters; {frames.shape[0]} "
           f"frames at {cfg.size}px on {device}; run dir {run_dir}", file=sys.stderr)
 
     # ---- Algorithm 1: the fine-tuning loop ----------------------------------------------------------------------

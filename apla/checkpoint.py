@@ -119,7 +119,7 @@ def latest_checkpoint(run_dir) -> Optional[Path]:
     return ckpts[-1] if ckpts else None
 
 
-def save_checkpoint(run_dir, step: int, weights: Dict[str, torch.Tensor], state: dict, meta: dict,
+def write_checkpoint(run_dir, step: int, weights: Dict[str, torch.Tensor], state: dict, meta: dict,
                     keep: int = 2) -> Path:
     """Write checkpoints/step-N/ atomically: both files go into a hidden temporary folder that is renamed into
     place once complete, so an interrupted save leaves the previous checkpoint as the latest. Keeps the newest
@@ -152,7 +152,7 @@ def read_checkpoint_meta(ckpt: Path) -> dict:
         raise CheckpointError(f"unreadable checkpoint {ckpt}: {e}") from None
 
 
-def load_checkpoint(ckpt: Path, expect: Optional[dict] = None):
+def read_checkpoint(ckpt: Path, expect: Optional[dict] = None):
     """Read a checkpoint: (weights, state, meta). `expect` maps meta keys (e.g. base_model, vgt) to the values the
     caller needs; any difference raises CheckpointError naming it."""
     ckpt = Path(ckpt)

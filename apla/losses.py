@@ -24,14 +24,11 @@ import torch
 import torch.nn as nn
 
 from apla.vgt import perturbed_eps
+from apla.weights import WeightsError
 
 # torchvision's VGG16 `features`: channel widths, "M" = max-pool (indices of features.N follow from it)
 VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 LPIPS_TAPS = (3, 8, 15)  # features.N indices of relu1_2, relu2_2, relu3_3
-
-
-class WeightsError(ValueError):
-    """A perceptual-weights file that cannot be used (names the file and the key)."""
 
 
 class VGGFeatures(nn.Module):

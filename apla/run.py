@@ -117,14 +117,14 @@ def save_checkpoint(run_dir, step: int, cfg: TrainConfig, model: APLA, opt_g, op
     state = {"step": step, "opt_g": opt_g.state_dict(), "generator": gen.get_state()}
     if opt_d is not None:
         state["opt_d"] = opt_d.state_dict()
-    return ckpt.save_checkpoint(run_dir, step, weights, state, meta, keep=cfg.keep_checkpoints)
+    return ckpt.write_checkpoint(run_dir, step, weights, state, meta, keep=cfg.keep_checkpoints)
 
 
 def load_checkpoint(path, cfg: TrainConfig, model: APLA, opt_g=None, opt_d=None, gen=None) -> int:
     """Load a checkpoint into the run's models (and optimisers and generator, when given); returns its step.
     Raises CheckpointError (one line) for a checkpoint of another base model, VGT variant or D setting."""
     expect = {k: v for k, v in checkpoint_meta(cfg, model).items() if k != "pretrained"}
-    weights, state, _ = ckpt.load_checkpoint(path, expect=expect)
+    weights, state, _ = ckpt.read_checkpoint(path, expect=expect)
     part = {p: {k[len(p) + 1:]: v for k, v in weights.items() if k.startswith(p + ".")} for p in ("unet", "vgt", "disc")}
     try:
         load_trainable_state(model.unet, part["unet"], where=str(path))

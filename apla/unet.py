@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from apla.vae import Upsample  # nearest 2x then a 3x3 conv: the same module in SD's VAE decoder and U-Net
+
 
 class UNetConfigError(ValueError):
     """A U-Net config value this implementation does not support (SD v1.5's architecture only)."""
@@ -178,19 +180,6 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(c, c, 3, stride=2, padding=1)
 
     def forward(self, x):
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x, size=None):
-        if size is None:
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        else:
-            x = F.interpolate(x, size=size, mode="nearest")
         return self.conv(x)
 
 

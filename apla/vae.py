@@ -53,7 +53,7 @@ class VAEConfig:
         return cls(**kwargs)
 
 
-class ResnetBlock(nn.Module):
+class VAEResnetBlock(nn.Module):
     """GroupNorm -> SiLU -> conv3x3, twice, plus a (1x1-projected when channels change) skip."""
 
     def __init__(self, cin: int, cout: int, groups: int):
@@ -71,7 +71,7 @@ class ResnetBlock(nn.Module):
         return skip + h
 
 
-class Attention(nn.Module):
+class VAEAttention(nn.Module):
     """Single-head self-attention over the H*W positions of a feature map (the VAE's mid block)."""
 
     def __init__(self, channels: int, groups: int):
@@ -93,13 +93,13 @@ class Attention(nn.Module):
         return x + h
 
 
-class MidBlock(nn.Module):
+class VAEMidBlock(nn.Module):
     """resnet -> attention -> resnet at the lowest resolution."""
 
     def __init__(self, channels: int, groups: int):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups) for _ in range(2)])
-        self.attentions = nn.ModuleList([Attention(channels, groups)])
+        self.resnets = nn.ModuleList([VAEResnetBlock(channels, channels, groups) for _ in range(2)])
+        self.attentions = nn.ModuleList([VAEAttention(channels, groups)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.resnets[0](x)
@@ -107,7 +107,7 @@ class MidBlock(nn.Module):
         return self.resnets[1](x)
 
 
-class Downsample(nn.Module):
+class VAEDownsample(nn.Module):
     """Stride-2 3x3 conv after padding one pixel on the right and bottom only (SD's asymmetric pad)."""
 
     def __init__(self, channels: int):
@@ -119,23 +119,28 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour 2x, then a 3x3 conv."""
+    """Nearest-neighbour upsampling (2x, or to `size`), then a 3x3 conv: SD's upsampler in both the VAE's decoder
+    and the U-Net (`apla.unet` uses this class; the U-Net passes `size` when a latent side was odd)."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (N, C, H, W) -> (N, C, 2H, 2W)
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")  # (N, C, H, W) -> (N, C, *size)
+        return self.conv(x)
 
 
-class EncoderBlock(nn.Module):
+class VAEEncoderBlock(nn.Module):
     def __init__(self, cin: int, cout: int, num_layers: int, groups: int, downsample: bool):
         super().__init__()
         self.resnets = nn.ModuleList(
-            [ResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(num_layers)]
+            [VAEResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(num_layers)]
         )
-        self.downsamplers = nn.ModuleList([Downsample(cout)]) if downsample else None
+        self.downsamplers = nn.ModuleList([VAEDownsample(cout)]) if downsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for resnet in self.resnets:
@@ -145,11 +150,11 @@ class EncoderBlock(nn.Module):
         return x
 
 
-class DecoderBlock(nn.Module):
+class VAEDecoderBlock(nn.Module):
     def __init__(self, cin: int, cout: int, num_layers: int, groups: int, upsample: bool):
         super().__init__()
         self.resnets = nn.ModuleList(
-            [ResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(num_layers)]
+            [VAEResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(num_layers)]
         )
         self.upsamplers = nn.ModuleList([Upsample(cout)]) if upsample else None
 
@@ -170,11 +175,11 @@ class Encoder(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
             [
-                EncoderBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, downsample=i < len(ch) - 1)
+                VAEEncoderBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, downsample=i < len(ch) - 1)
                 for i in range(len(ch))
             ]
         )
-        self.mid_block = MidBlock(ch[-1], g)
+        self.mid_block = VAEMidBlock(ch[-1], g)
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=NORM_EPS)
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
@@ -193,10 +198,10 @@ class Decoder(nn.Module):
         super().__init__()
         ch, g = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
-        self.mid_block = MidBlock(ch[0], g)
+        self.mid_block = VAEMidBlock(ch[0], g)
         self.up_blocks = nn.ModuleList(
             [
-                DecoderBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, upsample=i < len(ch) - 1)
+                VAEDecoderBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, upsample=i < len(ch) - 1)
                 for i in range(len(ch))
             ]
         )
@@ -243,7 +248,7 @@ def sample_posterior(
     return mean + torch.exp(0.5 * logvar) * noise
 
 
-LDM_PREFIX = "first_stage_model."  # the VAE's prefix inside a single-file checkpoint
+VAE_LDM_PREFIX = "first_stage_model."  # the VAE's prefix inside a single-file checkpoint
 # Single-file (prefix stripped) -> diffusers names. Order matters: block renames first.
 _LDM_VAE_RULES = [
     (r"^(encoder|decoder)\.mid\.block_(\d)\.", lambda m: f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}."),
@@ -264,7 +269,7 @@ def vae_key_from_ldm(key: str, num_blocks: int = 4) -> str:
     The decoder's `up.{i}` counts from the lowest resolution upward, ours from the top:
     `decoder.up.{i}.block.{j}` -> `decoder.up_blocks.{num_blocks-1-i}.resnets.{j}`.
     """
-    key = key.removeprefix(LDM_PREFIX)
+    key = key.removeprefix(VAE_LDM_PREFIX)
     up = re.match(r"^decoder\.up\.(\d+)\.(block|upsample)\.", key)
     if up:
         i = num_blocks - 1 - int(up[1])

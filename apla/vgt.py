@@ -2,28 +2,33 @@
 Noise with Adversarial Training Enables Consistency", AAAI 2024), section "Video Generation Transformer".
 
 VGT phi(z_t, t) reads the noisy latent video z_t and returns a perturbation of z_t's shape that is added to
-the U-Net's noise prediction. This file implements
+the U-Net's noise prediction. The paper writes the temporal token sequence z_t^l too; here it is z_tmp^l
+(`z_tmp`), so that z_t always means the noisy latent. This file implements
 
-    Eq. (4)   eps* = eps_theta(z_t, t, c) + phi(z_t, t)                 perturbed_eps
-    Eq. (7)   z_s^{l+1} = MMSA(LN(z_s^l)) + z_s^l                      spatial_decoder_block
-    Eq. (8)   z_t^{l+1} = MMSA(LN(z_t^l)) + z_t^l                      temporal_decoder_block
-    Eq. (9)   z_s = [z_cls,s, z_s^1, ..., z_s^N] + p                   spatial_tokens
-    Eq. (10)  z_t^1 = [z_cls,t, D z_cls,s^1, ..., D z_cls,s^F] + p     temporal_input
-    Eq. (11)  z_t^M = [z_cls,t^M, z_t^{1,M}, ..., z_t^{F,M}]           temporal_output
-    Eq. (12)  y = z_s^{C,L} (Hadamard) z_t^{C,M}                       hadamard_fusion      (VGT-Pure)
-    Eq. (13)  z_hat = MLP(y)                                           mlp_head             (VGT-Pure)
-    Eq. (14)  y* = M z_t^M                                             hyper_fusion         (VGT-Hyper)
-    Eq. (15)  z_hat = MLP(y*)                                          hyper_head           (VGT-Hyper)
+    Eq. (4)   eps* = eps_theta(z_t, t, c) + phi(z_t, t)                     perturbed_eps
+    Eq. (7)   z_s^{l+1} = MMSA(LN(z_s^l)) + z_s^l                          DecoderBlock.forward (VGT.spatial)
+    Eq. (8)   z_tmp^{l+1} = MMSA(LN(z_tmp^l)) + z_tmp^l                    DecoderBlock.forward (VGT.temporal)
+    Eq. (9)   z_s^0 = [z_cls,s, z_s^1, ..., z_s^N] + p                     spatial_tokens
+    Eq. (10)  z_tmp^1 = [z_cls,t, D z_cls,s^{1,L}, ..., D z_cls,s^{F,L}] + p  temporal_input
+    Eq. (11)  z_tmp^M = [z_cls,t^M, z_tmp^{1,M}, ..., z_tmp^{F,M}]         temporal_output
+    Eq. (12)  y = z_s^{C,L} (Hadamard) z_tmp^{C,M}                         hadamard_fusion      (VGT-Pure)
+    Eq. (13)  z_hat = MLP(y)                                               MLPHead.forward      (VGT-Pure)
+    Eq. (14)  y* = M z_tmp^M                                               HyperBlock.forward   (VGT-Hyper)
+    Eq. (15)  z_hat = MLP(y*)                                              MLPHead.forward      (VGT-Hyper)
 
-plus `perturbation_ratio` (the quantity of the paper's Fig. 5b) and the four variants of Table 1:
-"pure", "hyper" (masked self-attention: a transformer decoder) and "pure-en", "hyper-en" (no mask: an encoder).
+Eqs. 7 and 8 are the same map, so one class, `DecoderBlock`, serves both decoders, each with its own blocks;
+Eqs. 13 and 15 are the same MLP, `MLPHead`, read on y or on y*. `VGT(z_t, t, return_intermediates=True)` returns
+the tensors in between (`VGTIntermediates`). Also here: `perturbation_ratio` (the quantity of the paper's
+Fig. 5b) and the four variants of Table 1: "pure", "hyper" (masked self-attention: a transformer decoder) and
+"pure-en", "hyper-en" (no mask: an encoder).
 
-Where the paper is silent we chose as follows (each choice is repeated at the code it governs):
+Where the paper is silent we chose as follows, once, here (the code each choice governs points back to this list):
 
 * Input. VGT receives z_t only, plus the timestep t. Paper: "phi(z_t, t)" (Eq. 4) and "z_t is the input of
   VGT-Pure". It does not receive the text context.
-* How t enters. A parameter-free sinusoidal embedding of t (width d) is added to every frame's spatial class
-  token before the spatial decoder. Paper: Eq. 4 writes phi(z_t, t) but never says how t is used.
+* How t enters. The U-Net's parameter-free sinusoidal embedding of t (`apla.unet.timestep_embedding`, [cos | sin],
+  width d) is added to every frame's spatial class token before the spatial decoder. Paper: Eq. 4 writes
+  phi(z_t, t) but never says how t is used.
 * The mask ("MMSA"). Tokens are kept in the paper's order [cls, x_1, ..., x_n] (Eqs. 9-11). Token i >= 1
   attends to tokens 1..i (causal, not to the class token); the class token attends to all tokens. So frame k
   of the temporal decoder never sees frames > k, and the class tokens, which nothing else reads, summarise the
@@ -39,7 +44,7 @@ Where the paper is silent we chose as follows (each choice is repeated at the co
   repeats the notation "+ p" on the output; we do not add it a second time.
 * Eq. 12 broadcasts: frame f's temporal token multiplies each of frame f's N patch tokens.
 * VGT-Hyper (Eq. 14). The conv block M receives, on the (F, H/P, W/P) token grid, the channels
-  [z_s^{C,L} ; z_t^{C,M} + z_cls,t^M]: the spatial patch tokens and the whole temporal-decoder output (frame
+  [z_s^{C,L} ; z_tmp^{C,M} + z_cls,t^M]: the spatial patch tokens and the whole temporal-decoder output (frame
   tokens and the temporal class token, broadcast over patches). M = ConvTranspose3d(2d -> d, 3x3x3) -> GELU ->
   ConvTranspose3d(d -> d, 1x3x3), stride 1 (so each is a 3D convolution; both words appear in the paper).
   Paper: "in Eq. 12, rather than employing element-wise multiplication, we opt for 3D convolution" and Fig. 4
@@ -51,12 +56,14 @@ Where the paper is silent we chose as follows (each choice is repeated at the co
   of the MLP head is initialised with std `out_init_std` (1e-4) and zero bias.
 """
 
-import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F_
+
+from apla.unet import timestep_embedding
 
 VARIANTS = ("pure", "hyper", "pure-en", "hyper-en")
 
@@ -101,7 +108,7 @@ class VGTShapeError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Equation functions
+# Equations that own no parameters, and token bookkeeping
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -155,48 +162,52 @@ def unpatchify(tokens: torch.Tensor, patch_size: int, channels: int, height: int
     return z.reshape(B, channels, F, height, width)  # -> (B, C, F, H, W)
 
 
-def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Parameter-free sinusoidal embedding of integer timesteps: (B,) -> (B, dim), [cos | sin] halves.
-
-    Choice (how t enters VGT): added to every frame's spatial class token. Paper: Eq. 4 writes phi(z_t, t)
-    without saying how t is used.
-    """
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None, :]  # (B, half)
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
-
-
 def spatial_tokens(patch_tokens: torch.Tensor, cls_token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Eq. (9): one frame's token sequence z_s = [z_cls,s, z_s^1, ..., z_s^N] + p.
+    """Eq. (9): one frame's input token sequence z_s^0 = [z_cls,s, z_s^1, ..., z_s^N] + p.
 
     patch_tokens (B*F, N, d) embedded patches; cls_token (B*F, 1, d) or (1, 1, d); pos (1, 1+N, d).
     Returns (B*F, 1+N, d). The class token comes first, as in the paper.
     """
     cls_token = cls_token.expand(patch_tokens.shape[0], 1, -1)
-    # $$z_s = [z_{cls,s}, z_s^1, \dots, z_s^N] + p$$
+    # $$z_s^0 = [z_{cls,s}, z_s^1, \dots, z_s^N] + p$$
     return torch.cat([cls_token, patch_tokens], dim=1) + pos
 
 
 def temporal_input(cls_s: torch.Tensor, cls_t: torch.Tensor, D: nn.Linear, pos: torch.Tensor) -> torch.Tensor:
-    """Eq. (10): the temporal decoder's input z_t^1 = [z_cls,t, D z_cls,s^{1,L}, ..., D z_cls,s^{F,L}] + p.
+    """Eq. (10): the temporal decoder's input z_tmp^1 = [z_cls,t, D z_cls,s^{1,L}, ..., D z_cls,s^{F,L}] + p.
 
     cls_s (B, F, d): the spatial decoder's class-token output of each frame; cls_t (1, 1, d) the learned
     temporal class token; D a learned linear map (our reading of "where D is the decoder block", a matrix like
     M in Eq. 14); pos (1, 1+F, d). Returns (B, 1+F, d).
     """
     B = cls_s.shape[0]
-    # $$z_t^1 = [z_{cls,t}, \mathbf{D} z_{cls,s}^{1,L}, \dots, \mathbf{D} z_{cls,s}^{F,L}] + p$$
+    # $$z_{tmp}^1 = [z_{cls,t}, \mathbf{D} z_{cls,s}^{1,L}, \dots, \mathbf{D} z_{cls,s}^{F,L}] + p$$
     return torch.cat([cls_t.expand(B, 1, -1), D(cls_s)], dim=1) + pos
 
 
-def temporal_output(z_t_M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. (11): split the temporal decoder's output z_t^M = [z_cls,t^M, z_t^{1,M}, ..., z_t^{F,M}].
+def temporal_output(z_tmp_M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. (11): split the temporal decoder's output z_tmp^M = [z_cls,t^M, z_tmp^{1,M}, ..., z_tmp^{F,M}].
 
-    (B, 1+F, d) -> (z_cls,t^M (B, d), z_t^{C,M} (B, F, d)). The "+ p" of Eq. 11 is read as the same positional
+    (B, 1+F, d) -> (z_cls,t^M (B, d), z_tmp^{C,M} (B, F, d)). The "+ p" of Eq. 11 is read as the same positional
     embedding as Eq. 10's, added once at the input, so nothing is added here.
     """
-    return z_t_M[:, 0], z_t_M[:, 1:]
+    # $$z_{tmp}^M = [z_{cls,t}^M, z_{tmp}^{C,M}]$$
+    return z_tmp_M[:, 0], z_tmp_M[:, 1:]
+
+
+def hadamard_fusion(z_s_C: torch.Tensor, z_tmp_C: torch.Tensor) -> torch.Tensor:
+    """Eq. (12) (VGT-Pure): y = z_s^{C,L} (Hadamard) z_tmp^{C,M}.
+
+    z_s_C (B, F, N, d) spatial patch tokens (class token removed); z_tmp_C (B, F, d) temporal frame tokens
+    (class token removed). Frame f's temporal token multiplies each of its N patch tokens (broadcast).
+    """
+    # $$y = z_s^{C,L} \odot z_{tmp}^{C,M}$$
+    return z_s_C * z_tmp_C[:, :, None, :]  # (B, F, N, d) * (B, F, 1, d)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Blocks: each forward is its equation
+# ----------------------------------------------------------------------------------------------------------
 
 
 class MaskedSelfAttention(nn.Module):
@@ -217,55 +228,43 @@ class MaskedSelfAttention(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """One block of Eqs. 7-8: LayerNorm then (masked) multi-head self-attention, with a residual."""
+    """One decoder block: Eq. (7) in the spatial decoder (`VGT.spatial`) and Eq. (8) in the temporal decoder
+    (`VGT.temporal`). The two equations are the same map, so one class serves both; each decoder has its own blocks.
+
+    Pre-LayerNorm (masked) multi-head self-attention with a residual and no feed-forward sublayer: Eqs. 7-8 have
+    none (choice; see the file header).
+    """
 
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.norm = nn.LayerNorm(width)
         self.attn = MaskedSelfAttention(width, heads)
 
+    def forward(self, z: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Eq. (7) on each frame's spatial tokens z_s^l (B*F, 1+N, d), Eq. (8) on the temporal tokens z_tmp^l
+        (B, 1+F, d): z^{l+1} = MMSA(LN(z^l)) + z^l, same shape out.
 
-def spatial_decoder_block(block: DecoderBlock, z_s: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Eq. (7): z_s^{l+1} = MMSA(LN(z_s^l)) + z_s^l, on each frame's sequence (B*F, 1+N, d).
-
-    mask None gives plain MSA (the "-en" variants). No feed-forward sublayer: Eq. 7 has none.
-    """
-    # $$z_s^{\ell+1} = \mathrm{MMSA}(\mathrm{LN}(z_s^\ell)) + z_s^\ell$$
-    return block.attn(block.norm(z_s), mask) + z_s
-
-
-def temporal_decoder_block(block: DecoderBlock, z_t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Eq. (8): z_t^{l+1} = MMSA(LN(z_t^l)) + z_t^l, on the sequence of class tokens (B, 1+F, d).
-
-    With the mask, frame k's output depends on frames 1..k only.
-    """
-    # $$z_t^{\ell+1} = \mathrm{MMSA}(\mathrm{LN}(z_t^\ell)) + z_t^\ell$$
-    return block.attn(block.norm(z_t), mask) + z_t
-
-
-def hadamard_fusion(z_s_C: torch.Tensor, z_t_C: torch.Tensor) -> torch.Tensor:
-    """Eq. (12) (VGT-Pure): y = z_s^{C,L} (Hadamard) z_t^{C,M}.
-
-    z_s_C (B, F, N, d) spatial patch tokens (class token removed); z_t_C (B, F, d) temporal frame tokens
-    (class token removed). Frame f's temporal token multiplies each of its N patch tokens (broadcast).
-    """
-    # $$y = z_s^{C,L} \odot z_t^{C,M}$$
-    return z_s_C * z_t_C[:, :, None, :]
+        mask from `decoder_mask` (then token k >= 1 depends on tokens 1..k only), or None for plain MSA (the "-en"
+        variants).
+        """
+        # $$z^{\ell+1} = \mathrm{MMSA}(\mathrm{LN}(z^\ell)) + z^\ell$$
+        return self.attn(self.norm(z), mask) + z
 
 
 class MLPHead(nn.Module):
-    """The MLP of Eqs. 13 and 15: Linear(d, hidden) -> GELU -> Linear(hidden, C*P*P)."""
+    """The MLP of Eqs. 13 and 15: Linear(d, hidden) -> GELU -> Linear(hidden, C*P*P). VGT-Pure reads it on y
+    (Eq. 13), VGT-Hyper on y* (Eq. 15): the paper writes the same MLP in both."""
 
     def __init__(self, width: int, hidden: int, out: int):
         super().__init__()
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, out)
 
-
-def mlp_head(head: MLPHead, y: torch.Tensor) -> torch.Tensor:
-    """Eq. (13) (VGT-Pure): z_hat = MLP(y): (B, F, N, d) -> (B, F, N, C*P*P)."""
-    # $$\hat z_t = \mathrm{MLP}(y)$$
-    return head.fc2(F_.gelu(head.fc1(y)))
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        """Eq. (13) z_hat = MLP(y) (VGT-Pure) and Eq. (15) z_hat = MLP(y*) (VGT-Hyper): (B, F, N, d) ->
+        (B, F, N, C*P*P), one token's C*P*P numbers per patch."""
+        # $$\hat z_t = \mathrm{MLP}(y)$$
+        return self.fc2(F_.gelu(self.fc1(y)))
 
 
 class HyperBlock(nn.Module):
@@ -279,30 +278,24 @@ class HyperBlock(nn.Module):
         self.conv1 = nn.ConvTranspose3d(2 * width, width, kernel_size=3, padding=1)
         self.conv2 = nn.ConvTranspose3d(width, width, kernel_size=(1, 3, 3), padding=(0, 1, 1))
 
+    def forward(
+        self, z_s_C: torch.Tensor, cls_t_M: torch.Tensor, z_tmp_C: torch.Tensor, grid: tuple[int, int]
+    ) -> torch.Tensor:
+        """Eq. (14) (VGT-Hyper): y* = M z_tmp^M, the 3D (transposed) convolution block in place of Eq. 12's product.
 
-def hyper_fusion(
-    block: HyperBlock, z_s_C: torch.Tensor, cls_t: torch.Tensor, z_t_C: torch.Tensor, grid: tuple[int, int]
-) -> torch.Tensor:
-    """Eq. (14) (VGT-Hyper): y* = M z_t^M, the 3D (transposed) convolution block in place of Eq. 12's product.
-
-    z_s_C (B, F, N, d) spatial patch tokens; cls_t (B, d) and z_t_C (B, F, d) the whole temporal output;
-    grid = (H/P, W/P) with N = H/P * W/P. M sees the channels [z_s^{C,L} ; z_t^{C,M} + z_cls,t^M] (temporal
-    tokens broadcast over patches). Returns (B, F, N, d).
-    """
-    B, F, N, d = z_s_C.shape
-    Hp, Wp = grid
-    spatial = z_s_C.permute(0, 3, 1, 2).reshape(B, d, F, Hp, Wp)  # (B, F, N, d) -> (B, d, F, Hp, Wp)
-    temporal = (z_t_C + cls_t[:, None, :]).permute(0, 2, 1)  # (B, F, d) -> (B, d, F)
-    temporal = temporal[:, :, :, None, None].expand(B, d, F, Hp, Wp)  # (B, d, F) -> (B, d, F, Hp, Wp)
-    # $$y^* = \mathbf{M} z_t^M$$
-    y = block.conv2(F_.gelu(block.conv1(torch.cat([spatial, temporal], dim=1))))  # (B, 2d, ...) -> (B, d, ...)
-    return y.reshape(B, d, F, N).permute(0, 2, 3, 1)  # (B, d, F, Hp, Wp) -> (B, F, N, d)
-
-
-def hyper_head(head: MLPHead, y_star: torch.Tensor) -> torch.Tensor:
-    """Eq. (15) (VGT-Hyper): z_hat = MLP(y*): (B, F, N, d) -> (B, F, N, C*P*P), the same MLP as Eq. 13."""
-    # $$\hat z_t = \mathrm{MLP}(y^*)$$
-    return head.fc2(F_.gelu(head.fc1(y_star)))
+        z_s_C (B, F, N, d) spatial patch tokens; cls_t_M (B, d) and z_tmp_C (B, F, d) the whole temporal output
+        (Eq. 11); grid = (H/P, W/P) with N = H/P * W/P. Choice: M sees the channels
+        [z_s^{C,L} ; z_tmp^{C,M} + z_cls,t^M] (temporal tokens broadcast over patches); see the file header.
+        Returns y* (B, F, N, d).
+        """
+        B, F, N, d = z_s_C.shape
+        Hp, Wp = grid
+        spatial = z_s_C.permute(0, 3, 1, 2).reshape(B, d, F, Hp, Wp)  # (B, F, N, d) -> (B, d, F, Hp, Wp)
+        temporal = (z_tmp_C + cls_t_M[:, None, :]).permute(0, 2, 1)  # (B, F, d) -> (B, d, F)
+        temporal = temporal[:, :, :, None, None].expand(B, d, F, Hp, Wp)  # (B, d, F) -> (B, d, F, Hp, Wp)
+        # $$y^* = \mathbf{M} z_{tmp}^M$$
+        y = self.conv2(F_.gelu(self.conv1(torch.cat([spatial, temporal], dim=1))))  # (B, 2d, ...) -> (B, d, ...)
+        return y.reshape(B, d, F, N).permute(0, 2, 3, 1)  # (B, d, F, Hp, Wp) -> (B, F, N, d)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -310,11 +303,23 @@ def hyper_head(head: MLPHead, y_star: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 
 
+class VGTIntermediates(NamedTuple):
+    """What VGT computes on the way to phi, for z_t of shape (B, C, F, H, W), N = (H/P)(W/P) and width d."""
+
+    z_s_0: torch.Tensor  # Eq. 9, the spatial decoder's input: (B*F, 1+N, d), class token first
+    z_s_L: torch.Tensor  # after L blocks of Eq. 7 and the final LayerNorm: (B*F, 1+N, d)
+    z_tmp_1: torch.Tensor  # Eq. 10, the temporal decoder's input: (B, 1+F, d)
+    z_tmp_M: torch.Tensor  # after M blocks of Eq. 8 and the final LayerNorm: (B, 1+F, d)
+    y: torch.Tensor  # y of Eq. 12 (VGT-Pure) or y* of Eq. 14 (VGT-Hyper): (B, F, N, d)
+    z_hat: torch.Tensor  # Eq. 13 / 15: (B, F, N, C*P*P)
+    phi: torch.Tensor  # z_hat rearranged to z_t's shape: (B, C, F, H, W)
+
+
 class VGT(nn.Module):
     """Video Generation Transformer phi(z_t, t): (B, C, F, H, W) latent -> perturbation of the same shape.
 
-    `VGT(config)(z_t, t)` with t an int or a (B,) long tensor. Variant by `config.variant` (Table 1).
-    `decode(z_t, t)` returns the decoders' outputs (z_s^L, z_t^M) for inspection and tests.
+    `VGT(config)(z_t, t)` with t an int or a (B,) long tensor returns phi; with `return_intermediates=True`, the
+    `VGTIntermediates` of that same computation. Variant by `config.variant` (Table 1).
     """
 
     def __init__(self, config: VGTConfig):
@@ -327,13 +332,13 @@ class VGT(nn.Module):
         self.cls_t = nn.Parameter(torch.zeros(1, 1, d))  # z_cls,t
         self.pos_s = nn.Parameter(torch.zeros(1, 1 + n_max, d))  # p of Eq. 9, for the largest patch grid
         self.pos_t = nn.Parameter(torch.zeros(1, 1 + c.max_frames, d))  # p of Eq. 10
-        self.spatial = nn.ModuleList(DecoderBlock(d, c.heads) for _ in range(c.spatial_depth))
+        self.spatial = nn.ModuleList(DecoderBlock(d, c.heads) for _ in range(c.spatial_depth))  # Eq. 7
         self.norm_s = nn.LayerNorm(d)
         self.D = nn.Linear(d, d)  # the matrix D of Eq. 10
-        self.temporal = nn.ModuleList(DecoderBlock(d, c.heads) for _ in range(c.temporal_depth))
+        self.temporal = nn.ModuleList(DecoderBlock(d, c.heads) for _ in range(c.temporal_depth))  # Eq. 8
         self.norm_t = nn.LayerNorm(d)
         self.fusion = HyperBlock(d) if c.hyper else None  # M of Eq. 14
-        self.head = MLPHead(d, c.mlp_hidden, c.in_channels * P * P)
+        self.head = MLPHead(d, c.mlp_hidden, c.in_channels * P * P)  # Eqs. 13, 15
         self._init_weights()
 
     @torch.no_grad()
@@ -365,48 +370,41 @@ class VGT(nn.Module):
                     f"z_t has {name}={s}; it must divide by patch_size={c.patch_size} and be <= sample_size={c.sample_size}"
                 )
 
-    def decode(self, z_t: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
-        """The spatial and temporal decoders: returns z_s^L (B*F, 1+N, d) and z_t^M (B, 1+F, d)."""
+    def forward(self, z_t: torch.Tensor, t, return_intermediates: bool = False) -> torch.Tensor | VGTIntermediates:
+        """phi(z_t, t): (B, C, F, H, W) -> (B, C, F, H, W), through Eqs. 9, 7, 10, 8, 11 and 12-13 (VGT-Pure) or
+        14-15 (VGT-Hyper). With return_intermediates, the `VGTIntermediates` whose `phi` is that same tensor."""
         self._check(z_t)
         c = self.config
-        B, _, F, H, W = z_t.shape
+        B, C, F, H, W = z_t.shape
         P, d = c.patch_size, c.width
         Hp, Wp, side = H // P, W // P, c.sample_size // P
-        t = torch.as_tensor(t, device=z_t.device).reshape(-1).expand(B)
+        t = torch.as_tensor(t, device=z_t.device).reshape(-1).expand(B)  # int or (B,) -> (B,)
         x = self.patch_embed(patchify(z_t, P))  # (B, F, N, C*P*P) -> (B, F, N, d)
         x = x.reshape(B * F, Hp * Wp, d)  # (B, F, N, d) -> (B*F, N, d)
         # t enters through the spatial class token (choice; see the file header)
         cls = self.cls_s + timestep_embedding(t, d).to(x.dtype)[:, None, :]  # (B, 1, d)
         cls = cls.repeat_interleave(F, dim=0)  # (B, 1, d) -> (B*F, 1, d)
-        grid = self.pos_s[:, 1:].reshape(1, side, side, d)[:, :Hp, :Wp]  # top-left crop of the table
-        pos = torch.cat([self.pos_s[:, :1], grid.reshape(1, Hp * Wp, d)], dim=1)  # (1, 1+N, d)
-        z_s = spatial_tokens(x, cls, pos)  # Eq. 9: (B*F, 1+N, d)
+        grid = self.pos_s[:, 1:].reshape(1, side, side, d)[:, :Hp, :Wp]  # (1, side^2, d) -> (1, Hp, Wp, d), a crop
+        pos = torch.cat([self.pos_s[:, :1], grid.reshape(1, Hp * Wp, d)], dim=1)  # (1, Hp, Wp, d) -> (1, 1+N, d)
+        z_s = z_s_0 = spatial_tokens(x, cls, pos)  # Eq. 9: (B*F, 1+N, d)
         mask = decoder_mask(1 + Hp * Wp, z_t.device) if c.masked else None
         for block in self.spatial:
-            z_s = spatial_decoder_block(block, z_s, mask)  # Eq. 7
-        z_s = self.norm_s(z_s)
-        cls_s = z_s[:, 0].reshape(B, F, d)  # (B*F, d) -> (B, F, d)
-        z_tm = temporal_input(cls_s, self.cls_t, self.D, self.pos_t[:, : 1 + F])  # Eq. 10: (B, 1+F, d)
+            z_s = block(z_s, mask)  # Eq. 7
+        z_s_L = self.norm_s(z_s)  # (B*F, 1+N, d)
+        cls_s_L = z_s_L[:, 0].reshape(B, F, d)  # (B*F, d) -> (B, F, d)
+        z_tmp = z_tmp_1 = temporal_input(cls_s_L, self.cls_t, self.D, self.pos_t[:, : 1 + F])  # Eq. 10: (B, 1+F, d)
         mask = decoder_mask(1 + F, z_t.device) if c.masked else None
         for block in self.temporal:
-            z_tm = temporal_decoder_block(block, z_tm, mask)  # Eq. 8
-        return z_s, self.norm_t(z_tm)
-
-    def forward(self, z_t: torch.Tensor, t) -> torch.Tensor:
-        """phi(z_t, t): (B, C, F, H, W) -> (B, C, F, H, W)."""
-        c = self.config
-        B, C, F, H, W = z_t.shape
-        P = c.patch_size
-        z_s, z_tm = self.decode(z_t, t)
-        z_s_C = z_s[:, 1:].reshape(B, F, -1, c.width)  # (B*F, 1+N, d) -> (B, F, N, d), class token removed
-        cls_t, z_t_C = temporal_output(z_tm)  # Eq. 11
+            z_tmp = block(z_tmp, mask)  # Eq. 8
+        z_tmp_M = self.norm_t(z_tmp)  # (B, 1+F, d)
+        z_s_C = z_s_L[:, 1:].reshape(B, F, Hp * Wp, d)  # (B*F, 1+N, d) -> (B, F, N, d), class token removed
+        cls_t_M, z_tmp_C = temporal_output(z_tmp_M)  # Eq. 11: (B, d), (B, F, d)
         if c.hyper:
-            z_hat = hyper_head(self.head, hyper_fusion(self.fusion, z_s_C, cls_t, z_t_C, (H // P, W // P)))
+            y = self.fusion(z_s_C, cls_t_M, z_tmp_C, (Hp, Wp))  # Eq. 14: y*, (B, F, N, d)
         else:
-            z_hat = mlp_head(self.head, hadamard_fusion(z_s_C, z_t_C))  # Eqs. 12-13
-        return unpatchify(z_hat, P, C, H, W)  # (B, F, N, C*P*P) -> (B, C, F, H, W)
-
-
-def count_parameters(module: nn.Module) -> int:
-    """Number of trainable parameters (Table 1 counts trainable parameters)."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+            y = hadamard_fusion(z_s_C, z_tmp_C)  # Eq. 12: (B, F, N, d)
+        z_hat = self.head(y)  # Eq. 13 / Eq. 15: (B, F, N, C*P*P)
+        phi = unpatchify(z_hat, P, C, H, W)  # (B, F, N, C*P*P) -> (B, C, F, H, W)
+        if return_intermediates:
+            return VGTIntermediates(z_s_0, z_s_L, z_tmp_1, z_tmp_M, y, z_hat, phi)
+        return phi

@@ -36,12 +36,12 @@ except ImportError:  # transformers 4
 from apla.bundled import model_path
 from apla.scheduler import make_alpha_bar
 from apla.text import build_text_encoder, load_tokenizer
-from apla.vae import AutoencoderKL, VAEConfig, vae_key_from_ldm
+from apla.vae import VAE_LDM_PREFIX, AutoencoderKL, VAEConfig, vae_key_from_ldm
 
 COMPONENTS = ("vae", "text_encoder", "unet")
 
 # Single-file prefixes of the three networks.
-LDM_PREFIX = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model.transformer."}
+LDM_PREFIX = {"unet": "model.diffusion_model.", "vae": VAE_LDM_PREFIX, "text_encoder": "cond_stage_model.transformer."}
 # Entries real single files carry besides the networks' weights: noise-schedule buffers, EMA bookkeeping
 # (and EMA copies), the text encoder's int64 position_ids. They are skipped.
 LDM_SKIPPED = re.compile(
@@ -62,7 +62,14 @@ FOLDER_FILES = {
 
 
 class WeightsError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file and the offending key."""
+    """A weights file that cannot be loaded (an SD checkpoint here, the perceptual VGG16 in `apla.losses`); the
+    message names the file and the offending key."""
+
+
+def count_parameters(module: nn.Module, skip: Callable[[str], bool] = lambda name: False) -> int:
+    """Number of scalars in `module`'s parameters, leaving out those whose name `skip` accepts. Every VGT
+    parameter trains, so for VGT this is the count of Table 1 ("Trainable Parameters")."""
+    return sum(p.numel() for name, p in module.named_parameters() if not skip(name))
 
 
 @dataclass

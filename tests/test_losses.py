@@ -202,10 +202,3 @@ def _step_tensors():
     eps, eps_pred = seeded(1, 4, 2, 8, 8, seed=1), seeded(1, 4, 2, 8, 8, seed=2)
     phi = 0.01 * seeded(1, 4, 2, 8, 8, seed=3)
     return eps, eps_pred, phi
-
-
-def test_equation_functions_cite_their_equations():
-    table = {5: L.mse_loss, 6: L.perturbed_mse_loss, 16: L.l1_loss, 17: L.perceptual_loss, 18: L.hyper_loss,
-             19: discriminator_adversarial_loss, 20: L.final_objective}
-    for n, fn in table.items():
-        assert f"Eq. ({n})" in fn.__doc__, fn.__name__

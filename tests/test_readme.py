@@ -1,4 +1,5 @@
-"""The README's equation index: every listed function exists and its docstring cites its equation."""
+"""The README: its equation index (every function exists, cites its equation and names an existing test), its
+install and test commands (what CI runs) and the package metadata beside requirements.txt."""
 import importlib
 import re
 from pathlib import Path
@@ -9,8 +10,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def equation_rows():
     text = README.read_text(encoding="utf-8")
     section = text.split("## Equations", 1)[1].split("\n## ", 1)[0]
-    rows = re.findall(r"^\|\s*Eq\.\s*(\d+)\s*\|\s*`([\w.]+)`\s*\|", section, flags=re.M)
-    return [(int(n), dotted) for n, dotted in rows]
+    rows = re.findall(r"^\|\s*Eq\.\s*(\d+)\s*\|\s*`([\w.]+)`\s*\|\s*`([\w/.]+)::(\w+)`\s*\|", section, flags=re.M)
+    return [(int(n), dotted, path, test) for n, dotted, path, test in rows]
 
 
 def resolve(dotted):
@@ -27,18 +28,28 @@ def resolve(dotted):
 
 
 def test_equation_table_is_complete_and_ordered():
-    numbers = [n for n, _ in equation_rows()]
+    numbers = [n for n, *_ in equation_rows()]
     assert numbers, "no equation rows found in README"
     assert numbers == sorted(set(numbers)), "one row per equation, in order"
-    assert numbers[0] == 1 and numbers == list(range(1, numbers[-1] + 1)), "equations numbered without gaps"
+    assert numbers == list(range(1, 21)), "the paper's Eqs. 1-20, one row each, without gaps"
 
 
 def test_every_indexed_function_cites_its_equation():
-    for n, dotted in equation_rows():
+    for n, dotted, *_ in equation_rows():
         fn = resolve(dotted)
         assert callable(fn), dotted
         doc = fn.__doc__ or ""
         assert re.search(rf"Eq\. \({n}\)", doc), f"{dotted} docstring does not cite Eq. ({n})"
+
+
+def test_every_indexed_equation_names_an_existing_test():
+    import ast
+
+    for n, _, path, test in equation_rows():
+        file = README.parent / path
+        assert file.is_file(), f"Eq. {n}: {path} does not exist"
+        names = {f.name for f in ast.walk(ast.parse(file.read_text())) if isinstance(f, ast.FunctionDef)}
+        assert test in names and test.startswith("test_"), f"Eq. {n}: no test {test} in {path}"
 
 
 def test_readme_test_command_is_what_ci_runs():

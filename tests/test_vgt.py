@@ -1,5 +1,6 @@
-"""Tests of apla/vgt.py: every equation function (Eqs. 4, 7-15) against hand-computed values or closed forms,
-the mask, shapes, bf16, the initial perturbation ratio and the parameter counts of Table 1."""
+"""Tests of apla/vgt.py: every equation (Eqs. 4, 7-15, free functions and block forwards) against hand-computed
+values or closed forms, the intermediates VGT returns, the mask, shapes, bf16, the initial perturbation ratio and
+the parameter counts of Table 1."""
 
 import math
 
@@ -8,7 +9,9 @@ import torch
 import torch.nn.functional as F_
 
 from apla import vgt as V
+from apla.unet import timestep_embedding
 from apla.vgt import VGT, VGTConfig
+from apla.weights import count_parameters
 
 TABLE1 = {"pure": 60.362e6, "hyper": 97.136e6, "pure-en": 60.362e6, "hyper-en": 97.136e6}
 
@@ -54,7 +57,8 @@ def test_patchify_hand_value_and_round_trip():
 
 
 def test_timestep_embedding_closed_form():
-    e = V.timestep_embedding(torch.tensor([0, 7]), 8)
+    """VGT adds the U-Net's embedding at its defaults to the class token; those defaults give [cos | sin]."""
+    e = timestep_embedding(torch.tensor([0, 7]), 8)
     assert torch.equal(e[0], torch.tensor([1.0] * 4 + [0.0] * 4))
     freqs = [math.exp(-math.log(10000.0) * i / 4) for i in range(4)]
     ref = [math.cos(7 * f) for f in freqs] + [math.sin(7 * f) for f in freqs]
@@ -102,26 +106,25 @@ def _reference_attention(block, x, mask):
     return block.attn.proj(out)
 
 
-@pytest.mark.parametrize("fn", [V.spatial_decoder_block, V.temporal_decoder_block])
+@pytest.mark.parametrize("shape", [(6, 5, 8), (2, 4, 8)], ids=["eq7-spatial-B*F,1+N,d", "eq8-temporal-B,1+F,d"])
 @pytest.mark.parametrize("masked", [True, False])
-def test_eq7_eq8_decoder_blocks_match_written_out_attention(fn, masked):
+def test_eq7_eq8_decoder_block_matches_written_out_attention(shape, masked):
     torch.manual_seed(0)
     block = V.DecoderBlock(8, 2).double()
-    x = torch.randn(3, 5, 8, dtype=torch.float64)
-    mask = V.decoder_mask(5) if masked else None
+    x = torch.randn(*shape, dtype=torch.float64)
+    mask = V.decoder_mask(shape[1]) if masked else None
     # $$z^{\ell+1} = \mathrm{MMSA}(\mathrm{LN}(z^\ell)) + z^\ell$$
     ref = _reference_attention(block, block.norm(x), mask) + x
-    assert torch.allclose(fn(block, x, mask), ref, atol=1e-12)
+    assert torch.allclose(block(x, mask), ref, atol=1e-12)
 
 
 def test_eq12_hadamard_fusion_hand_value():
     z_s = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])  # (B=1, F=1, N=2, d=2)
-    z_t = torch.tensor([[[10.0, -1.0]]])  # (B=1, F=1, d=2)
-    assert torch.equal(V.hadamard_fusion(z_s, z_t), torch.tensor([[[[10.0, -2.0], [30.0, -4.0]]]]))
+    z_tmp = torch.tensor([[[10.0, -1.0]]])  # (B=1, F=1, d=2)
+    assert torch.equal(V.hadamard_fusion(z_s, z_tmp), torch.tensor([[[[10.0, -2.0], [30.0, -4.0]]]]))
 
 
-@pytest.mark.parametrize("fn", [V.mlp_head, V.hyper_head])
-def test_eq13_eq15_mlp_heads_hand_value(fn):
+def test_eq13_eq15_mlp_head_hand_value():
     head = V.MLPHead(2, 2, 1)
     with torch.no_grad():
         head.fc1.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
@@ -130,17 +133,17 @@ def test_eq13_eq15_mlp_heads_hand_value(fn):
         head.fc2.bias.copy_(torch.tensor([0.5]))
     y = torch.tensor([[3.0, -3.0]])
     gelu = lambda v: 0.5 * v * (1 + math.erf(v / math.sqrt(2)))
-    assert fn(head, y).item() == pytest.approx(gelu(3.0) + gelu(-3.0) + 0.5, rel=1e-6)
+    assert head(y).item() == pytest.approx(gelu(3.0) + gelu(-3.0) + 0.5, rel=1e-6)
 
 
-def test_eq14_hyper_fusion_matches_functional_convolutions():
+def test_eq14_hyper_block_matches_functional_convolutions():
     torch.manual_seed(0)
     B, F, Hp, Wp, d = 2, 3, 2, 4, 4
     block = V.HyperBlock(d).double()
     z_s = torch.randn(B, F, Hp * Wp, d, dtype=torch.float64)
-    cls_t = torch.randn(B, d, dtype=torch.float64)
-    z_t = torch.randn(B, F, d, dtype=torch.float64)
-    out = V.hyper_fusion(block, z_s, cls_t, z_t, (Hp, Wp))
+    cls_t_M = torch.randn(B, d, dtype=torch.float64)
+    z_tmp_C = torch.randn(B, F, d, dtype=torch.float64)
+    out = block(z_s, cls_t_M, z_tmp_C, (Hp, Wp))
     # independent path: build the grid element by element, then the two transposed convolutions
     grid = torch.zeros(B, 2 * d, F, Hp, Wp, dtype=torch.float64)
     for b in range(B):
@@ -148,7 +151,7 @@ def test_eq14_hyper_fusion_matches_functional_convolutions():
             for i in range(Hp):
                 for j in range(Wp):
                     grid[b, :d, f, i, j] = z_s[b, f, i * Wp + j]
-                    grid[b, d:, f, i, j] = z_t[b, f] + cls_t[b]
+                    grid[b, d:, f, i, j] = z_tmp_C[b, f] + cls_t_M[b]
     y = F_.conv_transpose3d(grid, block.conv1.weight, block.conv1.bias, padding=1)
     y = F_.conv_transpose3d(F_.gelu(y), block.conv2.weight, block.conv2.bias, padding=(0, 1, 1))
     assert out.shape == (B, F, Hp * Wp, d)
@@ -156,15 +159,47 @@ def test_eq14_hyper_fusion_matches_functional_convolutions():
     assert torch.allclose(out, y.reshape(B, d, F, Hp * Wp).permute(0, 2, 3, 1), atol=1e-12)
 
 
-def test_every_equation_function_cites_its_equation():
-    table = {4: V.perturbed_eps, 7: V.spatial_decoder_block, 8: V.temporal_decoder_block, 9: V.spatial_tokens,
-             10: V.temporal_input, 11: V.temporal_output, 12: V.hadamard_fusion, 13: V.mlp_head,
-             14: V.hyper_fusion, 15: V.hyper_head}
-    for n, fn in table.items():
-        assert f"Eq. ({n})" in fn.__doc__, fn.__name__
-
-
-# --------------------------------------------------------------------------------------------- the model
+@pytest.mark.parametrize("variant", V.VARIANTS)
+def test_intermediates_shapes_and_are_what_forward_uses(variant):
+    cfg = tiny(variant, patch_size=2, sample_size=32)
+    model = VGT(cfg).double()
+    B, C, F, H, W = 2, 4, 3, 8, 12
+    P, d, N = cfg.patch_size, cfg.width, (8 // 2) * (12 // 2)
+    z = torch.randn(B, C, F, H, W, dtype=torch.float64)
+    t = torch.tensor([5, 700])
+    with torch.no_grad():
+        out = model(z, t, return_intermediates=True)
+        phi = model(z, t)
+    assert isinstance(out, V.VGTIntermediates)
+    assert {k: tuple(v.shape) for k, v in out._asdict().items()} == {
+        "z_s_0": (B * F, 1 + N, d), "z_s_L": (B * F, 1 + N, d), "z_tmp_1": (B, 1 + F, d), "z_tmp_M": (B, 1 + F, d),
+        "y": (B, F, N, d), "z_hat": (B, F, N, C * P * P), "phi": (B, C, F, H, W)}
+    assert torch.equal(out.phi, phi)
+    # each intermediate is the previous one through the next equation's code
+    mask_s = V.decoder_mask(1 + N) if cfg.masked else None
+    mask_t = V.decoder_mask(1 + F) if cfg.masked else None
+    with torch.no_grad():
+        cls = (model.cls_s[0] + timestep_embedding(t, d).double()).repeat_interleave(F, dim=0)  # (B*F, d)
+        assert torch.allclose(out.z_s_0[:, 0], cls + model.pos_s[0, 0], atol=1e-12)  # Eq. 9's class token carries t
+        z_s = out.z_s_0
+        for block in model.spatial:
+            z_s = block(z_s, mask_s)  # Eq. 7
+        assert torch.equal(model.norm_s(z_s), out.z_s_L)
+        cls_s_L = out.z_s_L[:, 0].reshape(B, F, d)  # (B*F, d) -> (B, F, d)
+        assert torch.equal(V.temporal_input(cls_s_L, model.cls_t, model.D, model.pos_t[:, : 1 + F]), out.z_tmp_1)
+        z_tmp = out.z_tmp_1
+        for block in model.temporal:
+            z_tmp = block(z_tmp, mask_t)  # Eq. 8
+        assert torch.equal(model.norm_t(z_tmp), out.z_tmp_M)
+        z_s_C = out.z_s_L[:, 1:].reshape(B, F, N, d)  # (B*F, 1+N, d) -> (B, F, N, d)
+        cls_t_M, z_tmp_C = V.temporal_output(out.z_tmp_M)  # Eq. 11
+        if cfg.hyper:
+            y = model.fusion(z_s_C, cls_t_M, z_tmp_C, (H // P, W // P))  # Eq. 14
+        else:
+            y = V.hadamard_fusion(z_s_C, z_tmp_C)  # Eq. 12
+        assert torch.equal(y, out.y)
+        assert torch.equal(model.head(out.y), out.z_hat)  # Eq. 13 / 15
+        assert torch.equal(V.unpatchify(out.z_hat, P, C, H, W), phi)
 
 
 @pytest.mark.parametrize("variant", V.VARIANTS)
@@ -176,8 +211,8 @@ def test_mask_keeps_earlier_frames_of_temporal_decoder(variant):
     z2 = z.clone()
     z2[:, :, k] += torch.randn_like(z2[:, :, k])
     with torch.no_grad():
-        _, t1 = model.decode(z, 10)
-        _, t2 = model.decode(z2, 10)
+        t1 = model(z, 10, return_intermediates=True).z_tmp_M
+        t2 = model(z2, 10, return_intermediates=True).z_tmp_M
         phi1, phi2 = model(z, 10), model(z2, 10)
     earlier = slice(1, 1 + k)  # temporal tokens of frames 0..k-1 (index 0 is the class token)
     assert not torch.allclose(t1[:, 1 + k], t2[:, 1 + k])  # frame k itself changes
@@ -248,7 +283,7 @@ def test_parameter_counts_match_table1():
     counts = {}
     for variant in V.VARIANTS:
         with torch.device("meta"):
-            counts[variant] = V.count_parameters(VGT(VGTConfig(variant=variant)))
+            counts[variant] = count_parameters(VGT(VGTConfig(variant=variant)))
     for variant, n in counts.items():
         print(f"VGT-{variant}: {n / 1e6:.3f} M (Table 1: {TABLE1[variant] / 1e6:.3f} M, "
               f"{100 * (n / TABLE1[variant] - 1):+.2f}%)")

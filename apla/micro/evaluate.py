@@ -35,7 +35,7 @@ from apla.micro import shapes
 from apla.micro import GUIDANCE_SCALE, MICRO_DIR, NUM_INFERENCE_STEPS
 from apla.scheduler import classifier_free_guidance, ddim_sample, ddim_timesteps
 from apla.text import encode_prompt
-from apla.weights import load_stable_diffusion
+from apla.weights import count_parameters, load_stable_diffusion
 
 # Seeds of the evaluation sets (pretraining uses 1_000_000 and up, see apla.micro.pretrain).
 HELD_OUT_VAE_SEED = 7_000
@@ -44,10 +44,6 @@ VAL_VAE_SEED = 8_000
 VAL_PROMPT_SEED = 8_001
 TARGETS = {"psnr": 28.0, "colour": 0.90, "shape": 0.75, "position": 0.85}
 CHOICES = {"colour": len(shapes.PALETTE), "shape": len(shapes.SHAPES), "position": len(shapes.POSITIONS)}
-
-
-def count_parameters(module: torch.nn.Module, skip=lambda name: False) -> int:
-    return sum(p.numel() for name, p in module.named_parameters() if not skip(name))
 
 
 @torch.no_grad()

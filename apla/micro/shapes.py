@@ -345,7 +345,7 @@ def write_default_clip(path: str | os.PathLike) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def to_uint8(img) -> np.ndarray:
+def to_rgb255(img) -> np.ndarray:
     """Accept a uint8 (H, W, 3) array, a PIL image, or a float array/tensor in [-1, 1] shaped (3, H, W) or
     (H, W, 3); return float64 (H, W, 3) in 0-255 units."""
     if isinstance(img, Image.Image):
@@ -394,7 +394,7 @@ def object_mask(img) -> tuple[np.ndarray, np.ndarray, np.ndarray, float] | None:
     """Segment the object: returns (mask (H, W) bool, dist (H, W), background (3,), level) or None if the image
     holds no object. dist is each pixel's RGB distance from the background (median of the 1-px border); level is
     the object's interior distance; mask = the blob around the strongest pixel with dist > MASK_LEVEL * level."""
-    rgb = to_uint8(img)
+    rgb = to_rgb255(img)
     border = np.concatenate([rgb[0], rgb[-1], rgb[1:-1, 0], rgb[1:-1, -1]])  # (4H - 4, 3)
     background = np.median(border, axis=0)
     dist = np.linalg.norm(rgb - background, axis=-1)  # (H, W)
@@ -427,7 +427,7 @@ def evaluate_image(img) -> dict:
         return none
     mask, dist, _, level = seg
     n_rows, n_cols = mask.shape
-    rgb = to_uint8(img)
+    rgb = to_rgb255(img)
 
     interior = ~_dilate(~mask)  # one-pixel erosion
     if not interior.any():
