@@ -265,20 +265,24 @@ def finished(job: Job) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 # Measuring one finished run
 # ---------------------------------------------------------------------------------------------------------------
-def sample_measures(run_dir: Path, step: int, shapes: dict | None) -> list[dict]:
-    """Per prompt sampled at `step`: kind (source, colour, shape or edit) and its measures."""
-    from apla.micro.oneshot import evaluate_run
+def sample_measures(run_dir: Path, step: int, prompts: list[str], shapes: dict | None) -> list[dict]:
+    """Per prompt sampled at `step`: its kind (source; colour or shape on a shapes clip, edit otherwise) and the
+    measures sample.py wrote in samples/step-N/metrics.json (apla.metrics, scored on the files' 8-bit frames)."""
+    path = samples_dir(run_dir, step) / "metrics.json"
+    if path.is_file():
+        rows = {r["prompt"]: r for r in json.loads(path.read_text())["videos"]}
+    else:  # until sample.py scores its samples
+        from apla.micro.oneshot import evaluate_run
 
-    rows = evaluate_run(run_dir, samples_dir(run_dir, step))["results"]
+        rows = {r["prompt"]: {"edited": r["edited"], "metrics": {
+            k: r[old] for k, old in (("edited_right", "edited_attribute_accuracy"), ("kept_right", "kept_attribute_accuracy"),
+                                     ("path_error", "path_distance_px"), ("psnr", "psnr_db"), ("object_found", "object_found"))
+            if old in r}} for r in evaluate_run(run_dir, samples_dir(run_dir, step))["results"]}
     out = []
-    for r in rows:
-        kind = "source" if not r["edited"] else r["edited"][0] if shapes else "edit"
-        m = {"psnr_db": r.get("psnr_db")}
-        if shapes:
-            m.update(edited_right=r.get("edited_attribute_accuracy"), unedited_kept=r.get("kept_attribute_accuracy"),
-                     path_px=r["path_distance_px"], object_found=r["object_found"])
-        out.append({"step": step, "prompt": r["prompt"], "kind": kind,
-                    "measures": {k: v for k, v in m.items() if v is not None}})
+    for prompt in prompts:
+        r = rows[prompt]
+        kind = "source" if prompt == prompts[0] else (r["edited"][0] if shapes and len(r["edited"]) == 1 else "edit")
+        out.append({"step": step, "prompt": prompt, "kind": kind, "measures": r["metrics"]})
     return out
 
 
@@ -289,7 +293,7 @@ def diagnostics(run_dir: Path, device: str, batches: int = DIAG_BATCHES) -> tupl
       grad_share = grad_adv / (grad_adv + grad_hyper)           the share of the generator's gradient that D drives
       d_accuracy = (P[D(eps) > 0] + P[D(eps*) < 0]) / 2         per pixel: real noise called real, eps* called fake
     lambda L_g is computed from the step's own eps* with the step's own functions, and L_hyper's gradient as that
-    of loss_g - lambda L_g. Returns (one record per checkpoint, VGT's parameter count)."""
+    of loss_g - lambda L_g. Returns (one record per checkpoint, none without D; VGT's parameter count)."""
     import torch
     from safetensors.torch import load_file
 
@@ -309,7 +313,7 @@ def diagnostics(run_dir: Path, device: str, batches: int = DIAG_BATCHES) -> tupl
         return torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)).item()
 
     records = []
-    for path in ckpt.list_checkpoints(run_dir):
+    for path in ckpt.list_checkpoints(run_dir) if model.disc is not None else []:
         step = run.load_checkpoint(path, cfg, model)
         model.train()
         gen = torch.Generator(device=dev).manual_seed(DIAG_SEED)
@@ -319,9 +323,6 @@ def diagnostics(run_dir: Path, device: str, batches: int = DIAG_BATCHES) -> tupl
             t = torch.randint(0, len(sd.alpha_bar), (1,), generator=gen, device=dev)
             eps = torch.randn(z0.shape, generator=gen, device=dev)
             out = model(z0, context, t, eps)
-            if model.disc is None:
-                acc["grad_hyper"].append(norm(torch.autograd.grad(out.loss_g, params, allow_unused=True)))
-                continue
             d_fake = model.disc(out.eps_star).float()
             adv = model.lam * generator_adversarial_loss(d_fake, model.saturating)
             if not torch.allclose(adv.detach(), model.lam * out.terms["adv_g"], rtol=1e-4, atol=1e-7):
@@ -344,7 +345,8 @@ def measure_run(run_dir, device: str = "cpu", batches: int = DIAG_BATCHES) -> di
     """Everything the report needs from one finished run -> RUN/measures.json (written atomically)."""
     run_dir = Path(run_dir)
     study = json.loads((run_dir / "study.json").read_text())
-    samples = [row for step in study["sample_at"] for row in sample_measures(run_dir, step, study["shapes"])]
+    samples = [row for step in study["sample_at"]
+               for row in sample_measures(run_dir, step, study["prompts"], study["shapes"])]
     diag, vgt_params = diagnostics(run_dir, device, batches)
     log = [json.loads(ln) for ln in (run_dir / "log.jsonl").read_text().splitlines() if ln.strip()]
     result = {**study, "samples": samples, "diagnostics": diag, "vgt_params": vgt_params,
@@ -438,18 +440,23 @@ def main(argv=None) -> int:
     todo = [j for j in jobs if not finished(j)]
     print(f"apla.ablate: {len(jobs)} runs ({len(jobs) - len(todo)} already finished), {workers} at a time, "
           f"{threads} thread(s) each -> {out}", file=sys.stderr)
-    loads, started = [os.getloadavg()[0]], time.time()
-    done = []
+    loads, started, stop, done = [os.getloadavg()[0]], time.time(), threading.Event(), []
+
+    def sample_load():  # the 1-minute load average every 10 s while the runs go
+        while not stop.wait(10):
+            loads.append(os.getloadavg()[0])
 
     def on_done(job):
         done.append(job)
-        loads.append(os.getloadavg()[0])
         print(f"  [{len(done)}/{len(todo)}] {job.name} ({(time.time() - started) / 60:.1f} min)", file=sys.stderr)
 
+    threading.Thread(target=sample_load, daemon=True).start()
     errors = run_all(todo, devices, workers, threads, on_done)
+    stop.set()
     stage = {"command": "python -m apla.ablate " + shlex.join(argv), "wall_s": time.time() - started,
              "runs": len(todo), "runs_before": len(jobs) - len(todo), "jobs": workers, "threads": threads,
-             "cpus": os.cpu_count(), "load_before": loads[0], "load_max": max(loads), "errors": errors,
+             "cpus": os.cpu_count(), "load_before": loads[0], "load_mean": sum(loads[1:]) / max(1, len(loads) - 1),
+             "load_max": max(loads), "errors": errors,
              "finished_at": time.strftime("%Y-%m-%d %H:%M")}
     stages_path = out / "stages.json"
     stages = json.loads(stages_path.read_text()) if stages_path.is_file() else []

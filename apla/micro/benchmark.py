@@ -191,12 +191,12 @@ def candidates(seed: int = BENCH_SEED, n: int = NUM_CANDIDATES) -> list[ClipSpec
 # ---------------------------------------------------------------------------------------------------------------
 def representable(vae_check: dict, tav: dict) -> list[str]:
     """Why the micro model cannot represent a candidate (empty: it can). vae_check: the evaluator on the VAE's
-    round trip of the clip (colour_shape_right, path_px); tav: Tune-A-Video's per-prompt measures."""
+    round trip of the clip (colour_shape_right, path_error); tav: Tune-A-Video's per-prompt measures."""
     why = []
     if vae_check["colour_shape_right"] < 1.0:
         why.append(f"VAE round trip: colour and shape right in {100 * vae_check['colour_shape_right']:.0f}% of frames")
-    if not vae_check["path_px"] <= REPRESENT_PATH_PX:
-        why.append(f"VAE round trip: centroid path {vae_check['path_px']:.2f} px off")
+    if not vae_check["path_error"] <= REPRESENT_PATH_PX:
+        why.append(f"VAE round trip: centroid path {vae_check['path_error']:.2f} px off")
     if tav["source"]["object_found"] < 1.0:
         why.append(f"Tune-A-Video's source sample shows an object in {100 * tav['source']['object_found']:.0f}% "
                    "of frames")
@@ -210,13 +210,13 @@ def headroom(tav: dict) -> list[str]:
         m = tav[kind]
         if m["edited_right"] < 1.0:
             short.append(f"{kind} edit right in {100 * m['edited_right']:.0f}% of frames")
-        if m["unedited_kept"] < 1.0:
-            short.append(f"{kind} edit keeps the unedited attribute in {100 * m['unedited_kept']:.0f}% of frames")
+        if m["kept_right"] < 1.0:
+            short.append(f"{kind} edit keeps the unedited attribute in {100 * m['kept_right']:.0f}% of frames")
     for kind in ("source", "colour", "shape"):
-        if not tav[kind]["path_px"] <= HEADROOM_PATH_PX:
-            short.append(f"{kind} sample's centroid path {tav[kind]['path_px']:.2f} px off")
-    if not tav["source"]["psnr_db"] >= HEADROOM_PSNR_DB:
-        short.append(f"source prompt reconstructed at {tav['source']['psnr_db']:.1f} dB")
+        if not tav[kind]["path_error"] <= HEADROOM_PATH_PX:
+            short.append(f"{kind} sample's centroid path {tav[kind]['path_error']:.2f} px off")
+    if not tav["source"]["psnr"] >= HEADROOM_PSNR_DB:
+        short.append(f"source prompt reconstructed at {tav['source']['psnr']:.1f} dB")
     return short
 
 
@@ -264,7 +264,7 @@ def vae_check(spec: ClipSpec, sd) -> dict:
     frames = render(spec)
     back = decode_latents(sd.vae, encode_clip(sd.vae, frames, "cpu")[0])  # (F, 3, H, W)
     return {"colour_shape_right": attribute_accuracy(back, spec.colour, spec.shape),
-            "path_px": path_distance(centroid_path(back), centroid_path(frames))}
+            "path_error": path_distance(centroid_path(back), centroid_path(frames))}
 
 
 def main(argv=None) -> int:
