@@ -193,6 +193,16 @@ def phi_table(runs: list[dict], names: list[str]) -> list[str]:
     return lines
 
 
+def cost_table(runs: list[dict], names: list[str]) -> list[str]:
+    """Mean seconds per training step of each variant (as logged by train.py, under the study's parallel load)."""
+    lines = ["| variant | s per training step | runs |", "| --- | --- | --- |"]
+    for v in names:
+        times = [t for r in runs if r["variant"] == v for t in r["step_time"][1:]]  # the first step warms up
+        if times:
+            lines.append(f"| {v} | {np.mean(times):.3f} | {sum(r['variant'] == v for r in runs)} |")
+    return lines
+
+
 def plot_phi(curves: dict, path: Path, smooth: int = 10) -> None:
     """The paper's Fig. 5b on our runs: ||phi|| / ||eps_theta|| over training steps (running mean of `smooth`
     steps), one line per VGT variant. Needs matplotlib (ImportError otherwise)."""
@@ -291,19 +301,20 @@ def write_report(jobs, path, stages: list[dict], plots: bool = True) -> int:
     n = min(min(j.sample_at) for j in jobs)
     long_names = [v for v in names if any(2 * n in j.sample_at for j in jobs if j.variant == v)]
     table1 = [v for v in names if v == "full" or v.startswith("VGT-")]
-    cfg, last = jobs[0].config, stages[-1]
+    cfg = jobs[0].config
+    ran = [s for s in stages if s["runs"]] or stages[-1:]
     clips = list(dict.fromkeys(j.clip.name for j in jobs))
     seeds = sorted({j.seed for j in jobs})
     code = 0
-    L = [f"# Does APLA beat Tune-A-Video? Tables 1 and 3 on {len(clips)} clip(s) × {len(seeds)} seed(s)", "",
-         f"Made by `{last['command']}`: {last['wall_s'] / 60:.1f} min wall for {last['runs']} runs "
-         f"({last['runs_before']} were already finished), {last['jobs']} at a time with {last['threads']} torch "
-         f"thread(s) each on {last['cpus']} CPU cores; 1-minute load average {last['load_before']:.2f} before the "
-         f"start, {last['load_mean']:.2f} on average and at most {last['load_max']:.2f} while it ran "
-         f"({last['finished_at']}).", ""]
-    if len(stages) > 1:
-        L += [f"It ran in {len(stages)} stages: " + ", ".join(f"{s['wall_s'] / 60:.1f} min ({s['runs']} runs)"
-                                                                for s in stages) + ".", ""]
+    L = [f"# Does APLA beat Tune-A-Video? Tables 1 and 3 on {len(clips)} clip(s) × {len(seeds)} seed(s)", ""]
+    for s in ran:  # every invocation that ran runs (one, unless the study was run in stages)
+        L += [f"Made by `{s['command']}`: {s['wall_s'] / 60:.1f} min wall for {s['runs']} runs "
+              f"({s['runs_before']} were already finished), {s['jobs']} at a time with {s['threads']} torch "
+              f"thread(s) each on {s['cpus']} CPU cores; 1-minute load average {s['load_before']:.2f} before the "
+              f"start, {s['load_mean']:.2f} on average and at most {s['load_max']:.2f} while it ran "
+              f"(finished {s['finished_at']}).", ""]
+    if len(ran) > 1:
+        L += [f"In all {sum(s['wall_s'] for s in ran) / 60:.1f} min over {len(ran)} stages.", ""]
     train_min = sum(sum(r["step_time"]) for r in runs) / 60
     L += ["## Setup", "",
           f"- Base model `{cfg['pretrained']}`; {cfg['frames']} frames at {cfg['size']}×{cfg['size']}; AdamW lr "
@@ -362,6 +373,7 @@ def write_report(jobs, path, stages: list[dict], plots: bool = True) -> int:
         write_grid(rows, path.parent / "ablation_grid.png")
         L += ["", "## Frames", "", f"{caption} (rows: the source clip, then each variant; columns: frames).", "",
               "![variants × frames](ablation_grid.png)"]
+    L += ["", "## Cost", "", *cost_table(runs, names)]
     L += ["", "## Significant differences from Tune-A-Video", ""]
     L += [f"- {t}: {v}, {label}: {m:+.2f} ± {h:.2f} ({'better' if b else 'worse'})" for t, v, label, m, h, b
           in sig_all] or ["- none: every interval includes 0"]
