@@ -37,6 +37,7 @@ MEASURES = [
     ("clip_text_alignment", "CLIP text alignment", +1, ALL, 1.0),
     ("psnr", "PSNR of the source prompt (dB)", +1, ("source",), 1.0),
 ]
+DIGITS = {"fci": 3, "size_flicker": 3}  # decimals shown (else 2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -111,27 +112,28 @@ def fmt(mean: float, half: float, scale: float = 1.0, digits: int = 2, sign: boo
 
 
 def measure_table(runs: list[dict], names: list[str], step: int, baseline: str, measures=MEASURES) -> tuple[list, list]:
-    """Markdown lines of two tables (means, then paired differences from the baseline) and the list of
-    significant differences as (variant, label, mean, half, better)."""
+    """Markdown lines of two tables, a row per measure and a column per variant: the means, then the paired
+    differences from the baseline; and the significant differences as (variant, label, mean, half, better)."""
     present = [m for m in measures if any(unit_values(runs, v, step, m[0], m[3]) for v in names)]
-    head = "| variant | " + " | ".join(f"{label} {'↑' if d > 0 else '↓'}" for _, label, d, _, _ in present) + " |"
-    rule = "| --- |" + " --- |" * len(present)
-    means, diffs, found = [head, rule], [head.replace("| variant |", "| variant − Tune-A-Video |"), rule], []
-    for v in names:
-        cells, dcells = [], []
-        for key, label, direction, kinds, scale in present:
-            vals = unit_values(runs, v, step, key, kinds)
-            m, h, n = mean_ci(vals.values())
-            cells.append(fmt(m, h, scale) + (f" (n={n})" if v == names[0] else ""))
-            if v != baseline:
-                dm, dh, _ = paired_ci(vals, unit_values(runs, baseline, step, key, kinds))
-                sig = significant(dm, dh)
-                dcells.append(fmt(dm, dh, scale, sign=True) + (" *" if sig else ""))
-                if sig:
-                    found.append((v, label, dm * scale, dh * scale, dm * direction > 0))
-        means.append(f"| {v} | " + " | ".join(cells) + " |")
-        if v != baseline:
-            diffs.append(f"| {v} | " + " | ".join(dcells) + " |")
+    others = [v for v in names if v != baseline]
+    n = max((mean_ci(unit_values(runs, baseline, step, m[0], m[3]).values())[2] for m in present), default=0)
+    means = [f"| measure (n = {n} clip × seed) | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    diffs = ["| Δ from Tune-A-Video | " + " | ".join(others) + " |", "| --- |" + " --- |" * len(others)]
+    found = []
+    for key, label, direction, kinds, scale in present:
+        vals = {v: unit_values(runs, v, step, key, kinds) for v in names}
+        title = f"{label} {'↑' if direction > 0 else '↓'}"
+        digits = DIGITS.get(key, 2)
+        means.append(f"| {title} | " + " | ".join(fmt(*mean_ci(vals[v].values())[:2], scale, digits) for v in names)
+                     + " |")
+        cells = []
+        for v in others:
+            dm, dh, _ = paired_ci(vals[v], vals[baseline])
+            sig = significant(dm, dh)
+            cells.append(fmt(dm, dh, scale, digits, sign=True) + (" *" if sig else ""))
+            if sig:
+                found.append((v, label, dm * scale, dh * scale, dm * direction > 0))
+        diffs.append(f"| {title} | " + " | ".join(cells) + " |")
     return means + [""] + diffs, found
 
 

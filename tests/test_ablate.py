@@ -130,9 +130,13 @@ def test_quick_study_end_to_end(tmp_path):
     assert "Made by `python -m apla.ablate --quick --jobs 2" in report and report.rstrip().endswith(HAND_MARK)
     table3 = report.split("## Table 3 at the default budget")[1].split("## ")[0]
     rows = [ln for ln in table3.splitlines() if ln.startswith("| ") and "---" not in ln]
-    assert [r.split(" | ")[0] for r in rows] == ["| variant", "| Tune-A-Video", "| full", "| variant − Tune-A-Video",
-                                                   "| full"]
-    assert all(len(r.split(" | ")) == len(rows[0].split(" | ")) for r in rows)
+    assert rows[0] == "| measure (n = 1 clip × seed) | Tune-A-Video | full |"
+    assert "| Δ from Tune-A-Video | full |" in rows
+    labels = [r.split(" | ")[0][2:] for r in rows]
+    for label in ("edited attribute right (% of frames) ↑", "unedited attribute kept (% of frames) ↑",
+                  "centroid path error (px) ↓", "PSNR of the source prompt (dB) ↑"):
+        assert labels.count(label) == 2  # in the means and in the differences
+    assert all(len(r.split(" | ")) == len(rows[0].split(" | ")) for r in rows[:rows.index("| Δ from Tune-A-Video | full |")])
     assert "| full | D accuracy (%) |" in report and "| VGT-Hyper | λ·L_g share of ‖∇θ‖ (%) |" in report
     grid = Image.open(out / "ablation_grid.png")
     assert grid.size == (150 + 12 * 64 * 2, 4 * 64 * 2)  # the source clip and 3 variants, 12 frames each
