@@ -26,16 +26,24 @@ from apla import run
 from apla.cli import autocast_for, fail, pick_device, sample_parser
 from apla.config import slug
 from apla.scheduler import ddim_invert, ddim_sample, ddim_timesteps
-from apla.video import write_gif, write_mp4, write_png_strip
+from apla.video import PyAVMissing, require_av, write_gif, write_mp4, write_png_strip
 
 
-def write_outputs(frames: torch.Tensor, stem: Path, fps: int) -> list:
-    """A GIF and a PNG strip of (F, 3, H, W) frames, and an MP4 when PyAV is installed; returns the paths."""
-    written = [write_gif(frames, stem.with_suffix(".gif"), fps=fps), write_png_strip(frames, stem.with_suffix(".png"))]
+def mp4_possible() -> bool:
+    """Whether PyAV is installed to write MP4s; if not, says so once, in one line (GIF and PNG need only Pillow)."""
     try:
+        require_av("writing MP4")
+    except PyAVMissing as e:
+        print(f"note: MP4s skipped, GIFs and PNGs written: {e}", file=sys.stderr)
+        return False
+    return True
+
+
+def write_outputs(frames: torch.Tensor, stem: Path, fps: int, mp4: bool) -> list:
+    """A GIF and a PNG strip of (F, 3, H, W) frames, and an MP4 if `mp4`; returns the paths."""
+    written = [write_gif(frames, stem.with_suffix(".gif"), fps=fps), write_png_strip(frames, stem.with_suffix(".png"))]
+    if mp4:
         written.append(write_mp4(frames, stem.with_suffix(".mp4"), fps=fps))
-    except ImportError:
-        pass
     return written
 
 
@@ -51,8 +59,6 @@ def main(argv=None) -> int:
         fail(f"--run {run_dir}: no checkpoint found (train first, or pass --checkpoint)")
     steps = args.steps if args.steps is not None else cfg.sample_steps
     guidance = args.guidance if args.guidance is not None else cfg.guidance
-    if steps < 1:
-        fail(f"--steps must be at least 1, got {steps}")
     pretrained = args.pretrained or cfg.pretrained
 
     # ---- the base model + the run's tuned weights (U-Net trainable set, VGT) ------------------------------------
@@ -86,6 +92,7 @@ def main(argv=None) -> int:
     # ---- each prompt: guided DDIM sampling on eps* (Eq. 3 with Eq. 4), decode, write ---------------------------
     out_dir = Path(args.out) if args.out else run_dir / "samples"
     out_dir.mkdir(parents=True, exist_ok=True)
+    mp4 = mp4_possible()
     for prompt in args.prompt or [cfg.prompt, *cfg.edit_prompts]:
         with torch.no_grad():
             cond = apla.encode_prompt(sd, [prompt]).to(device)                 # (1, 77, D)
@@ -93,7 +100,7 @@ def main(argv=None) -> int:
             z0_new = ddim_sample(lambda z, t: model.guided_eps(z, t, uncond, cond, guidance, use_vgt), z_T,
                                  timesteps, alpha_bar, progress=not args.no_progress)
         frames = run.decode_latents(sd.vae, z0_new)                            # (F, 3, H, W)
-        written = write_outputs(frames, out_dir / slug(prompt), args.fps)
+        written = write_outputs(frames, out_dir / slug(prompt), args.fps, mp4)
         print(f"{prompt!r}: {', '.join(str(p) for p in written)}", file=sys.stderr)
     return 0
 

@@ -16,7 +16,7 @@ MODELS = {
 }
 
 CLIPS = {
-    "bigbuckbunny": ASSETS / "bigbuckbunny_24f_512.mp4",         # 24 frames of Big Buck Bunny (CC BY 3.0), 912x512
+    "bigbuckbunny": ASSETS / "bigbuckbunny_24f_512",             # 24 JPEG frames of Big Buck Bunny (CC BY 3.0), 912x512
     "red-circle-right": ASSETS / "shapes_red_circle_right.gif",  # the shapes world: a red circle moving right, 8 frames
 }
 

@@ -17,12 +17,19 @@ from typing import NoReturn, Optional
 import torch
 
 from apla.bundled import preset
-from apla.config import GROUPNORM, TrainConfig, default_config
+from apla.config import GROUPNORM, SEED, Range, TrainConfig, default_config
 
 
 def pick_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; anything else as given ('cpu', 'cuda:1', ...)."""
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    """'auto' -> cuda when available, else cpu; anything else as given ('cpu', 'cuda:1', ...), or one line and
+    exit 2 for a name torch does not know or a CUDA device on a machine without one."""
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    except RuntimeError as e:
+        fail(f"--device {name}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
+    return device
 
 
 def autocast_for(mixed_precision: str, device: torch.device):
@@ -34,9 +41,24 @@ def autocast_for(mixed_precision: str, device: torch.device):
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    """Print one line to stderr and exit with `code` (2: bad input, as argparse does)."""
-    print(f"error: {message}", file=sys.stderr)
+    """Print one line to stderr and exit with `code` (2: bad input, as argparse does); a message that spans lines
+    (a library's, passed on) is joined into one."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
     raise SystemExit(code)
+
+
+def in_range(kind, allowed: Range):
+    """An argparse `type` that reads a flag's value with `kind` (int or float) and checks it against `allowed`."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
+        problem = allowed.problem(value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+    return parse
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -163,6 +185,9 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+FPS = Range(1, 100, integer=True)  # a GIF counts its delays in hundredths of a second
+
+
 def sample_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="sample.py", description="Generate videos from a run of train.py.",
                       formatter_class=DefaultsFormatter)
@@ -170,16 +195,17 @@ def sample_parser() -> argparse.ArgumentParser:
     a("--run", default=TrainConfig().output_dir, help="the run directory written by train.py")
     a("--prompt", action="append", default=None,
       help="a prompt (repeatable) (default: the run's own prompt plus its edit_prompts)")
-    a("--steps", type=int, default=None, help="DDIM steps (default: the run's sample_steps, 50 at SD size)")
-    a("--guidance", type=float, default=None,
+    a("--steps", type=in_range(int, TrainConfig.RANGES["sample_steps"]), default=None,
+      help="DDIM steps (default: the run's sample_steps, 50 at SD size)")
+    a("--guidance", type=in_range(float, TrainConfig.RANGES["guidance"]), default=None,
       help="classifier-free guidance scale (default: the run's guidance, 12.5 at SD size as Tune-A-Video)")
-    a("--seed", type=int, default=33, help="seed of the starting noise (with --no-inversion)")
+    a("--seed", type=in_range(int, SEED), default=33, help="seed of the starting noise (with --no-inversion)")
     a("--no-inversion", action="store_true", help="start from seeded noise instead of the inverted clip")
     a("--no-vgt", action="store_true", help="sample without the VGT perturbation of Eq. 4")
     a("--pretrained", default=None, help="base model to load (default: the run's own --pretrained)")
     a("--checkpoint", default=None, help="a checkpoint folder (default: the run's latest)")
     a("--out", default=None, help="output folder (default: RUN/samples)")
-    a("--fps", type=int, default=8, help="frames per second of the GIF/MP4")
+    a("--fps", type=in_range(int, FPS), default=8, help="frames per second of the GIF/MP4")
     a("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
     a("--mixed-precision", choices=["no", "bf16", "fp16"], default="no", help="autocast dtype")
     a("--no-progress", action="store_true", help="no progress bars")

@@ -5,12 +5,15 @@ The paper gives no values for alpha, beta, gamma or lambda; ours are documented 
 """
 
 import dataclasses
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Tuple
 
 from apla.bundled import preset
+from apla.scheduler import NUM_TRAIN_TIMESTEPS
 from apla.unet import DEFAULT_TRAINABLE
+from apla.video import VAE_DOWNSAMPLE
 from apla.vgt import VARIANTS, VGTConfig
 
 # Table 3's rows -> (vgt on, discriminator on, hyper-loss on)
@@ -23,6 +26,56 @@ ABLATIONS = {
 }
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take: a finite number (an integer if `integer`, a multiple of `multiple`)
+    from `low` to `high`, each end allowed unless `open_low` / `open_high`; `why` is said after it. Config files,
+    train.py's flags (both through `validate`) and sample.py's flags are checked against the same ranges, so they
+    get the same message."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+    integer: bool = False
+    multiple: int = 1
+    why: str = ""
+
+    def __str__(self) -> str:
+        return f"{self._values()} ({self.why})" if self.why else self._values()
+
+    def _values(self) -> str:
+        if self.multiple > 1 and self.low == 0 and self.open_low and self.high is None:
+            return f"a positive multiple of {self.multiple}"
+        what = f"a multiple of {self.multiple}" if self.multiple > 1 else "an integer" if self.integer else "a number"
+        if self.low is not None and self.high is not None:
+            return f"{what} in {'(' if self.open_low else '['}{self.low}, {self.high}{')' if self.open_high else ']'}"
+        if self.low is not None:
+            return f"{what} {'>' if self.open_low else '>='} {self.low}"
+        if self.high is not None:
+            return f"{what} {'<' if self.open_high else '<='} {self.high}"
+        return what
+
+    def problem(self, value) -> str | None:
+        """None if `value` is in the range, else what is wrong with it ("must be a number > 0, got -1.0")."""
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = (number and math.isfinite(value) and (isinstance(value, int) or not (self.integer or self.multiple > 1))
+              and (self.low is None or (value > self.low if self.open_low else value >= self.low))
+              and (self.high is None or (value < self.high if self.open_high else value <= self.high))
+              and (self.multiple == 1 or value % self.multiple == 0))
+        return None if ok else f"must be {self}, got {value!r}"
+
+    def check(self, name: str, value) -> None:
+        """ValueError naming the setting unless `value` is in the range."""
+        problem = self.problem(value)
+        if problem:
+            raise ValueError(f"{name} {problem}")
+
+
+NON_NEGATIVE = Range(0)
+POSITIVE = Range(0, open_low=True)
+AT_LEAST_ONE = Range(1, integer=True)
+SEED = Range(0, 2**63 - 1, integer=True)  # torch.Generator.manual_seed takes up to 2**64 - 1; apla.run adds 2
 GROUPNORM = ("frames", "per-frame")  # TrainConfig.groupnorm
 
 
@@ -42,12 +95,17 @@ class APLAConfig:
     # torchvision's file from the torch hub cache if there, else "random" (apla.run.resolve_perceptual_weights)
     perceptual_weights: str | None = None
 
+    RANGES = {"alpha": NON_NEGATIVE, "beta": NON_NEGATIVE, "gamma": NON_NEGATIVE, "lam": NON_NEGATIVE}
+
     def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        """ValueError naming the first field out of its range (`RANGES`), as "apla.<field>" (its config key)."""
         if self.vgt not in VARIANTS + ("none",):
-            raise ValueError(f"APLAConfig.vgt={self.vgt!r}; expected one of {VARIANTS + ('none',)}")
-        for name in ("alpha", "beta", "gamma", "lam"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"APLAConfig.{name}={getattr(self, name)} must be >= 0")
+            raise ValueError(f"apla.vgt must be one of {VARIANTS + ('none',)}, got {self.vgt!r}")
+        for name, allowed in self.RANGES.items():
+            allowed.check(f"apla.{name}", getattr(self, name))
 
     @property
     def use_vgt(self) -> bool:
@@ -122,10 +180,11 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown configuration keys: {sorted(unknown)}")
         values = dict(values)
-        if isinstance(values.get("apla"), dict):
-            values["apla"] = dataclass_from_dict(APLAConfig, values["apla"], "apla")
-        if isinstance(values.get("vgt_model"), dict):
-            values["vgt_model"] = dataclass_from_dict(VGTConfig, values["vgt_model"], "vgt_model")
+        for key, kind in (("apla", APLAConfig), ("vgt_model", VGTConfig)):
+            if isinstance(values.get(key), dict):
+                values[key] = dataclass_from_dict(kind, values[key], key)
+            elif key in values and not isinstance(values[key], kind):
+                raise ValueError(f"{key} must be a table of {kind.__name__} fields, got {values[key]!r}")
         for key in ("trainable", "edit_prompts"):
             if key in values:
                 values[key] = tuple(values[key])
@@ -133,18 +192,29 @@ class TrainConfig:
         cfg.validate()
         return cfg
 
+    RANGES = {
+        "max_steps": AT_LEAST_ONE, "frames": AT_LEAST_ONE, "start": Range(0, integer=True), "stride": AT_LEAST_ONE,
+        "size": Range(0, open_low=True, multiple=VAE_DOWNSAMPLE, why=f"the VAE downsamples by {VAE_DOWNSAMPLE}"),
+        "seed": SEED, "lr": POSITIVE, "disc_lr": POSITIVE,
+        "adam_beta1": Range(0, 1, open_high=True), "adam_beta2": Range(0, 1, open_high=True),
+        "weight_decay": NON_NEGATIVE, "adam_epsilon": POSITIVE,
+        "max_grad_norm": NON_NEGATIVE,              # 0: no clipping
+        "checkpoint_every": AT_LEAST_ONE, "keep_checkpoints": Range(0, integer=True),  # 0: keep all
+        "sample_steps": Range(1, NUM_TRAIN_TIMESTEPS, integer=True), "guidance": NON_NEGATIVE,
+    }
+
     def validate(self):
+        """ValueError naming the first field out of its range (`RANGES`, and `APLAConfig.RANGES` as "apla.<field>");
+        the one place where config files, saved runs and train.py's flags are checked."""
         if self.groupnorm not in GROUPNORM:
             raise ValueError(f"groupnorm must be one of {GROUPNORM}, got {self.groupnorm!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
-        for name in ("max_steps", "frames", "stride", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.size < 8 or self.size % 8:
-            raise ValueError(f"size must be a positive multiple of 8 (the VAE downsamples by 8), got {self.size}")
-        if self.start < 0:
-            raise ValueError(f"start must be >= 0, got {self.start}")
+        for name, allowed in self.RANGES.items():
+            allowed.check(name, getattr(self, name))
+        if self.init_seed is not None:
+            SEED.check("init_seed", self.init_seed)
+        self.apla.validate()
 
 
 def dataclass_from_dict(cls, values: dict, where: str):

@@ -52,16 +52,21 @@ class VideoError(ValueError):
     """A clip that cannot be read or written as asked; the message names the file or value at fault."""
 
 
+class PyAVMissing(VideoError, ImportError):
+    """An MP4/WebM/MOV/MKV to read or write, and PyAV not installed; the message says how to install it."""
+
+
 # ----------------------------------------------------------------------------------------------------------
 # helpers
 
 
-def _require_av(purpose: str):
-    """Import PyAV, or fail with a one-line message saying how to install it."""
+def require_av(purpose: str):
+    """Import PyAV, or raise PyAVMissing with a one-line message saying how to install it."""
     try:
         import av
     except ImportError:
-        raise ImportError(f"{purpose} needs PyAV, which is not installed: pip install av") from None
+        install = 'pip install av (or pip install "apla[video]")'
+        raise PyAVMissing(f"{purpose} needs PyAV, which is not installed: {install}") from None
     return av
 
 
@@ -175,7 +180,7 @@ def _read_gif(path, indices):
 
 
 def _read_av(path, indices):
-    av = _require_av(f"reading {os.path.basename(path)}")
+    av = require_av(f"reading {os.path.basename(path)}")
     wanted, images, total = set(indices), {}, 0
     try:
         with av.open(path) as container:
@@ -279,7 +284,7 @@ def write_gif(frames: torch.Tensor, path: str | os.PathLike, fps: float = 8) -> 
 
 def write_mp4(frames: torch.Tensor, path: str | os.PathLike, fps: float = 8, crf: int = MP4_CRF) -> str:
     """Write (F, 3, H, W) frames in [-1, 1] as an H.264 MP4 (yuv420p, needs PyAV and even H, W); returns the path."""
-    av = _require_av("writing MP4")
+    av = require_av("writing MP4")
     array = to_uint8(frames)  # (F, H, W, 3)
     height, width = array.shape[1:3]
     if height % 2 or width % 2:

@@ -346,8 +346,9 @@ def resolve_hub_id(repo_id: str, components=COMPONENTS, revision: str | None = N
         patterns += [f"{c}/config.json", f"{c}/{FOLDER_FILES[c][0][0]}"]
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    except Exception as e:
-        raise WeightsError(f"{repo_id}: could not be resolved as a hub id ({type(e).__name__}: {e})") from None
+    except Exception as e:  # offline, unknown repository, no access: the hub's message, joined into one line
+        reason = " ".join(str(e).split())
+        raise WeightsError(f"{repo_id}: could not be resolved as a hub id ({type(e).__name__}: {reason})") from None
 
 
 def load_stable_diffusion(

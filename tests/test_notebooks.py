@@ -1,4 +1,5 @@
 """Every notebook runs top to bottom (they import from apla/ and visualise; nothing is re-implemented)."""
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,9 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    # the kernel imports this checkout's apla, whatever an installed copy points at (the notebooks need no path)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(NOTEBOOKS[0].parents[1]),
+                                                                   os.environ.get("PYTHONPATH")])))
     nb = nbformat.read(path, as_version=4)
     nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}}).execute()
