@@ -437,7 +437,7 @@ def main(argv=None) -> int:
     devices = args.devices.split(",") if args.devices else ["auto"]
     workers = args.jobs or (len(devices) if args.devices else 1)
     threads = args.threads or max(1, (os.cpu_count() or 1) // workers)
-    todo = [j for j in jobs if not finished(j)]
+    todo = sorted([j for j in jobs if not finished(j)], key=lambda j: -j.config["max_steps"])  # long runs first
     print(f"apla.ablate: {len(jobs)} runs ({len(jobs) - len(todo)} already finished), {workers} at a time, "
           f"{threads} thread(s) each -> {out}", file=sys.stderr)
     loads, started, stop, done = [os.getloadavg()[0]], time.time(), threading.Event(), []

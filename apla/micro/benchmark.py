@@ -289,8 +289,8 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m apla.micro.benchmark", description=__doc__.splitlines()[0])
     p.add_argument("action", choices=["list", "select"], help="list the candidates, or run the selection")
-    p.add_argument("--steps", type=int, default=150, help="Tune-A-Video's training steps: the study's budget N")
-    p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of sampling")
+    p.add_argument("--steps", type=int, default=100, help="Tune-A-Video's training steps: the study's budget N")
+    p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of sampling")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (one torch thread each)")
     p.add_argument("--out", default="runs/benchmark-selection", help="folder of the selection's runs")
     p.add_argument("--record", default=str(RECORD), help="where the record is written")
