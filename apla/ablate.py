@@ -142,6 +142,7 @@ class Job:
     sample_at: list  # checkpoint steps sampled
     sample_steps: int  # DDIM steps
     diag_batches: int = DIAG_BATCHES  # fresh batches per checkpoint in `diagnostics`
+    clip_model: str | None = None  # sample.py's --clip-model (its default: the micro CLIP on micro runs)
 
     @property
     def name(self) -> str:
@@ -210,7 +211,8 @@ def run_stages(run_dir, device: str = "auto") -> None:
         if not all((out / f"{slug(p)}.png").is_file() for p in study["prompts"]):  # the PNG strip is written last
             script("sample").main(["--run", str(run_dir), "--checkpoint", str(ckpt.checkpoint_dir(run_dir, step)),
                                    "--out", str(out), "--steps", str(study["sample_steps"]), "--device", device,
-                                   "--no-progress"])
+                                   "--no-progress", *(["--clip-model", study["clip_model"]] if study["clip_model"]
+                                                      else [])])
     if not (run_dir / "measures.json").is_file():
         measure_run(run_dir, device, study["diag_batches"])
 
@@ -224,7 +226,7 @@ def run_job(job: Job, device: str, threads: int) -> None:
     ckpt.atomic_write_json(job.dir / "study.json", {
         "variant": job.variant, "clip": job.clip.name, "seed": job.seed, "sample_at": job.sample_at,
         "sample_steps": job.sample_steps, "prompts": [job.clip.prompt, *job.clip.edits],
-        "diag_batches": job.diag_batches, "shapes": job.clip.shapes})
+        "diag_batches": job.diag_batches, "clip_model": job.clip_model, "shapes": job.clip.shapes})
     if not ckpt.latest_checkpoint(job.dir):
         ckpt.atomic_write_json(job.dir / "study-config.json", job.config)
     with open(job.dir / "job.log", "a") as log:
@@ -377,6 +379,8 @@ def parser() -> argparse.ArgumentParser:
     a("--steps", type=int, default=None, help="the default budget N (Table 3's columns: N and 2N; default: the "
                                                "base model's preset, 300 for micro, 750 for SD)")
     a("--sample-steps", type=int, default=None, help="DDIM steps of sampling (default: the preset's)")
+    a("--clip-model", default=None, help="CLIP for sample.py's CLIP scores: a local folder or hub id (default: the "
+                                         "micro CLIP on micro runs, none otherwise)")
     a("--variants", default=None, help="comma-separated subset of the variants (default: all)")
     a("--jobs", type=int, default=None, help="runs at once (default: the number of --devices, else 1)")
     a("--threads", type=int, default=None, help="torch threads per run (default: cores // jobs, at least 1)")
@@ -429,6 +433,8 @@ def main(argv=None) -> int:
         clips = clips[:1]
     jobs = plan(out, clips, seeds, names, args.pretrained, steps, sample_steps, args.table1_seeds,
                 1 if args.quick else DIAG_BATCHES)
+    for job in jobs:
+        job.clip_model = args.clip_model
     if args.dry_run:
         for job in jobs:
             print(f"{job.name}: {job.config['max_steps']} steps, sampled at {job.sample_at} "

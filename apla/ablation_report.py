@@ -112,18 +112,22 @@ def fmt(mean: float, half: float, scale: float = 1.0, digits: int = 2, sign: boo
 
 
 def measure_table(runs: list[dict], names: list[str], step: int, baseline: str, measures=MEASURES) -> tuple[list, list]:
-    """Markdown lines of two tables, a row per measure and a column per variant: the means, then the paired
-    differences from the baseline; and the significant differences as (variant, label, mean, half, better)."""
-    present = [m for m in measures if any(unit_values(runs, v, step, m[0], m[3]) for v in names)]
+    """Markdown lines of two tables, a row per measure and a column per variant: the means over the units every
+    variant has (the same clips and seeds), then the paired differences from the baseline; and the significant
+    differences as (variant, label, mean, half, better)."""
+    table = {}
+    for m in measures:
+        vals = {v: unit_values(runs, v, step, m[0], m[3]) for v in names}
+        shared = set.intersection(*(set(x) for x in vals.values()))
+        if shared:
+            table[m] = {v: {u: x[u] for u in shared} for v, x in vals.items()}
     others = [v for v in names if v != baseline]
-    n = max((mean_ci(unit_values(runs, baseline, step, m[0], m[3]).values())[2] for m in present), default=0)
+    n = max((len(next(iter(t.values()))) for t in table.values()), default=0)
     means = [f"| measure (n = {n} clip × seed) | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
     diffs = ["| Δ from Tune-A-Video | " + " | ".join(others) + " |", "| --- |" + " --- |" * len(others)]
     found = []
-    for key, label, direction, kinds, scale in present:
-        vals = {v: unit_values(runs, v, step, key, kinds) for v in names}
-        title = f"{label} {'↑' if direction > 0 else '↓'}"
-        digits = DIGITS.get(key, 2)
+    for (key, label, direction, kinds, scale), vals in table.items():
+        title, digits = f"{label} {'↑' if direction > 0 else '↓'}", DIGITS.get(key, 2)
         means.append(f"| {title} | " + " | ".join(fmt(*mean_ci(vals[v].values())[:2], scale, digits) for v in names)
                      + " |")
         cells = []
