@@ -37,6 +37,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 import apla
 from apla import checkpoint as ckpt
 from apla.cli import fail
@@ -151,7 +153,7 @@ class Job:
 
 def plan(out: Path, clips: list[Clip], seeds: list[int], names: list[str], pretrained: str, steps: int | None,
          sample_steps: int | None, table1_seeds: int | None = None, diag_batches: int = DIAG_BATCHES,
-         double: bool = True) -> list[Job]:
+         double: bool = True, clip_model: str | None = None) -> list[Job]:
     """Every run of the study. Table 3's variants train 2N steps and are sampled at N and 2N (only N steps with
     double=False); the other VGT versions train N steps on the first `table1_seeds` seeds (all when None)."""
     base = default_config(pretrained)
@@ -172,7 +174,7 @@ def plan(out: Path, clips: list[Clip], seeds: list[int], names: list[str], pretr
                            output_dir=str(run_dir), progress=False, groupnorm=table[name]["groupnorm"])
                 cfg["apla"] = {**cfg["apla"], **table[name]["apla"]}
                 jobs.append(Job(run_dir, name, clip, seed, cfg, [n, 2 * n] if long else [n],
-                                sample_steps or base.sample_steps, diag_batches))
+                                sample_steps or base.sample_steps, diag_batches, clip_model))
     return jobs
 
 
@@ -236,28 +238,37 @@ def run_job(job: Job, device: str, threads: int) -> None:
         raise RuntimeError(f"{job.name}: exited with {rc}; see {job.dir / 'job.log'}")
 
 
-def run_all(jobs: list[Job], devices: list[str], workers: int, threads: int, on_done=None) -> list[str]:
-    """Run the jobs `workers` at a time, each on a device taken from `devices` in turn; returns the errors."""
+def run_all(jobs: list[Job], devices: list[str], workers: int, threads: int) -> tuple[list, list]:
+    """Run the jobs `workers` at a time, each on a device taken from `devices` in turn, printing progress; returns
+    the errors and the 1-minute load averages seen (before the start, then every 10 s)."""
     free: queue.Queue = queue.Queue()
     for i in range(workers):
         free.put(devices[i % len(devices)])
-    errors, lock = [], threading.Lock()
+    errors, done, loads, started, stop = [], [], [os.getloadavg()[0]], time.time(), threading.Event()
+    lock = threading.Lock()
+
+    def sample_load():
+        while not stop.wait(10):
+            loads.append(os.getloadavg()[0])
 
     def one(job):
         device = free.get()
         try:
             run_job(job, device, threads)
         except RuntimeError as e:
-            with lock:
-                errors.append(str(e))
+            errors.append(str(e))
         finally:
             free.put(device)
-            if on_done:
-                on_done(job)
+            with lock:
+                done.append(job)
+                print(f"  [{len(done)}/{len(jobs)}] {job.name} ({(time.time() - started) / 60:.1f} min)",
+                      file=sys.stderr)
 
+    threading.Thread(target=sample_load, daemon=True).start()
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(one, jobs))
-    return errors
+    stop.set()
+    return errors, loads
 
 
 def finished(job: Job) -> bool:
@@ -432,9 +443,7 @@ def main(argv=None) -> int:
     if args.quick:
         clips = clips[:1]
     jobs = plan(out, clips, seeds, names, args.pretrained, steps, sample_steps, args.table1_seeds,
-                1 if args.quick else DIAG_BATCHES)
-    for job in jobs:
-        job.clip_model = args.clip_model
+                1 if args.quick else DIAG_BATCHES, clip_model=args.clip_model)
     if args.dry_run:
         for job in jobs:
             print(f"{job.name}: {job.config['max_steps']} steps, sampled at {job.sample_at} "
@@ -446,24 +455,12 @@ def main(argv=None) -> int:
     todo = sorted([j for j in jobs if not finished(j)], key=lambda j: -j.config["max_steps"])  # long runs first
     print(f"apla.ablate: {len(jobs)} runs ({len(jobs) - len(todo)} already finished), {workers} at a time, "
           f"{threads} thread(s) each -> {out}", file=sys.stderr)
-    loads, started, stop, done = [os.getloadavg()[0]], time.time(), threading.Event(), []
-
-    def sample_load():  # the 1-minute load average every 10 s while the runs go
-        while not stop.wait(10):
-            loads.append(os.getloadavg()[0])
-
-    def on_done(job):
-        done.append(job)
-        print(f"  [{len(done)}/{len(todo)}] {job.name} ({(time.time() - started) / 60:.1f} min)", file=sys.stderr)
-
-    threading.Thread(target=sample_load, daemon=True).start()
-    errors = run_all(todo, devices, workers, threads, on_done)
-    stop.set()
+    started = time.time()
+    errors, loads = run_all(todo, devices, workers, threads)
     stage = {"command": "python -m apla.ablate " + shlex.join(argv), "wall_s": time.time() - started,
              "runs": len(todo), "runs_before": len(jobs) - len(todo), "jobs": workers, "threads": threads,
-             "cpus": os.cpu_count(), "load_before": loads[0], "load_mean": sum(loads[1:]) / max(1, len(loads) - 1),
-             "load_max": max(loads), "errors": errors,
-             "finished_at": time.strftime("%Y-%m-%d %H:%M")}
+             "cpus": os.cpu_count(), "load_before": loads[0], "load_mean": float(np.mean(loads[1:] or loads)),
+             "load_max": max(loads), "errors": errors, "finished_at": time.strftime("%Y-%m-%d %H:%M")}
     stages_path = out / "stages.json"
     stages = json.loads(stages_path.read_text()) if stages_path.is_file() else []
     ckpt.atomic_write_json(stages_path, stages + [stage])

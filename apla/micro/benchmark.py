@@ -306,7 +306,7 @@ def main(argv=None) -> int:
     jobs = ablate.plan(out, clips, [SELECTION_SEED], [ablate.BASELINE], "micro", args.steps, args.sample_steps,
                        double=False)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    errors = ablate.run_all([j for j in jobs if not ablate.finished(j)], ["auto"], args.jobs, threads)
+    errors, _ = ablate.run_all([j for j in jobs if not ablate.finished(j)], ["auto"], args.jobs, threads)
     if errors:
         print("\n".join(f"error: {e}" for e in errors), file=sys.stderr)
         return 1
