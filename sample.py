@@ -10,7 +10,8 @@ the perturbed prediction eps*, since Eq. 4 defines the tuned model's output.
 Reads top to bottom: the run's config and latest checkpoint -> the base model with the run's tuned weights ->
 z_T by DDIM inversion of the cached clip latents with the empty prompt (Tune-A-Video's recipe, on eps*), or seeded
 noise -> for each prompt, DDIM sampling (Eq. 3) with classifier-free guidance on the perturbed prediction
-eps* = eps_theta + phi (Eq. 4) -> VAE decode -> GIF (+ MP4 with PyAV) and a PNG strip per prompt.
+eps* = eps_theta + phi (Eq. 4) -> VAE decode -> GIF (+ MP4 with PyAV) and a PNG strip per prompt -> the samples
+scored as the paper's tables do (apla.evaluate: FCI, warping error, PSNR, CLIP scores) into metrics.json.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from safetensors.torch import load_file
 
 import apla
 from apla import checkpoint as ckpt
-from apla import run
+from apla import evaluate, run
 from apla.cli import autocast_for, fail, pick_device, sample_parser
 from apla.config import slug
 from apla.scheduler import ddim_invert, ddim_sample, ddim_timesteps
@@ -76,6 +77,10 @@ def main(argv=None) -> int:
     model.eval()
     use_vgt = not args.no_vgt
     timesteps = ddim_timesteps(steps, len(sd.alpha_bar))
+    try:  # the CLIP model of the scores, loaded first so that a bad --clip-model costs no sampling
+        clip = (None, None) if args.no_metrics else evaluate.run_clip(cfg, args.clip_model, device)
+    except evaluate.MetricsError as e:
+        fail(str(e))
     alpha_bar = model.alpha_bar
     amp = autocast_for(args.mixed_precision, device)
 
@@ -93,6 +98,7 @@ def main(argv=None) -> int:
     out_dir = Path(args.out) if args.out else run_dir / "samples"
     out_dir.mkdir(parents=True, exist_ok=True)
     mp4 = mp4_possible()
+    videos = []
     for prompt in args.prompt or [cfg.prompt, *cfg.edit_prompts]:
         with torch.no_grad():
             cond = apla.encode_prompt(sd, [prompt]).to(device)                 # (1, 77, D)
@@ -102,6 +108,15 @@ def main(argv=None) -> int:
         frames = run.decode_latents(sd.vae, z0_new)                            # (F, 3, H, W)
         written = write_outputs(frames, out_dir / slug(prompt), args.fps, mp4)
         print(f"{prompt!r}: {', '.join(str(p) for p in written)}", file=sys.stderr)
+        videos.append((prompt, frames))
+
+    # ---- the samples scored: metrics.json and a table (python -m apla.evaluate OUT prints the same) ------------
+    if not args.no_metrics:
+        try:
+            report = evaluate.score_samples(videos, cfg, out_dir / "metrics.json", clip, device)
+        except (evaluate.MetricsError, evaluate.VideoError) as e:
+            fail(f"scoring the samples: {e} (--no-metrics skips it)")
+        print(evaluate.format_table(report))
     return 0
 
 

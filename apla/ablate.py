@@ -210,7 +210,7 @@ def run_stages(run_dir, device: str = "auto") -> None:
                               *(["--resume"] if resume else [])])
     for step in study["sample_at"]:
         out = samples_dir(run_dir, step)
-        if not all((out / f"{slug(p)}.png").is_file() for p in study["prompts"]):  # the PNG strip is written last
+        if not (out / "metrics.json").is_file():  # sample.py writes it last
             script("sample").main(["--run", str(run_dir), "--checkpoint", str(ckpt.checkpoint_dir(run_dir, step)),
                                    "--out", str(out), "--steps", str(study["sample_steps"]), "--device", device,
                                    "--no-progress", *(["--clip-model", study["clip_model"]] if study["clip_model"]
@@ -281,16 +281,7 @@ def finished(job: Job) -> bool:
 def sample_measures(run_dir: Path, step: int, prompts: list[str], shapes: dict | None) -> list[dict]:
     """Per prompt sampled at `step`: its kind (source; colour or shape on a shapes clip, edit otherwise) and the
     measures sample.py wrote in samples/step-N/metrics.json (apla.metrics, scored on the files' 8-bit frames)."""
-    path = samples_dir(run_dir, step) / "metrics.json"
-    if path.is_file():
-        rows = {r["prompt"]: r for r in json.loads(path.read_text())["videos"]}
-    else:  # until sample.py scores its samples
-        from apla.micro.oneshot import evaluate_run
-
-        rows = {r["prompt"]: {"edited": r["edited"], "metrics": {
-            k: r[old] for k, old in (("edited_right", "edited_attribute_accuracy"), ("kept_right", "kept_attribute_accuracy"),
-                                     ("path_error", "path_distance_px"), ("psnr", "psnr_db"), ("object_found", "object_found"))
-            if old in r}} for r in evaluate_run(run_dir, samples_dir(run_dir, step))["results"]}
+    rows = {r["prompt"]: r for r in json.loads((samples_dir(run_dir, step) / "metrics.json").read_text())["videos"]}
     out = []
     for prompt in prompts:
         r = rows[prompt]

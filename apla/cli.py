@@ -209,4 +209,8 @@ def sample_parser() -> argparse.ArgumentParser:
     a("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
     a("--mixed-precision", choices=["no", "bf16", "fp16"], default="no", help="autocast dtype")
     a("--no-progress", action="store_true", help="no progress bars")
+    a("--no-metrics", action="store_true", help="do not score the samples (FCI, warping error, PSNR, CLIP scores, "
+                                                "the shapes world's measures -> OUT/metrics.json)")
+    a("--clip-model", default=None, help="CLIP model of the CLIP scores: 'micro', a local CLIPModel folder, a hub id "
+                                         "(downloads), or 'none' (default: 'micro' on micro runs, else none)")
     return p

@@ -222,17 +222,18 @@ def read_video(
     num_frames: int,
     start: int = 0,
     stride: int = 1,
-    size: int | tuple[int, int] = 512,  # the paper trains at 512 x 512
+    size: int | tuple[int, int] | None = 512,  # the paper trains at 512 x 512
 ) -> torch.Tensor:
     """Read frames `start, start + stride, ..., start + (num_frames - 1) * stride` of a clip.
 
     path: a folder of .jpg/.jpeg/.png frames (natural name order, DAVIS layout), a .gif, or a
     .mp4/.mov/.webm/.mkv (through PyAV). size: int (square) or (H, W), multiples of 8. Each frame is scaled
-    (aspect kept) to cover `size` and centre-cropped (see `resize_center_crop`).
+    (aspect kept) to cover `size` and centre-cropped (see `resize_center_crop`). size=None keeps the frames as
+    they are (any size; all frames must share it), as the metrics read a clip.
     Returns x: (F, 3, H, W) float32 in [-1, 1], F = num_frames.
     """
     path = os.fspath(path)
-    height, width = _parse_size(size)
+    height, width = _parse_size(size) if size is not None else (None, None)
     for name, value, least in (("num_frames", num_frames, 1), ("start", start, 0), ("stride", stride, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise VideoError(f"{name} must be an int >= {least}, got {value!r}")
@@ -240,7 +241,13 @@ def read_video(
     images, total = _READERS[_kind(path)](path, indices)
     if images is None:
         raise _too_few(path, total, start, stride, num_frames)
-    frames = np.stack([np.asarray(resize_center_crop(im, (height, width))) for im in images])  # (F, H, W, 3) uint8
+    if size is None:
+        sizes = sorted({im.size for im in images})
+        if len(sizes) > 1:
+            raise VideoError(f"{path}: frames of different sizes {sizes} (width, height); pass a size")
+        frames = np.stack([np.asarray(im) for im in images])  # (F, H, W, 3) uint8
+    else:
+        frames = np.stack([np.asarray(resize_center_crop(im, (height, width))) for im in images])  # (F, H, W, 3)
     x = torch.from_numpy(frames).permute(0, 3, 1, 2)  # (F, H, W, 3) -> (F, 3, H, W)
     # [0, 255] -> [-1, 1]: x / 127.5 - 1
     return x.float() / 127.5 - 1.0

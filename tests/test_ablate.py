@@ -134,7 +134,9 @@ def test_quick_study_end_to_end(tmp_path):
     assert "| Δ from Tune-A-Video | full |" in rows
     labels = [r.split(" | ")[0][2:] for r in rows]
     for label in ("edited attribute right (% of frames) ↑", "unedited attribute kept (% of frames) ↑",
-                  "centroid path error (px) ↓", "PSNR of the source prompt (dB) ↑"):
+                  "centroid path error (px) ↓", "colour flicker (RGB, 0-255) ↓", "size flicker (px) ↓", "FCI ↓",
+                  "warping error (×1000) ↓", "CLIP frame consistency ↑", "CLIP text alignment ↑",
+                  "PSNR of the source prompt (dB) ↑"):
         assert labels.count(label) == 2  # in the means and in the differences
     assert all(len(r.split(" | ")) == len(rows[0].split(" | ")) for r in rows[:rows.index("| Δ from Tune-A-Video | full |")])
     assert "| full | D accuracy (%) |" in report and "| VGT-Hyper | λ·L_g share of ‖∇θ‖ (%) |" in report

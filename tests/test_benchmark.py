@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from apla.micro import benchmark
-from apla.micro.shapes import attribute_accuracy, centroid_path, evaluate_image, parse_caption
+from apla.micro.shapes import parse_caption
+from apla.micro.shapes_eval import attribute_accuracy, centroid_path, evaluate_image
 
 
 def test_candidates_regenerate_identically_from_their_seed():

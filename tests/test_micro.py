@@ -163,7 +163,7 @@ def test_timestep_weight_adds_the_capped_x0_error():
 
 
 def test_contrastive_loss_matches_a_written_out_loop():
-    from apla.micro.pretrain import contrastive_loss
+    from apla.micro.contrastive import contrastive_loss
 
     torch.manual_seed(0)
     text, image = torch.randn(6, 8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64)
@@ -189,7 +189,7 @@ def test_contrastive_loss_matches_a_written_out_loop():
 
 
 def test_caption_features_average_the_states_from_the_end_token_on():
-    from apla.micro.pretrain import caption_features
+    from apla.micro.contrastive import caption_features
 
     text_encoder = apla.text.build_text_encoder(TEXT_ENCODER_CONFIG)
     ids = apla.text.tokenize(apla.text.load_tokenizer(), ["a red circle on the left", "a blue square"])
@@ -204,6 +204,7 @@ def test_pretraining_stages_resume_and_export_a_loadable_folder(tmp_path):
     """All stages on a tiny fake pool: text and U-Net stages stopped after one step and resumed end with the
     weights of uninterrupted runs; the export loads through apla.load_stable_diffusion and samples."""
     from apla.micro import pretrain
+    from apla.micro.export import export
 
     cfg = pretrain.PretrainConfig(vae_steps=1, vae_batch=2, text_steps=2, text_batch=4, unet_steps=2, unet_batch=2,
                                   checkpoint_every=1, log_every=1, warmup=1)
@@ -230,7 +231,7 @@ def test_pretraining_stages_resume_and_export_a_loadable_folder(tmp_path):
         a, b = (x["unet"] if key == "ema" else x for x in (a, b))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (file, key)
     out = tmp_path / "model"
-    pretrain.export(runs["whole"], out)
+    export(runs["whole"], out)
     sd = apla.load_stable_diffusion(out)
     assert sd.vae.scaling_factor == 0.5
     text = pretrain.load_trained_text_encoder(runs["whole"]).state_dict()

@@ -1,4 +1,5 @@
-"""Tests for apla/micro/shapes.py: the procedural shapes world, its captions and clips, and the evaluator."""
+"""Tests for apla/micro/shapes.py (the procedural shapes world, its captions and clips) and apla/micro/shapes_eval.py
+(its evaluator)."""
 
 import itertools
 import math
@@ -10,6 +11,7 @@ from PIL import Image, ImageFilter, ImageSequence
 
 from apla import bundled
 from apla.micro import shapes as S
+from apla.micro import shapes_eval as E
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +105,7 @@ def test_caption_matches_scene(dataset):
 
 def test_evaluator_on_clean_scenes(dataset):
     images, captions, scenes = dataset
-    results = [S.evaluate_image(x) for x in images]
+    results = [E.evaluate_image(x) for x in images]
     colour = np.mean([r["colour"] == s.colour for r, s in zip(results, scenes)])
     shape = np.mean([r["shape"] == s.shape for r, s in zip(results, scenes)])
     position = np.mean([r["position"] == S.position_word(s.x, s.y) for r, s in zip(results, scenes)])
@@ -113,9 +115,9 @@ def test_evaluator_on_clean_scenes(dataset):
     assert position >= 0.98
     assert err.max() < 1.0
     # uint8 input gives the same answer; score_images agrees with the per-image results
-    r0 = S.evaluate_image(S.render(scenes[0]))
+    r0 = E.evaluate_image(S.render(scenes[0]))
     assert (r0["colour"], r0["shape"]) == (results[0]["colour"], results[0]["shape"])
-    scores = S.score_images(images, captions)
+    scores = E.score_images(images, captions)
     assert scores["colour"] == colour and scores["shape"] == shape and scores["position"] == position
 
 
@@ -123,7 +125,7 @@ def test_evaluator_robust_to_noise_and_blur(dataset):
     images, _, scenes = dataset
     gen = torch.Generator().manual_seed(0)
     noisy = [degrade(x, blur_radius=1.0, sigma=0.05, gen=gen) for x in images]
-    scores = S.score_images(noisy, scenes)
+    scores = E.score_images(noisy, scenes)
     assert scores["colour"] >= 0.95
     assert scores["shape"] >= 0.90
     assert scores["position"] >= 0.95
@@ -132,23 +134,23 @@ def test_evaluator_robust_to_noise_and_blur(dataset):
 
 def test_evaluator_on_textured_background():
     images, _, scenes = S.sample_dataset(50, seed=3, texture=6.0)
-    scores = S.score_images(images, scenes)
+    scores = E.score_images(images, scenes)
     assert scores["colour"] == 1.0 and scores["shape"] >= 0.95 and scores["centroid_error"] < 1.0
 
 
 def test_evaluator_finds_nothing_on_plain_image():
     blank = np.full((64, 64, 3), 230, dtype=np.uint8)
-    assert S.evaluate_image(blank)["shape"] is None
-    assert np.isnan(S.centroid_path(np.stack([blank, blank]))).all()
+    assert E.evaluate_image(blank)["shape"] is None
+    assert np.isnan(E.centroid_path(np.stack([blank, blank]))).all()
 
 
 @pytest.mark.parametrize("path", list(S.PATHS))
 def test_clip_moves_in_asked_direction(path):
     frames, scenes = S.render_clip("triangle", "green", path, num_frames=8, size=7.0, seed=2)
     assert frames.shape == (8, 3, 64, 64) and len(scenes) == 8
-    measured = S.centroid_path(frames)
+    measured = E.centroid_path(frames)
     truth = np.array([(s.x, s.y) for s in scenes])
-    assert S.path_distance(measured, truth) < 0.5
+    assert E.path_distance(measured, truth) < 0.5
     steps = np.diff(measured, axis=0)  # (F-1, 2)
     dx, dy = S.PATHS[path]
     for axis, sign in ((0, dx), (1, dy)):
@@ -156,16 +158,16 @@ def test_clip_moves_in_asked_direction(path):
             assert (np.sign(steps[:, axis]) == sign).all(), (path, axis)
         else:
             assert np.abs(measured[:, axis] - measured[0, axis]).max() < 0.5, (path, axis)
-    assert S.attribute_accuracy(frames, colour="green", shape="triangle") == 1.0
+    assert E.attribute_accuracy(frames, colour="green", shape="triangle") == 1.0
     assert S.parse_caption(S.clip_caption("triangle", "green", path))["path"] == path
     # the (1, 3, F, H, W) video layout gives the same path
     video = frames.permute(1, 0, 2, 3)[None]  # (F, 3, H, W) -> (1, 3, F, H, W)
-    assert np.allclose(S.centroid_path(video), measured)
+    assert np.allclose(E.centroid_path(video), measured)
 
 
 def test_clip_grow_and_caption():
     frames, scenes = S.render_clip("square", "purple", "down", grow=True)
-    sizes = [S.evaluate_image(f)["size"] for f in frames]
+    sizes = [E.evaluate_image(f)["size"] for f in frames]
     assert all(b > a for a, b in zip(sizes, sizes[1:]))
     assert sizes[-1] / sizes[0] == pytest.approx(scenes[-1].size / scenes[0].size, rel=0.05)
     assert S.clip_caption("square", "purple", "down", grow=True) == "a purple square growing and moving down"
@@ -174,9 +176,9 @@ def test_clip_grow_and_caption():
 
 def test_path_distance():
     a = np.array([[0.0, 0.0], [1.0, 1.0]])
-    assert S.path_distance(a, a + [3.0, 4.0]) == pytest.approx(5.0)
+    assert E.path_distance(a, a + [3.0, 4.0]) == pytest.approx(5.0)
     with pytest.raises(ValueError):
-        S.path_distance(a, a[:1])
+        E.path_distance(a, a[:1])
 
 
 def test_default_clip_gif(tmp_path):
@@ -186,12 +188,12 @@ def test_default_clip_gif(tmp_path):
     with Image.open(target) as gif:
         frames = [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(gif)]
     assert len(frames) == 8 and frames[0].shape == (64, 64, 3)
-    results = [S.evaluate_image(f) for f in frames]
+    results = [E.evaluate_image(f) for f in frames]
     assert all(r["colour"] == "red" and r["shape"] == "circle" for r in results)
     xs = [r["centroid"][0] for r in results]
     assert all(b > a for a, b in zip(xs, xs[1:]))
     clip, scenes = S.render_clip(**S.DEFAULT_CLIP)
-    assert S.path_distance(S.centroid_path(frames), [(s.x, s.y) for s in scenes]) < 0.5
+    assert E.path_distance(E.centroid_path(frames), [(s.x, s.y) for s in scenes]) < 0.5
     # fewer than 256 colours per frame, so the GIF is lossless: its frames are the rendered clip exactly
     rendered = [S.render(s) for s in scenes]
     assert all(len(np.unique(r.reshape(-1, 3), axis=0)) < 256 for r in rendered)

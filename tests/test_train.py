@@ -214,7 +214,7 @@ def test_train_bad_input(tiny, tmp_path, trained_run, capsys, case):
         assert not out.exists()  # nothing half-written
 
 
-@pytest.mark.parametrize("case", ["run without checkpoint", "other base model", "unknown flag"])
+@pytest.mark.parametrize("case", ["run without checkpoint", "other base model", "unknown flag", "missing CLIP model"])
 def test_sample_bad_input(tiny, tmp_path, trained_run, capsys, case):
     empty = tmp_path / "empty_run"
     empty.mkdir()
@@ -224,6 +224,7 @@ def test_sample_bad_input(tiny, tmp_path, trained_run, capsys, case):
         "run without checkpoint": (["--run", str(empty)], "no checkpoint"),
         "other base model": (["--run", str(trained_run), "--pretrained", tiny["other"]], "another base model"),
         "unknown flag": (["--run", str(trained_run), "--frobnicate"], "--frobnicate"),
+        "missing CLIP model": (["--run", str(trained_run), "--clip-model", str(tmp_path / "no_clip")], "no_clip"),
     }[case]
     assert run_exit(sample.main, argv + ["--out", str(out), "--steps", "2", "--no-progress", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -266,6 +267,13 @@ def test_default_run_on_the_micro_model(tmp_path):
     for prompt in [cfg["prompt"], *cfg["edit_prompts"]]:
         with Image.open(run / "samples" / f"{prompt.replace(' ', '_')}.gif") as im:
             assert im.size == (64, 64)
+    # sample.py scored what it wrote: samples/metrics.json, the micro CLIP on a micro run
+    report = json.loads((run / "samples" / "metrics.json").read_text())
+    rows = {r["prompt"]: r["metrics"] for r in report["videos"]}
+    assert set(rows) == {cfg["prompt"], *cfg["edit_prompts"]} and report["clip_model"] == "micro"
+    for measures in rows.values():
+        assert {"fci", "warping_error", "clip_frame_consistency", "clip_text_alignment"} <= set(measures)
+    assert "psnr" in rows[cfg["prompt"]] and "psnr" not in rows[cfg["edit_prompts"][0]]
 
 
 def test_groupnorm_setting_is_saved_and_honoured_by_sample(tiny, tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ Not part of APLA (AAAI 2024); it checks the pretrained model that APLA's recipe 
 - the VAE: reconstruction PSNR (images in [0, 1]) of x -> E -> posterior mean -> D on held-out scenes;
 - text-to-image: for held-out captions ("a blue square at the top left"), DDIM sampling (Eq. 3, 50 steps) from
   seeded noise with classifier-free guidance, decoded and read back by the shapes evaluator
-  (`apla.micro.shapes.score_images`): the fractions of images whose colour, shape and position word match the caption.
+  (`apla.micro.shapes_eval.score_images`): the fractions of images whose colour, shape and position word match the caption.
 
 Held-out sets come from seeds no pretraining batch uses (apla.micro.pretrain's seed namespaces). `--split val`
 evaluates on validation prompts instead, for choosing the guidance scale without touching the held-out set.
@@ -32,6 +32,7 @@ from PIL import Image
 
 from apla.checkpoint import atomic_write, atomic_write_bytes
 from apla.micro import shapes
+from apla.micro.shapes_eval import score_images
 from apla.micro import GUIDANCE_SCALE, MICRO_DIR, NUM_INFERENCE_STEPS
 from apla.scheduler import classifier_free_guidance, ddim_sample, ddim_timesteps
 from apla.text import encode_prompt
@@ -124,7 +125,7 @@ def write_results(path: Path, r: dict) -> None:
         "",
         f"Sampling: {r['steps']} DDIM steps (SD v1.5 schedule, `apla.scheduler.ddim_sample`), classifier-free "
         f"guidance {r['guidance']}, z_T ~ N(0, I) of shape (1, 4, 1, 16, 16) per prompt from seed {r['seed']}; "
-        "accuracies by `apla.micro.shapes.score_images` against the captions. The guidance scale was chosen on "
+        "accuracies by `apla.micro.shapes_eval.score_images` against the captions. The guidance scale was chosen on "
         "validation captions (other seeds), never on this set.",
         "",
         f"`samples.png`: the first {r['grid']} samples, row-major, for these captions:",
@@ -184,7 +185,7 @@ def main(argv=None) -> dict:
     psnr, _ = reconstruction_psnr(sd.vae, x)
     _, prompts, _ = shapes.sample_dataset(args.prompts, seed=prompt_seed)
     images = text_to_image(sd, prompts, args.steps, args.guidance, args.seed)
-    scores = shapes.score_images(images, prompts)
+    scores = score_images(images, prompts)
 
     from apla.unet import is_temporal_param
 

@@ -8,29 +8,22 @@ For the run's source clip and every GIF that sample.py wrote for it, it reports
     attribute is what the prompt asks, and the fraction whose unedited attribute stayed as in the clip;
   - the mean distance (pixels) between the object's centroid path and the source clip's path;
   - for the source prompt itself: the PSNR of the generated frames against the clip's frames.
-No APLA equation lives here: this is the measurement behind the project's one-shot figures.
+No APLA equation lives here: this is the measurement behind the project's one-shot figures, a view of
+`apla.metrics.shapes_measures` and `apla.metrics.psnr`; `python -m apla.evaluate RUN/samples` gives these and the
+paper's own numbers (FCI, warping error, CLIP scores).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from apla.bundled import resolve_video
 from apla.config import TrainConfig, slug
-from apla.micro.shapes import attribute_accuracy, centroid_path, evaluate_image, parse_caption
+from apla.metrics import psnr, shapes_measures
+from apla.micro.shapes_eval import evaluate_image
 from apla.video import VideoError, count_frames, read_video
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of two frame stacks in [-1, 1], computed on the [0, 1] scale."""
-    mse = (((a - b) / 2) ** 2).mean().item()
-    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 def evaluate_run(run_dir, samples_dir=None) -> dict:
@@ -38,8 +31,6 @@ def evaluate_run(run_dir, samples_dir=None) -> dict:
     cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     size = cfg.size
     source = read_video(resolve_video(cfg.video), cfg.frames, start=cfg.start, stride=cfg.stride, size=size)
-    src_caption = parse_caption(cfg.prompt)
-    src_path = centroid_path(source)
     samples_dir = Path(samples_dir) if samples_dir else run_dir / "samples"
     results = []
     for prompt in [cfg.prompt, *cfg.edit_prompts]:
@@ -47,20 +38,15 @@ def evaluate_run(run_dir, samples_dir=None) -> dict:
         if not gif.is_file():
             continue
         frames = read_video(str(gif), min(cfg.frames, count_frames(str(gif))), size=size)  # (F, 3, H, W)
-        want = parse_caption(prompt)
-        edited = [k for k in ("colour", "shape") if want[k] is not None and want[k] != src_caption[k]]
-        kept = [k for k in ("colour", "shape") if k not in edited and want[k] is not None]
-        path = centroid_path(frames)
-        found = ~np.isnan(path).any(axis=1)
-        dist = float(np.linalg.norm(path[found] - src_path[: len(path)][found], axis=1).mean()) if found.any() \
-            else float("nan")
-        row = {"prompt": prompt, "frames": int(frames.shape[0]), "edited": edited,
-               "object_found": float(found.mean()), "path_distance_px": dist}
-        if edited:
-            row["edited_attribute_accuracy"] = attribute_accuracy(frames, **{k: want[k] for k in edited})
-        if kept:
-            row["kept_attribute_accuracy"] = attribute_accuracy(frames, **{k: want[k] for k in kept})
-        if not edited:
+        measured = shapes_measures(frames, prompt, source[: frames.shape[0]])  # apla.metrics: the same measures
+        row = {"prompt": prompt, "frames": int(frames.shape[0]), "edited": measured["edited"],
+               "object_found": measured["object_found"],
+               "path_distance_px": measured.get("path_error", float("nan"))}
+        if "edited_right" in measured:
+            row["edited_attribute_accuracy"] = measured["edited_right"]
+        if "kept_right" in measured:
+            row["kept_attribute_accuracy"] = measured["kept_right"]
+        if not measured["edited"]:
             row["psnr_db"] = psnr(frames, source[: frames.shape[0]])
         row["per_frame"] = [{k: evaluate_image(f)[k] for k in ("colour", "shape", "centroid")} for f in frames]
         results.append(row)

@@ -40,13 +40,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from apla.checkpoint import atomic_save_safetensors, atomic_torch_save, atomic_write_bytes, atomic_write_json
-from apla.micro import shapes
-from apla.micro import (MICRO_DIR, MODEL_INDEX, SCHEDULER_CONFIG, TEXT_ENCODER_CONFIG, UNET_CONFIG,
-                        VAE_CONFIG)
+from apla.checkpoint import atomic_torch_save, atomic_write_json
+from apla.micro import MICRO_DIR, TEXT_ENCODER_CONFIG, UNET_CONFIG, VAE_CONFIG, shapes
+from apla.micro.contrastive import LatentImageTower, caption_features, contrastive_loss
 from apla.scheduler import make_alpha_bar, q_sample
 from apla.text import build_text_encoder, load_tokenizer, tokenize
 from apla.unet import UNet3DConditionModel, UNetConfig, is_temporal_param
@@ -86,9 +84,7 @@ class PretrainConfig:
     log_every: int = 25
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Models
-# ---------------------------------------------------------------------------------------------------------------
+# ---- Models ---------------------------------------------------------------------------------------------------
 
 def build_vae() -> AutoencoderKL:
     return AutoencoderKL(VAEConfig.from_diffusers(VAE_CONFIG))
@@ -115,9 +111,7 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Checkpoints (written atomically by apla.checkpoint)
-# ---------------------------------------------------------------------------------------------------------------
+# ---- Checkpoints (written atomically by apla.checkpoint) ------------------------------------------------------
 
 def load_ckpt(path: Path):
     return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
@@ -130,9 +124,7 @@ def log(work: Path, stage: str, record: dict) -> None:
         f.write(line + "\n")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Stage 1: the VAE
-# ---------------------------------------------------------------------------------------------------------------
+# ---- Stage 1: the VAE -----------------------------------------------------------------------------------------
 
 def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mean, exp(logvar)) || N(0, I)) per element, averaged."""
@@ -201,9 +193,7 @@ def measure_scaling_factor(cfg: PretrainConfig, vae: AutoencoderKL) -> float:
     return 1.0 / torch.cat(zs).std().item()
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Stage 2: the text encoder; the pool of encoded scenes the later stages share
-# ---------------------------------------------------------------------------------------------------------------
+# ---- Stage 2: the text encoder; the pool of encoded scenes the later stages share -----------------------------
 
 def clip_frames(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     """n single frames of random moving-object clips, captioned as the clip ('a red circle moving to the right'),
@@ -256,42 +246,6 @@ def latent_pool(cfg: PretrainConfig, work: Path) -> tuple[dict, float]:
             atomic_write_json(stats_path, {"scaling_factor": measure_scaling_factor(cfg, vae)})
         build_pool(cfg, vae, load_tokenizer(), work)
     return load_ckpt(work / "pool.pt"), json.loads(stats_path.read_text())["scaling_factor"]
-
-
-class LatentImageTower(nn.Module):
-    """The image side of the micro CLIP: scaled latents (B, 4, 16, 16) -> features (B, D). Flattening (not
-    pooling) keeps where things are, so the text side must learn position words too."""
-
-    def __init__(self, dim: int, channels: int = 4, side: int = 16):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(channels, 32, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SiLU(),  # (B, 64, side/2, side/2)
-            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.SiLU(),  # (B, 64, side/4, side/4)
-            nn.Flatten(), nn.Linear(64 * (side // 4) ** 2, dim))  # (B, 64 * (side/4)^2) -> (B, D)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z)
-
-
-def caption_features(text_encoder, ids: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """(B, 77) ids -> (B, D): the mean of the final token states from the first end token on (end + padding)."""
-    h = text_encoder(input_ids=ids).last_hidden_state  # (B, 77, D)
-    after = (ids == eos_id).long().cumsum(1) > 0  # (B, 77): True from the first end token on
-    return (h * after[..., None]).sum(1) / after.sum(1, keepdim=True)  # (B, 77, D) -> (B, D)
-
-
-def contrastive_loss(text: torch.Tensor, image: torch.Tensor, labels: torch.Tensor, logit_scale) -> tuple:
-    """Symmetric InfoNCE over a batch (CLIP's loss) where every pair with the same caption label is a match.
-    Returns the loss and the image -> caption retrieval accuracy."""
-    text, image = F.normalize(text, dim=-1), F.normalize(image, dim=-1)
-    logits = logit_scale.exp() * image @ text.T  # (B, B)
-    same = (labels[:, None] == labels[None, :]).to(logits.dtype)  # (B, B)
-    target = same / same.sum(1, keepdim=True)
-    # $$\tfrac12\big(\mathrm{CE}(\text{logits}, Y) + \mathrm{CE}(\text{logits}^\top, Y)\big)$$
-    loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-    accuracy = same.gather(1, logits.argmax(1, keepdim=True)).mean()
-    return loss, accuracy
 
 
 def train_text(cfg: PretrainConfig, work: Path, deadline: float) -> bool:
@@ -367,9 +321,7 @@ def timestep_weight(alpha_bar_t: torch.Tensor, cap: float) -> torch.Tensor:
     return 1 + (1 / snr).clamp(max=cap)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Stage 3: the U-Net
-# ---------------------------------------------------------------------------------------------------------------
+# ---- Stage 3: the U-Net ---------------------------------------------------------------------------------------
 
 def train_unet(cfg: PretrainConfig, work: Path, deadline: float) -> bool:
     """Run (or resume) stage 3; True when it has reached cfg.unet_steps."""
@@ -442,66 +394,7 @@ def train_unet(cfg: PretrainConfig, work: Path, deadline: float) -> bool:
     return step >= cfg.unet_steps
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Export: the diffusers folder (float16)
-# ---------------------------------------------------------------------------------------------------------------
-
-def save_safetensors(state: dict, path: Path, dtype=torch.float16) -> None:
-    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
-    atomic_save_safetensors(state, path, metadata={"format": "pt"})
-
-
-def stage_seconds(work: Path, stage: str) -> float:
-    """Training seconds of a stage over all its runs (kept in its checkpoint; else estimated from the log)."""
-    ck = load_ckpt(work / f"{stage}.pt")
-    if "train_s" in ck:
-        return float(ck["train_s"])
-    records = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
-    last = [r for r in records if r["stage"] == stage and "s_per_step" in r][-1]
-    return last["s_per_step"] * int(ck["step"])
-
-
-def export(work: Path, out: Path) -> None:
-    """Write the diffusers folder: the U-Net's EMA weights, the text encoder, the VAE, configs, tokenizer, scheduler."""
-    from apla.text import clip_vocab_and_merges
-
-    vae, ck = load_trained_vae(work), load_ckpt(work / "unet.pt")
-    if ck is None:
-        raise FileNotFoundError(f"{work / 'unet.pt'}: run --stage unet first")
-    scaling_factor = json.loads((work / "latent_stats.json").read_text())["scaling_factor"]
-    for sub in ("vae", "unet", "text_encoder", "tokenizer", "scheduler"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    save_safetensors(vae.state_dict(), out / "vae" / "diffusion_pytorch_model.safetensors")
-    atomic_write_json(out / "vae" / "config.json", {**VAE_CONFIG, "scaling_factor": round(scaling_factor, 5)})
-    save_safetensors(ck["ema"]["unet"], out / "unet" / "diffusion_pytorch_model.safetensors")
-    atomic_write_json(out / "unet" / "config.json", UNET_CONFIG)
-    # SD v1.5's text_encoder/model.safetensors names carry the `text_model.` prefix
-    text_state = load_trained_text_encoder(work).state_dict()
-    save_safetensors({"text_model." + k: v for k, v in text_state.items()},
-                     out / "text_encoder" / "model.safetensors")
-    atomic_write_json(out / "text_encoder" / "config.json", TEXT_ENCODER_CONFIG)
-    vocab, merges = clip_vocab_and_merges()
-    atomic_write_json(out / "tokenizer" / "vocab.json", vocab)
-    atomic_write_bytes(out / "tokenizer" / "merges.txt",
-                       ("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n").encode("utf-8"))
-    atomic_write_json(out / "tokenizer" / "tokenizer_config.json",
-                      {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
-                       "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-                       "do_lower_case": True})
-    atomic_write_json(out / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
-    atomic_write_json(out / "model_index.json", MODEL_INDEX)
-    atomic_write_json(out / "pretrain_record.json", {
-        "vae_steps": int(load_ckpt(work / "vae.pt")["step"]), "vae_train_s": round(stage_seconds(work, "vae")),
-        "text_steps": int(load_ckpt(work / "text.pt")["step"]), "text_train_s": round(stage_seconds(work, "text")),
-        "unet_steps": int(ck["step"]), "unet_train_s": round(stage_seconds(work, "unet")),
-        "scaling_factor": scaling_factor, "pretrain_config": json.loads((work / "pretrain_config.json").read_text())})
-    total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    print(f"exported to {out} ({total / 2**20:.1f} MiB)", flush=True)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------------------------
+# ---- Command line ---------------------------------------------------------------------------------------------
 
 def check_config(cfg: PretrainConfig, work: Path) -> None:
     """A stage that has started must resume with the settings it started with (the later stage's may change)."""
@@ -535,22 +428,15 @@ def main(argv=None) -> None:
     random.seed(cfg.seed)
 
     t0 = time.time()
-    if args.stage in ("vae", "all"):
-        if not train_vae(cfg, work, deadline):
-            print(f"vae stage paused after {time.time() - t0:.0f}s; rerun to resume", flush=True)
-            return
-        log(work, "vae", dict(done=True, wall_s=round(time.time() - t0)))
-    if args.stage in ("text", "all"):
-        if not train_text(cfg, work, deadline):
-            print(f"text stage paused after {time.time() - t0:.0f}s; rerun to resume", flush=True)
-            return
-        log(work, "text", dict(done=True, wall_s=round(time.time() - t0)))
-    if args.stage in ("unet", "all"):
-        if not train_unet(cfg, work, deadline):
-            print(f"unet stage paused after {time.time() - t0:.0f}s; rerun to resume", flush=True)
-            return
-        log(work, "unet", dict(done=True, wall_s=round(time.time() - t0)))
+    for stage, train in (("vae", train_vae), ("text", train_text), ("unet", train_unet)):
+        if args.stage in (stage, "all"):
+            if not train(cfg, work, deadline):
+                print(f"{stage} stage paused after {time.time() - t0:.0f}s; rerun to resume", flush=True)
+                return
+            log(work, stage, dict(done=True, wall_s=round(time.time() - t0)))
     if args.stage in ("export", "all"):
+        from apla.micro.export import export  # the folder writer reads this module's checkpoints
+
         export(work, Path(args.out))
 
 
