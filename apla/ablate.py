@@ -11,8 +11,8 @@ frames); Table 3's rows are `APLAConfig.ablation(row)`; Table 1's VGT versions a
 
 For each clip, seed and variant the study runs one subprocess (`python -m apla.ablate job RUN`, one torch thread
 unless --threads) that calls the repository's own train.py and sample.py (their `main`, the command lines' code):
-  train.py   to 2N steps (Table 3's rows and Tune-A-Video) or N steps (the other VGT versions), a checkpoint every
-             N/2 steps, all kept. The learning rate is constant and the random stream is the run's seed, so the
+  train.py   to 2N steps (Table 3's rows and Tune-A-Video) or N steps (the other VGT versions), a checkpoint at
+             step N and step 2N, both kept. The learning rate is constant and the random stream is the run's seed, so the
              step-N checkpoint of a 2N-step run *is* the N-step run: Table 3's two columns cost one run.
   sample.py  at step N and at step 2N: DDIM inversion of the clip, then the source prompt and its edits.
   measure    the samples' measures, the discriminator's accuracy and the share of the generator's gradient norm
@@ -170,7 +170,7 @@ def plan(out: Path, clips: list[Clip], seeds: list[int], names: list[str], pretr
                 cfg = base.to_dict()
                 cfg.update(clip.settings)
                 cfg.update(video=clip.video, prompt=clip.prompt, edit_prompts=list(clip.edits), seed=seed,
-                           max_steps=2 * n if long else n, checkpoint_every=max(1, n // 2), keep_checkpoints=0,
+                           max_steps=2 * n if long else n, checkpoint_every=n, keep_checkpoints=0,
                            output_dir=str(run_dir), progress=False, groupnorm=table[name]["groupnorm"])
                 cfg["apla"] = {**cfg["apla"], **table[name]["apla"]}
                 jobs.append(Job(run_dir, name, clip, seed, cfg, [n, 2 * n] if long else [n],
