@@ -360,7 +360,7 @@ def write_report(jobs, path, stages: list[dict], plots: bool = True) -> int:
         ours = ordering(runs, [v for v in paper if v in names], budget * n, key, kinds, d)
         L.append(f"| {question} | {' > '.join(paper)} | {' > '.join(ours) or '– (not measured)'} |")
     L += ["", "## Does the discriminator do anything?", "",
-          "Measured after training from the saved checkpoints (`apla.ablate.diagnostics`): APLA.forward on fresh "
+          "Measured after training from the saved checkpoints (`apla.ablation_measures.diagnostics`): APLA.forward on fresh "
           "seeded batches, D's per-pixel accuracy on real noise ε and on ε*, D's mean outputs, and the share of the "
           "generator's gradient norm (over U-Net trainable set + VGT) that λ·L_g carries against the hyper-loss.",
           "", *diagnostics_table(runs, names), "", "## ‖φ‖ / ‖ε_θ‖ over training (Fig. 5b)", "",
