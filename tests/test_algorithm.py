@@ -45,8 +45,11 @@ def _model(row="full", **overrides):
 
 
 def _optimisers(model):
-    opt_d = torch.optim.AdamW(model.disc.parameters(), lr=1e-3) if model.disc is not None else None
-    return torch.optim.AdamW(model.generator_parameters(), lr=1e-3), opt_d
+    """Plain SGD: its update is lr * gradient, so weights recorded on one CPU are reproduced on another to rounding.
+    (AdamW's first update is lr * g / (|g| + eps): for a gradient element near eps, a last-bit difference between
+    two CPUs' kernels moves the weight by a sizeable fraction of lr.)"""
+    opt_d = torch.optim.SGD(model.disc.parameters(), lr=0.05) if model.disc is not None else None
+    return torch.optim.SGD(model.generator_parameters(), lr=0.05), opt_d
 
 
 def _batch(g):
@@ -58,7 +61,8 @@ def _batch(g):
 @pytest.mark.parametrize("row", list(ABLATIONS))
 def test_step_equals_the_recorded_step_of_the_earlier_train_py(row):
     """tests/data/step_reference.json holds the loss terms of three steps and the trainable weights after them, as
-    train.py computed them (generator_loss + discriminator_loss, float32, CPU) before APLA.train_step replaced them."""
+    train.py computed them (generator_loss + discriminator_loss, float32, CPU, SGD with lr 0.05) before
+    APLA.train_step replaced them (the code of commit 0bf378b, where both steps also ran side by side)."""
     ref = json.loads(REFERENCE.read_text())[row]
     model = _model(row)
     opt_g, opt_d = _optimisers(model)
@@ -123,7 +127,9 @@ def test_one_step_moves_trainable_parts_only():
     named = {f"{prefix}.{n}": p for prefix in ("unet", "vgt", "disc", "perceptual")
              for n, p in getattr(model, prefix).named_parameters()}
     before = {k: p.detach().clone() for k, p in named.items()}
-    opt_g, opt_d = _optimisers(model)
+    # Adam without weight decay: a parameter moves exactly when its gradient is not zero, however small
+    opt_g = torch.optim.AdamW(model.generator_parameters(), lr=1e-3, weight_decay=0.0)
+    opt_d = torch.optim.AdamW(model.disc.parameters(), lr=1e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(1)
     z0, t, eps = _batch(g)
     model.train_step(z0, torch.randn(1, 77, 32, generator=g), t, eps, opt_g, opt_d)
@@ -132,7 +138,10 @@ def test_one_step_moves_trainable_parts_only():
     frozen = {k for k in before if k.startswith(("unet.", "perceptual.")) and k not in trainable}
     assert not moved & frozen, sorted(moved & frozen)[:5]
     assert trainable <= moved, sorted(trainable - moved)[:5]
-    assert {k for k in before if k.startswith(("vgt.", "disc."))} <= moved
+    # VGT-Pure never reads the temporal class token: Eq. 11's z_cls,t^M feeds only VGT-Hyper's Eq. 14, and the
+    # decoder mask keeps the other tokens from attending to it, so its gradient is exactly zero
+    assert torch.count_nonzero(model.vgt.cls_t.grad) == 0
+    assert {k for k in before if k.startswith(("vgt.", "disc."))} - {"vgt.cls_t"} <= moved
     # the frozen set is everything SD ships: the temporal layers are all trainable
     assert all(k in trainable for k in before if k.startswith("unet.") and is_temporal_param(k[5:]))
 
