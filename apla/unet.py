@@ -14,8 +14,8 @@ Inflation (Tune-A-Video, Sec. 4.2 of Wu et al.):
     with its own LayerNorm `norm_temp`), no positional encoding; its output projection starts at zero;
   * the cross-attention to the text runs per frame.
 
-Every attention is one call of `torch.nn.functional.scaled_dot_product_attention`, no attention matrix is built
-here. Module names equal diffusers' `UNet2DConditionModel` names, plus `attn_temp`/`norm_temp` in each
+The attention kinds live in `apla/attention.py` (`TransformerBlock`); every attention is one call of
+`torch.nn.functional.scaled_dot_product_attention`. Module names equal diffusers' `UNet2DConditionModel` names, plus `attn_temp`/`norm_temp` in each
 transformer block, so a diffusers `unet/diffusion_pytorch_model.safetensors` loads by identity and a single-file
 checkpoint through `apla.weights.unet_key_from_ldm`.
 
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from apla.attention import TransformerBlock
 from apla.vae import Upsample  # nearest 2x then a 3x3 conv: the same module in SD's VAE decoder and U-Net
 
 
@@ -183,121 +184,6 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Attention kinds
-# ---------------------------------------------------------------------------------------------------------------
-
-def _heads(x, heads: int):
-    N, L, C = x.shape
-    return x.view(N, L, heads, C // heads).transpose(1, 2)  # (N, L, C) -> (N, heads, L, C/heads)
-
-
-def _merge(x):
-    N, h, L, d = x.shape
-    return x.transpose(1, 2).reshape(N, L, h * d)  # (N, heads, L, d) -> (N, L, heads*d)
-
-
-def sparse_causal_kv(x: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """Keys/values of frame 0 and frame i-1 side by side, for every frame i: (B*F, L, C) -> (B*F, 2L, C).
-
-    Frame 0 gets its own tokens twice (as in Tune-A-Video), which leaves softmax attention unchanged."""
-    BF, L, C = x.shape
-    x = x.view(BF // num_frames, num_frames, L, C)  # (B*F, L, C) -> (B, F, L, C)
-    first = torch.zeros(num_frames, dtype=torch.long, device=x.device)
-    previous = (torch.arange(num_frames, device=x.device) - 1).clamp(min=0)
-    x = torch.cat([x[:, first], x[:, previous]], dim=2)  # (B, F, 2L, C)
-    return x.view(BF, 2 * L, C)  # (B, F, 2L, C) -> (B*F, 2L, C)
-
-
-class Attention(nn.Module):
-    """Multi-head attention, q from x, k/v from `kv` (or x). Projections without bias, output with bias."""
-
-    def __init__(self, dim: int, heads: int, kv_dim: int | None = None):
-        super().__init__()
-        kv_dim = dim if kv_dim is None else kv_dim
-        self.heads = heads
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(kv_dim, dim, bias=False)
-        self.to_v = nn.Linear(kv_dim, dim, bias=False)
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # index 0 as in SD's checkpoint names
-
-    def attend(self, q, k, v):
-        """softmax(q kᵀ / sqrt(d)) v per head, (N, Lq, C), (N, Lk, C), (N, Lk, C) -> (N, Lq, C)."""
-        # $$\mathrm{softmax}\left(QK^\top/\sqrt{d}\right)V$$
-        out = F.scaled_dot_product_attention(_heads(q, self.heads), _heads(k, self.heads), _heads(v, self.heads))
-        return self.to_out[0](_merge(out))
-
-    def forward(self, x, kv=None):
-        kv = x if kv is None else kv
-        return self.attend(self.to_q(x), self.to_k(kv), self.to_v(kv))
-
-    def sparse_causal(self, x, num_frames: int):
-        """Sparse-causal self-attention (Tune-A-Video): frame i's queries attend to frames {0, i-1}.
-        x: (B*F, L, C) -> (B*F, L, C)."""
-        k = sparse_causal_kv(self.to_k(x), num_frames)  # (B*F, 2L, C)
-        v = sparse_causal_kv(self.to_v(x), num_frames)  # (B*F, 2L, C)
-        return self.attend(self.to_q(x), k, v)
-
-    def cross(self, x, context, num_frames: int):
-        """Cross-attention to the text, per frame. x: (B*F, L, C), context: (B, T, D) -> (B*F, L, C)."""
-        k = self.to_k(context).repeat_interleave(num_frames, dim=0)  # (B, T, C) -> (B*F, T, C)
-        v = self.to_v(context).repeat_interleave(num_frames, dim=0)  # (B, T, C) -> (B*F, T, C)
-        return self.attend(self.to_q(x), k, v)
-
-
-class GEGLU(nn.Module):
-    def __init__(self, dim: int, inner: int):
-        super().__init__()
-        self.proj = nn.Linear(dim, 2 * inner)
-
-    def forward(self, x):
-        a, gate = self.proj(x).chunk(2, dim=-1)
-        # $$a \odot \mathrm{GELU}(g)$$
-        return a * F.gelu(gate)
-
-
-class FeedForward(nn.Module):
-    def __init__(self, dim: int, mult: int = 4):
-        super().__init__()
-        # indices 0 and 2 as in SD's checkpoint names; slot 1 is SD's (inactive) dropout
-        self.net = nn.ModuleList([GEGLU(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim)])
-
-    def forward(self, x):
-        for layer in self.net:
-            x = layer(x)
-        return x
-
-
-class TransformerBlock(nn.Module):
-    """Sparse-causal self-attention, cross-attention, GEGLU feed-forward, temporal attention; pre-LayerNorm, residual."""
-
-    def __init__(self, dim: int, heads: int, cfg: UNetConfig):
-        super().__init__()
-        eps = cfg.norm_eps
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn1 = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.attn2 = Attention(dim, heads, kv_dim=cfg.cross_attention_dim)
-        self.norm3 = nn.LayerNorm(dim, eps=eps)
-        self.ff = FeedForward(dim)
-        self.norm_temp = nn.LayerNorm(dim, eps=eps)
-        self.attn_temp = Attention(dim, heads)
-        # the new layer starts as the identity map (residual only), so the inflated net is SD frame by frame
-        nn.init.zeros_(self.attn_temp.to_out[0].weight)
-        nn.init.zeros_(self.attn_temp.to_out[0].bias)
-
-    def forward(self, x, context, num_frames: int):
-        # x: (B*F, L, C) with L = H*W tokens per frame
-        x = x + self.attn1.sparse_causal(self.norm1(x), num_frames)
-        x = x + self.attn2.cross(self.norm2(x), context, num_frames)
-        x = x + self.ff(self.norm3(x))
-        BF, L, C = x.shape
-        B = BF // num_frames
-        x = x.view(B, num_frames, L, C).transpose(1, 2).reshape(B * L, num_frames, C)  # (B*F, L, C) -> (B*L, F, C)
-        x = x + self.attn_temp(self.norm_temp(x))  # self-attention over the F frames at each position
-        return x.view(B, L, num_frames, C).transpose(1, 2).reshape(BF, L, C)  # (B*L, F, C) -> (B*F, L, C)
-
-
 class SpatialTransformer(_Checkpointable):
     """GroupNorm, 1x1 conv in, one TransformerBlock on the H*W tokens, 1x1 conv out, residual."""
 
@@ -305,7 +191,8 @@ class SpatialTransformer(_Checkpointable):
         super().__init__()
         self.norm = nn.GroupNorm(cfg.norm_num_groups, c, eps=cfg.transformer_norm_eps)  # per frame (as Tune-A-Video)
         self.proj_in = nn.Conv2d(c, c, 1)
-        self.transformer_blocks = nn.ModuleList([TransformerBlock(c, cfg.attention_head_dim, cfg)])
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(c, cfg.attention_head_dim, cfg.cross_attention_dim,
+                                                                     cfg.norm_eps)])
         self.proj_out = nn.Conv2d(c, c, 1)
 
     def _forward(self, x, context, num_frames: int):

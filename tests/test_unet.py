@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from apla.unet import (DEFAULT_TRAINABLE, Attention, UNet3DConditionModel, UNetConfig, UNetConfigError,
-                       is_temporal_param, load_trainable_state, mark_trainable, sparse_causal_kv, trainable_state)
+from apla.attention import Attention, sparse_causal_kv
+from apla.unet import (DEFAULT_TRAINABLE, UNet3DConditionModel, UNetConfig, UNetConfigError, is_temporal_param,
+                       load_trainable_state, mark_trainable, trainable_state)
 from apla.weights import unet_key_from_ldm
 
 # names and shapes (no weights) of Stable Diffusion v1.5 as published (Rombach et al. 2022; CreativeML OpenRAIL-M)
