@@ -1,8 +1,8 @@
 """Tune a pretrained Stable Diffusion, inflated to video, on one clip with APLA (Algorithm 1).
 
     python train.py                                   # the defaults (see --help): the micro model on a shapes clip
-    python train.py --pretrained path/to/v1-5-pruned-emaonly.safetensors --video bigbuckbunny --prompt "..." \
-        --mixed-precision bf16 --gradient-checkpointing
+    python train.py --pretrained path/to/v1-5-pruned-emaonly.safetensors --video bigbuckbunny --prompt "..."
+                                                      # on CUDA: bf16 autocast and gradient checkpointing by default
 
 Reads top to bottom: configuration -> the clip and the base model -> the clip and the prompt encoded once -> the
 run's models (U-Net trainable set, VGT, D) -> Algorithm 1's loop, whose step is `apla.algorithm.APLA`
@@ -29,7 +29,8 @@ import apla
 from apla import checkpoint as ckpt
 from apla import run
 from apla.bundled import resolve_video
-from apla.cli import autocast_for, fail, parse_train_args, pick_device
+from apla.cli import (autocast_for, fail, parse_train_args, pick_device, resolve_gradient_checkpointing,
+                      resolve_mixed_precision)
 from apla.video import VideoError, read_video
 
 
@@ -71,13 +72,16 @@ def main(argv=None) -> int:
     z0_mean, z0_std = run.encode_clip(sd.vae, frames, device)                  # (1, 4, F, h, w) each
     with torch.no_grad():
         context = apla.encode_prompt(sd, [cfg.prompt]).to(device)              # (1, 77, D)
+    run.release_encoders(sd)                                                   # the loop needs neither again
 
     # ---- the run's models: U-Net eps_theta (its trainable set), VGT phi, discriminator D; their optimisers ------
     try:
         model = run.build_apla(cfg, sd, z0_mean.shape, device)
     except ValueError as e:
         fail(str(e))
-    model.unet.enable_gradient_checkpointing(cfg.gradient_checkpointing)
+    cfg.mixed_precision = resolve_mixed_precision(cfg.mixed_precision, device)              # "auto" -> as run
+    cfg.gradient_checkpointing = resolve_gradient_checkpointing(cfg.gradient_checkpointing, device, model.unet.config)
+    model.enable_gradient_checkpointing(cfg.gradient_checkpointing)
     opt_g, opt_d = run.optimizers(cfg, model)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
     gen = torch.Generator(device=device).manual_seed(cfg.seed)

@@ -73,6 +73,13 @@ class APLA(nn.Module):
         unet = [p for p in self.unet.parameters() if p.requires_grad]
         return unet + (list(self.vgt.parameters()) if self.vgt is not None else [])
 
+    def enable_gradient_checkpointing(self, flag: bool = True) -> None:
+        """Recompute the U-Net's ResNet blocks and spatial transformers and VGT's decoder blocks in backward instead
+        of storing their activations (apla.unet, apla.vgt)."""
+        self.unet.enable_gradient_checkpointing(flag)
+        if self.vgt is not None:
+            self.vgt.enable_gradient_checkpointing(flag)
+
     def perturbation(self, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """phi(z_t, t) in float32, or 0 for a run without VGT (Table 3's "w/o VGT")."""
         return self.vgt(z_t, t).float() if self.vgt is not None else torch.zeros_like(z_t, dtype=torch.float32)

@@ -6,16 +6,21 @@ block to video (Wu et al. 2022, Sec. 4.2):
   * after the feed-forward, temporal self-attention over the F frames at each spatial position (`attn_temp`, with
     its own LayerNorm `norm_temp`), no positional encoding, its output projection starting at zero.
 
-Tokens are (B*F, L, C) with L = H*W per frame. Every attention is one call of
-`torch.nn.functional.scaled_dot_product_attention`; no attention matrix is built here. Module names are diffusers'
-(`attn1`, `attn2`, `ff.net.0.proj`, `to_out.0`), so SD's weights load by name.
+Tokens are (B*F, L, C) with L = H*W per frame, and stay in that layout through the whole block: every attention is
+one call of `torch.nn.functional.scaled_dot_product_attention` on views of it (no attention matrix is built here,
+and only the sparse-causal keys and values are gathered into a new tensor). The cross-attention folds the F frames
+into the query sequence, since all frames attend to the same text; the temporal attention reads the L*heads
+sequences of F frames as strided views of the per-frame layout. Module names are diffusers' (`attn1`, `attn2`,
+`ff.net.0.proj`, `to_out.0`), so SD's weights load by name.
+
+`TransformerBlock.inflated = False` switches the inflation off: plain per-frame self-attention and no temporal
+attention, i.e. SD's block frame by frame (`apla.unet.UNet3DConditionModel.set_inflation`).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 
 
 def _heads(x, heads: int):
@@ -34,10 +39,9 @@ def sparse_causal_kv(x: torch.Tensor, num_frames: int) -> torch.Tensor:
     Frame 0 gets its own tokens twice (as in Tune-A-Video), which leaves softmax attention unchanged."""
     BF, L, C = x.shape
     x = x.view(BF // num_frames, num_frames, L, C)  # (B*F, L, C) -> (B, F, L, C)
-    first = torch.zeros(num_frames, dtype=torch.long, device=x.device)
-    previous = (torch.arange(num_frames, device=x.device) - 1).clamp(min=0)
-    x = torch.cat([x[:, first], x[:, previous]], dim=2)  # (B, F, 2L, C)
-    return x.view(BF, 2 * L, C)  # (B, F, 2L, C) -> (B*F, 2L, C)
+    first = x[:, :1].expand(-1, num_frames, -1, -1)  # frame 0 for every frame: (B, F, L, C), a view
+    previous = torch.cat([x[:, :1], x[:, :-1]], dim=1)  # frame max(i-1, 0) for frame i: (B, F, L, C)
+    return torch.cat([first, previous], dim=2).view(BF, 2 * L, C)  # (B, F, 2L, C) -> (B*F, 2L, C)
 
 
 class Attention(nn.Module):
@@ -70,10 +74,30 @@ class Attention(nn.Module):
         return self.attend(self.to_q(x), k, v)
 
     def cross(self, x, context, num_frames: int):
-        """Cross-attention to the text, per frame. x: (B*F, L, C), context: (B, T, D) -> (B*F, L, C)."""
-        k = self.to_k(context).repeat_interleave(num_frames, dim=0)  # (B, T, C) -> (B*F, T, C)
-        v = self.to_v(context).repeat_interleave(num_frames, dim=0)  # (B, T, C) -> (B*F, T, C)
-        return self.attend(self.to_q(x), k, v)
+        """Cross-attention to the text, per frame. x: (B*F, L, C), context: (B, T, D) -> (B*F, L, C).
+
+        Every frame of a clip attends to the same keys and values, and each query's softmax is its own, so the F
+        frames' queries are one sequence of F*L queries: no copy of the text's keys per frame."""
+        BF, L, C = x.shape
+        q = self.to_q(x).view(BF // num_frames, num_frames * L, C)  # (B*F, L, C) -> (B, F*L, C), a view
+        out = self.attend(q, self.to_k(context), self.to_v(context))  # (B, F*L, C)
+        return out.view(BF, L, C)  # (B, F*L, C) -> (B*F, L, C)
+
+    def temporal(self, x, num_frames: int):
+        """Self-attention over the F frames at each spatial position. x: (B*F, L, C) -> (B*F, L, C).
+
+        The L*heads sequences of F tokens are read as a strided view of the per-frame layout, (B, L*heads, F, d),
+        so x is never transposed to (B*L, F, C) and back."""
+        BF, L, C = x.shape
+        B, h = BF // num_frames, self.heads
+
+        def over_frames(t):
+            return t.view(B, num_frames, L * h, C // h).transpose(1, 2)  # (B*F, L, C) -> (B, L*h, F, d), a view
+
+        # $$\mathrm{softmax}\left(QK^\top/\sqrt{d}\right)V$$ over the F frames of each position and head
+        out = F.scaled_dot_product_attention(over_frames(self.to_q(x)), over_frames(self.to_k(x)),
+                                             over_frames(self.to_v(x)))
+        return self.to_out[0](out.transpose(1, 2).reshape(BF, L, C))  # (B, L*h, F, d) -> (B*F, L, C)
 
 
 class GEGLU(nn.Module):
@@ -100,7 +124,10 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Sparse-causal self-attention, cross-attention, GEGLU feed-forward, temporal attention; pre-LayerNorm, residual."""
+    """Sparse-causal self-attention, cross-attention, GEGLU feed-forward, temporal attention; pre-LayerNorm, residual.
+    With `inflated = False`: per-frame self-attention and no temporal attention (SD's block on each frame)."""
+
+    inflated = True
 
     def __init__(self, dim: int, heads: int, cross_attention_dim: int, eps: float):
         super().__init__()
@@ -117,12 +144,11 @@ class TransformerBlock(nn.Module):
         nn.init.zeros_(self.attn_temp.to_out[0].bias)
 
     def forward(self, x, context, num_frames: int):
-        # x: (B*F, L, C) with L = H*W tokens per frame
-        x = x + self.attn1.sparse_causal(self.norm1(x), num_frames)
+        # x: (B*F, L, C) with L = H*W tokens per frame; LayerNorm is per token, so it needs no other layout
+        h = self.norm1(x)
+        x = x + (self.attn1.sparse_causal(h, num_frames) if self.inflated else self.attn1(h))
         x = x + self.attn2.cross(self.norm2(x), context, num_frames)
         x = x + self.ff(self.norm3(x))
-        BF, L, C = x.shape
-        B = BF // num_frames
-        x = x.view(B, num_frames, L, C).transpose(1, 2).reshape(B * L, num_frames, C)  # (B*F, L, C) -> (B*L, F, C)
-        x = x + self.attn_temp(self.norm_temp(x))  # self-attention over the F frames at each position
-        return x.view(B, L, num_frames, C).transpose(1, 2).reshape(BF, L, C)  # (B*L, F, C) -> (B*F, L, C)
+        if self.inflated:
+            x = x + self.attn_temp.temporal(self.norm_temp(x), num_frames)  # over the F frames at each position
+        return x

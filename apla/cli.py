@@ -17,7 +17,9 @@ from typing import NoReturn, Optional
 import torch
 
 from apla.bundled import preset
-from apla.config import GROUPNORM, SEED, Range, TrainConfig, default_config
+from apla.config import CHECKPOINTING, GROUPNORM, PRECISIONS, SEED, Range, TrainConfig, default_config
+
+SD_WIDTH = 320  # channels of SD v1.5's first U-Net level; 'auto' checkpoints U-Nets this wide on CUDA
 
 
 def pick_device(name: str) -> torch.device:
@@ -30,6 +32,27 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         fail(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
     return device
+
+
+def resolve_mixed_precision(setting: str, device: torch.device) -> str:
+    """--mixed-precision as a run uses it: 'auto' is bf16 on a CUDA device with native bfloat16 (compute capability
+    8.0 or later, or ROCm), fp16 (trained with the gradient scaler) on an older CUDA device, and 'no' (float32) on
+    any other device; 'no', 'bf16' and 'fp16' stay as given."""
+    if setting != "auto":
+        return setting
+    if device.type != "cuda":
+        return "no"
+    native_bf16 = bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
+    return "bf16" if native_bf16 else "fp16"
+
+
+def resolve_gradient_checkpointing(setting, device: torch.device, unet_config) -> bool:
+    """--gradient-checkpointing as a run uses it: 'auto' is on for a U-Net of Stable Diffusion's size (a first level
+    of SD_WIDTH channels or more) on CUDA, where a 24-frame clip's activations would not fit, and off otherwise (a
+    CPU, or the micro model); True / 'on' and False / 'off' as given."""
+    if setting == "auto":
+        return device.type == "cuda" and unet_config.block_out_channels[0] >= SD_WIDTH
+    return setting in (True, "on")
 
 
 def autocast_for(mixed_precision: str, device: torch.device):
@@ -127,9 +150,12 @@ def train_parser() -> argparse.ArgumentParser:
     a("--perceptual-weights", default=d.apla.perceptual_weights,
       help="VGG16 weights of the perceptual term (torchvision layout, .pth or .safetensors), or 'random' (default: "
            "torchvision's vgg16-397923af.pth from the torch hub cache if present, else random features)")
-    a("--mixed-precision", choices=["no", "bf16", "fp16"], default=d.mixed_precision,
-      help="autocast dtype (bf16 recommended on CUDA)")
-    a("--gradient-checkpointing", action="store_true", help="recompute U-Net activations to save memory")
+    a("--mixed-precision", choices=list(PRECISIONS), default=d.mixed_precision,
+      help="autocast dtype; auto: bf16 on a CUDA device with native bfloat16, fp16 with the gradient scaler on an "
+           "older one, no (float32) on a CPU; config.json records the resolved value")
+    a("--gradient-checkpointing", nargs="?", const="on", choices=list(CHECKPOINTING), default=d.gradient_checkpointing,
+      help="recompute each U-Net block and VGT block in backward instead of storing its activations (the bare flag "
+           "means on); auto: on for an SD-size U-Net on CUDA, off otherwise; config.json records true or false")
     a("--checkpoint-every", type=int, default=d.checkpoint_every, help="save a checkpoint every n steps")
     a("--device", default=d.device, help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     a("--resume", action="store_true", help="continue the run in --output-dir from its latest checkpoint")
@@ -168,6 +194,8 @@ def parse_train_args(argv: Optional[list] = None):
             flags.setdefault("apla", {})["perceptual_weights"] = v
         elif dest == "no_progress":
             flags["progress"] = not v
+        elif dest == "gradient_checkpointing":
+            flags[dest] = {"on": True, "off": False}.get(v, v)
         else:
             flags[dest] = v
     values = _merge(values, flags)
@@ -207,7 +235,8 @@ def sample_parser() -> argparse.ArgumentParser:
     a("--out", default=None, help="output folder (default: RUN/samples)")
     a("--fps", type=in_range(int, FPS), default=8, help="frames per second of the GIF/MP4")
     a("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
-    a("--mixed-precision", choices=["no", "bf16", "fp16"], default="no", help="autocast dtype")
+    a("--mixed-precision", choices=list(PRECISIONS), default="auto",
+      help="autocast dtype; auto: bf16 on a CUDA device with native bfloat16, fp16 on an older one, no on a CPU")
     a("--no-progress", action="store_true", help="no progress bars")
     a("--no-metrics", action="store_true", help="do not score the samples (FCI, warping error, PSNR, CLIP scores, "
                                                 "the shapes world's measures -> OUT/metrics.json)")

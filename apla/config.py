@@ -77,6 +77,8 @@ POSITIVE = Range(0, open_low=True)
 AT_LEAST_ONE = Range(1, integer=True)
 SEED = Range(0, 2**63 - 1, integer=True)  # torch.Generator.manual_seed takes up to 2**64 - 1; apla.run adds 2
 GROUPNORM = ("frames", "per-frame")  # TrainConfig.groupnorm
+PRECISIONS = ("auto", "no", "bf16", "fp16")  # TrainConfig.mixed_precision, sample.py's --mixed-precision
+CHECKPOINTING = ("auto", "on", "off")  # train.py's --gradient-checkpointing (TrainConfig: "auto", true, false)
 
 
 @dataclass
@@ -153,8 +155,11 @@ class TrainConfig:
     weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
-    mixed_precision: str = "no"          # "bf16" on CUDA
-    gradient_checkpointing: bool = False
+    # "auto" (resolved by train.py, the resolved value saved): bf16 on CUDA with native bfloat16, fp16 on older
+    # CUDA devices, "no" (float32) on a CPU (apla.cli.resolve_mixed_precision)
+    mixed_precision: str = "auto"
+    # "auto" (resolved by train.py): on for an SD-size U-Net on CUDA (apla.cli.resolve_gradient_checkpointing)
+    gradient_checkpointing: bool | str = "auto"
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
     device: str = "auto"
@@ -208,8 +213,10 @@ class TrainConfig:
         the one place where config files, saved runs and train.py's flags are checked."""
         if self.groupnorm not in GROUPNORM:
             raise ValueError(f"groupnorm must be one of {GROUPNORM}, got {self.groupnorm!r}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.mixed_precision not in PRECISIONS:
+            raise ValueError(f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
+        if self.gradient_checkpointing not in (True, False, "auto"):
+            raise ValueError(f"gradient_checkpointing must be true, false or \"auto\", got {self.gradient_checkpointing!r}")
         for name, allowed in self.RANGES.items():
             allowed.check(name, getattr(self, name))
         if self.init_seed is not None:

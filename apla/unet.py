@@ -310,6 +310,15 @@ class UNet3DConditionModel(nn.Module):
             if isinstance(m, FrameGroupNorm):
                 m.over_frames = flag
 
+    def set_inflation(self, flag: bool) -> None:
+        """Tune-A-Video's inflation on (True, the default: sparse-causal self-attention and temporal attention) or off
+        (False: per-frame self-attention and no temporal attention, so with per-frame GroupNorm the network is SD
+        applied to each frame; what `python -m apla.bench --compare-diffusers` measures against diffusers). No
+        weight changes: the temporal parameters stay and are unused while it is off."""
+        for m in self.modules():
+            if isinstance(m, TransformerBlock):
+                m.inflated = flag
+
     def enable_gradient_checkpointing(self, flag: bool = True):
         """Recompute each ResNet block and spatial transformer in backward instead of storing its activations."""
         for m in self.modules():

@@ -62,6 +62,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F_
+from torch.utils.checkpoint import checkpoint
 
 from apla.unet import timestep_embedding
 
@@ -322,6 +323,8 @@ class VGT(nn.Module):
     `VGTIntermediates` of that same computation. Variant by `config.variant` (Table 1).
     """
 
+    gradient_checkpointing = False
+
     def __init__(self, config: VGTConfig):
         super().__init__()
         self.config = c = config
@@ -357,6 +360,15 @@ class VGT(nn.Module):
         # phi starts tiny: Fig. 3, "As VGT is not trained ever, the output of VGT is tiny"
         self.head.fc2.weight.normal_(0.0, self.config.out_init_std, generator=g)
 
+    def enable_gradient_checkpointing(self, flag: bool = True) -> None:
+        """Recompute each decoder block in backward instead of storing its activations (its input is kept)."""
+        self.gradient_checkpointing = flag
+
+    def _block(self, block: DecoderBlock, z: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, z, mask, use_reentrant=False)
+        return block(z, mask)
+
     def _check(self, z_t: torch.Tensor):
         c = self.config
         if z_t.ndim != 5 or z_t.shape[1] != c.in_channels:
@@ -389,13 +401,13 @@ class VGT(nn.Module):
         z_s = z_s_0 = spatial_tokens(x, cls, pos)  # Eq. 9: (B*F, 1+N, d)
         mask = decoder_mask(1 + Hp * Wp, z_t.device) if c.masked else None
         for block in self.spatial:
-            z_s = block(z_s, mask)  # Eq. 7
+            z_s = self._block(block, z_s, mask)  # Eq. 7
         z_s_L = self.norm_s(z_s)  # (B*F, 1+N, d)
         cls_s_L = z_s_L[:, 0].reshape(B, F, d)  # (B*F, d) -> (B, F, d)
         z_tmp = z_tmp_1 = temporal_input(cls_s_L, self.cls_t, self.D, self.pos_t[:, : 1 + F])  # Eq. 10: (B, 1+F, d)
         mask = decoder_mask(1 + F, z_t.device) if c.masked else None
         for block in self.temporal:
-            z_tmp = block(z_tmp, mask)  # Eq. 8
+            z_tmp = self._block(block, z_tmp, mask)  # Eq. 8
         z_tmp_M = self.norm_t(z_tmp)  # (B, 1+F, d)
         z_s_C = z_s_L[:, 1:].reshape(B, F, Hp * Wp, d)  # (B*F, 1+N, d) -> (B, F, N, d), class token removed
         cls_t_M, z_tmp_C = temporal_output(z_tmp_M)  # Eq. 11: (B, d), (B, F, d)
