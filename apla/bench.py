@@ -25,6 +25,7 @@ import resource
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -103,12 +104,15 @@ def latent_shape(spec: BenchModel, cfg: TrainConfig) -> tuple:
     return 1, spec.unet.in_channels, cfg.frames, h, h
 
 
-def build(spec: BenchModel, cfg: TrainConfig, device):
-    """(APLA, VAE) with random weights on `device` (the meta device too), as train.py builds them (apla.run)."""
+def build(spec: BenchModel, cfg: TrainConfig, device, with_vae: bool = True):
+    """(APLA, VAE or None) with random weights on `device` (the meta device too), as train.py builds them
+    (apla.run.build_apla). On the meta device every module is created there; elsewhere VGT, D and the VGG features
+    are initialised on the CPU (their seeded generators) and moved."""
     with torch.device(device):
-        sd = StableDiffusion(AutoencoderKL(spec.vae), None, None, make_alpha_bar(),
+        sd = StableDiffusion(AutoencoderKL(spec.vae) if with_vae else None, None, None, make_alpha_bar(),
                              UNet3DConditionModel(dataclasses.replace(spec.unet)))
-    model = run.build_apla(cfg, sd, latent_shape(spec, cfg), device)
+    with torch.device(device) if torch.device(device).type == "meta" else nullcontext():
+        model = run.build_apla(cfg, sd, latent_shape(spec, cfg), device)
     model.enable_gradient_checkpointing(cfg.gradient_checkpointing)
     return model, sd.vae
 

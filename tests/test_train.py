@@ -291,3 +291,35 @@ def test_groupnorm_setting_is_saved_and_honoured_by_sample(tiny, tmp_path, monke
                             "--prompt", "a red circle"]) == 0
         norms = [m for m in built[-1].unet.modules() if isinstance(m, FrameGroupNorm)]
         assert norms and all(m.over_frames is pooled for m in norms), setting
+
+
+def test_auto_precision_and_checkpointing_resolve_by_device(monkeypatch):
+    from apla.unet import UNetConfig
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert cli.resolve_mixed_precision("auto", cpu) == "no"
+    for given in ("no", "bf16", "fp16"):
+        assert cli.resolve_mixed_precision(given, cpu) == given == cli.resolve_mixed_precision(given, cuda)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100
+    assert cli.resolve_mixed_precision("auto", cuda) == "bf16"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4: no native bf16
+    assert cli.resolve_mixed_precision("auto", cuda) == "fp16"
+
+    sd, small = UNetConfig(), UNetConfig(block_out_channels=(32, 64, 64, 64))
+    assert cli.resolve_gradient_checkpointing("auto", cuda, sd) is True
+    assert cli.resolve_gradient_checkpointing("auto", cpu, sd) is False
+    assert cli.resolve_gradient_checkpointing("auto", cuda, small) is False
+    for given, want in ((True, True), ("on", True), (False, False), ("off", False)):
+        assert cli.resolve_gradient_checkpointing(given, cuda, small) is want
+        assert cli.resolve_gradient_checkpointing(given, cpu, sd) is want
+
+
+@pytest.mark.parametrize("flags, precision, checkpointing", [
+    ([], "no", False), (["--gradient-checkpointing"], "no", True), (["--gradient-checkpointing", "off"], "no", False),
+    (["--mixed-precision", "bf16", "--gradient-checkpointing", "on"], "bf16", True)])
+def test_resolved_precision_and_checkpointing_saved_in_config(tiny, tmp_path, flags, precision, checkpointing):
+    run = tmp_path / "run"
+    assert train.main(train_args(tiny, run, 1, SHAPES_GIF, 2, *flags)) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert (cfg["mixed_precision"], cfg["gradient_checkpointing"]) == (precision, checkpointing)

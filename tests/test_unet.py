@@ -332,3 +332,21 @@ def test_key_rules_reject_and_config_rejects():
     unet = _tiny_unet()
     with pytest.raises(ValueError, match="shape"):
         unet(torch.zeros(1, 4, 8, 8), 0, torch.zeros(1, 77, 32))
+
+
+def test_inflation_off_is_sd_frame_by_frame(tiny_folder):
+    """set_inflation(False) (per-frame self-attention, no temporal attention) with per-frame GroupNorm: on F different
+    frames, the output equals diffusers' 2D U-Net on the F frames as a batch of images; back on, it differs."""
+    folder, ref = tiny_folder
+    unet = _load_folder(folder, norm_over_frames=False)
+    z, t, context = _inputs(B=1, Fr=4)
+    with torch.no_grad():
+        _randomise(((n, p) for n, p in unet.named_parameters() if is_temporal_param(n)), seed=9)
+        images = z[0].transpose(0, 1)  # (1, 4, F, h, w) -> (F, 4, h, w)
+        eps_ref = ref(images, t.expand(4), context.expand(4, -1, -1)).sample  # (F, 4, h, w)
+        unet.set_inflation(False)
+        eps_off = unet(z, t, context)[0].transpose(0, 1)
+        unet.set_inflation(True)
+        eps_on = unet(z, t, context)[0].transpose(0, 1)
+    torch.testing.assert_close(eps_off, eps_ref, rtol=0, atol=1e-5)
+    assert (eps_on[1:] - eps_ref[1:]).abs().max() > 1e-3
