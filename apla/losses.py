@@ -103,15 +103,19 @@ def noise_to_images(x: torch.Tensor) -> torch.Tensor:
 
 
 def perceptual_distance(features: VGGFeatures, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """dist_per(a, b) of Eq. 17 on (B, C, F, H, W) tensors: LPIPS with unit layer weights (file header)."""
-    n = a.shape[0] * a.shape[1] * a.shape[2]
-    feats = features(torch.cat([noise_to_images(a), noise_to_images(b)]))  # one pass for both
-    dist = a.new_zeros((), dtype=torch.float32)
-    for f in feats:
+    """dist_per(a, b) of Eq. 17 on (B, C, F, H, W) tensors: LPIPS with unit layer weights (file header).
+
+    a and b go through the network in separate passes: in training a is the true noise eps, which needs no gradient,
+    so backward runs through b's half only (a single batch of both would carry gradients through both)."""
+
+    def unit(f):  # unit norm over channels
         f = f.float()
-        f = f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)  # unit norm over channels
+        return f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
+
+    dist = a.new_zeros((), dtype=torch.float32)
+    for fa, fb in zip(features(noise_to_images(a)), features(noise_to_images(b))):
         # $$\sum_l \frac{1}{H_l W_l} \sum_{h,w} \| \hat f_l(a)_{hw} - \hat f_l(b)_{hw} \|_2^2$$
-        dist = dist + (f[:n] - f[n:]).pow(2).sum(dim=1).mean()
+        dist = dist + (unit(fa) - unit(fb)).pow(2).sum(dim=1).mean()
     return dist
 
 
