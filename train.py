@@ -82,6 +82,8 @@ def main(argv=None) -> int:
     cfg.mixed_precision = resolve_mixed_precision(cfg.mixed_precision, device)              # "auto" -> as run
     cfg.gradient_checkpointing = resolve_gradient_checkpointing(cfg.gradient_checkpointing, device, model.unet.config)
     model.enable_gradient_checkpointing(cfg.gradient_checkpointing)
+    if cfg.compile:
+        model.compile_networks()
     opt_g, opt_d = run.optimizers(cfg, model)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
     gen = torch.Generator(device=device).manual_seed(cfg.seed)

@@ -80,6 +80,13 @@ class APLA(nn.Module):
         if self.vgt is not None:
             self.vgt.enable_gradient_checkpointing(flag)
 
+    def compile_networks(self) -> None:
+        """torch.compile the U-Net's and VGT's forward in place (nn.Module.compile: parameter names, and so
+        checkpoints, are unchanged). The first steps pay for the compilation; on a CPU it gained nothing (PERFORMANCE.md)."""
+        self.unet.compile()
+        if self.vgt is not None:
+            self.vgt.compile()
+
     def perturbation(self, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """phi(z_t, t) in float32, or 0 for a run without VGT (Table 3's "w/o VGT")."""
         return self.vgt(z_t, t).float() if self.vgt is not None else torch.zeros_like(z_t, dtype=torch.float32)

@@ -185,7 +185,8 @@ def measure(what: str, fn, device, repeats: int) -> Row:
 
 def measure_all(spec: BenchModel, cfg: TrainConfig, variants, measures, device, steps: int, repeats: int) -> list:
     """The rows of the table: a training step per VGT variant, then (with the first variant) DDIM inversion, guided
-    DDIM sampling and the VAE passes, as asked by `measures`."""
+    DDIM sampling and the VAE passes, as asked by `measures`. With cfg.compile the networks are compiled (the
+    untimed first call compiles)."""
     g = torch.Generator().manual_seed(0)
     shape = latent_shape(spec, cfg)
     z0 = torch.randn(shape, generator=g).to(device)
@@ -196,6 +197,8 @@ def measure_all(spec: BenchModel, cfg: TrainConfig, variants, measures, device, 
     steps_rows, rows, F = [], [], cfg.frames
     for variant in variants:
         model, vae = build(spec, dataclasses.replace(cfg, apla=dataclasses.replace(cfg.apla, vgt=variant)), device)
+        if cfg.compile:
+            model.compile_networks()
         if "step" in measures:
             opt_g, opt_d = run.optimizers(cfg, model)
             scaler = torch.amp.GradScaler(torch.device(device).type, enabled=cfg.mixed_precision == "fp16")
@@ -256,7 +259,7 @@ def gb(n: int) -> str:
 
 def format_rows(rows: list, cfg: TrainConfig, device) -> str:
     dtype = {"no": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[cfg.mixed_precision]
-    ckpt = "checkpointing" if cfg.gradient_checkpointing else "no checkpointing"
+    ckpt = ("checkpointing" if cfg.gradient_checkpointing else "no checkpointing") + (", compiled" if cfg.compile else "")
     peak = "peak allocated" if torch.device(device).type == "cuda" else "peak RSS (process)"
     lines = [f"{cfg.frames} frames x {cfg.size}^2 px on {device} ({machine(device)}); {dtype}, {ckpt}",
              "", f"| measurement | median s | runs | {peak} | GFLOP | TFLOP/s |", "| --- | --- | --- | --- | --- | --- |"]
@@ -282,6 +285,7 @@ def parser():
     a("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ... (default: auto)")
     a("--mixed-precision", choices=PRECISIONS, default="auto", help="as train.py (default: auto)")
     a("--gradient-checkpointing", choices=CHECKPOINTING, default="auto", help="as train.py (default: auto)")
+    a("--compile", action="store_true", help="torch.compile the U-Net and VGT, as train.py --compile")
     a("--threads", type=in_range(int, AT_LEAST_ONE), default=None, help="torch CPU threads (default: torch's)")
     a("--compare-diffusers", action="store_true",
       help="time our U-Net against diffusers' UNet2DConditionModel on the same frames and weights (needs diffusers)")
@@ -329,6 +333,7 @@ def main(argv=None) -> int:
         checkpointing = resolve_gradient_checkpointing(args.gradient_checkpointing, device, spec.unet)
         cfg = run_config(spec, frames, size, variants[0], resolve_mixed_precision(args.mixed_precision, device),
                          checkpointing)
+        cfg.compile = args.compile
         rows = measure_all(spec, cfg, variants, measures, device, args.steps, args.repeats)
         tables.append(format_rows(rows, cfg, device))
     text = f"`{command}`\n\n" + "\n\n".join(tables) + "\n"

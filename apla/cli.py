@@ -156,6 +156,8 @@ def train_parser() -> argparse.ArgumentParser:
     a("--gradient-checkpointing", nargs="?", const="on", choices=list(CHECKPOINTING), default=d.gradient_checkpointing,
       help="recompute each U-Net block and VGT block in backward instead of storing its activations (the bare flag "
            "means on); auto: on for an SD-size U-Net on CUDA, off otherwise; config.json records true or false")
+    a("--compile", action="store_true", help="torch.compile the U-Net and VGT (the first steps compile; no gain "
+                                             "measured on a CPU)")
     a("--checkpoint-every", type=int, default=d.checkpoint_every, help="save a checkpoint every n steps")
     a("--device", default=d.device, help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     a("--resume", action="store_true", help="continue the run in --output-dir from its latest checkpoint")

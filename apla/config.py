@@ -160,6 +160,7 @@ class TrainConfig:
     mixed_precision: str = "auto"
     # "auto" (resolved by train.py): on for an SD-size U-Net on CUDA (apla.cli.resolve_gradient_checkpointing)
     gradient_checkpointing: bool | str = "auto"
+    compile: bool = False                # torch.compile the U-Net and VGT (APLA.compile_networks)
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
     device: str = "auto"

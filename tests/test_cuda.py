@@ -57,6 +57,13 @@ def test_auto_defaults_on_cuda(tiny, tmp_path):
     assert cfg["mixed_precision"] == ("bf16" if native_bf16() else "fp16") and cfg["gradient_checkpointing"] is True
 
 
+def test_compile_option_trains(tiny, tmp_path):
+    run = tmp_path / "compiled"
+    assert train.main(cuda_train_args(tiny, run, "--compile")) == 0
+    assert json.loads((run / "config.json").read_text())["compile"] is True
+    assert len((run / "log.jsonl").read_text().splitlines()) == 3
+
+
 def _tiny_bench(variant="pure", checkpointing=True, precision=None):
     from apla.bench import bench_model, run_config
 
