@@ -272,7 +272,7 @@ def format_rows(rows: list, cfg: TrainConfig, device) -> str:
 def parser():
     p = OneLineParser(prog="python -m apla.bench", description=__doc__.split("\n\n")[0])
     a = p.add_argument
-    a("--model", choices=("sd15", "micro", "tiny"), default="tiny", help="the architecture (random weights)")
+    a("--model", choices=("sd15", "micro", "tiny"), default="tiny", help="the architecture, random weights (default: tiny)")
     a("--frames", type=in_range(int, AT_LEAST_ONE), default=None, help="frames (default: the model's: 24, 8, 8)")
     a("--size", type=in_range(int, TrainConfig.RANGES["size"]), default=None,
       help="frame side in px (default: the model's: 512, 64, 256)")
