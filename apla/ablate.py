@@ -327,6 +327,7 @@ def main(argv=None) -> int:
     unknown = [v for v in names if v not in table]
     if unknown or not seeds:
         fail(f"unknown variant {unknown[0]!r}; expected some of {list(table)}" if unknown else "--seeds: none given")
+    names = [v for v in table if v in names]  # the table's order: Tune-A-Video, the baseline of the report, first
     steps, sample_steps = args.steps, args.sample_steps
     if args.quick:
         seeds, names, steps, sample_steps = seeds[:1], [v for v in QUICK_VARIANTS if v in names] or names[:1], 2, 3

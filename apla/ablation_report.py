@@ -124,7 +124,7 @@ def measure_table(runs: list[dict], names: list[str], step: int, baseline: str, 
     others = [v for v in names if v != baseline]
     n = max((len(next(iter(t.values()))) for t in table.values()), default=0)
     means = [f"| measure (n = {n} clip × seed) | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
-    diffs = ["| Δ from Tune-A-Video | " + " | ".join(others) + " |", "| --- |" + " --- |" * len(others)]
+    diffs = [f"| Δ from {baseline} | " + " | ".join(others) + " |", "| --- |" + " --- |" * len(others)]
     found = []
     for (key, label, direction, kinds, scale), vals in table.items():
         title, digits = f"{label} {'↑' if direction > 0 else '↓'}", DIGITS.get(key, 2)
@@ -138,7 +138,7 @@ def measure_table(runs: list[dict], names: list[str], step: int, baseline: str, 
             if sig:
                 found.append((v, label, dm * scale, dh * scale, dm * direction > 0))
         diffs.append(f"| {title} | " + " | ".join(cells) + " |")
-    return means + [""] + diffs, found
+    return means + ([""] + diffs if others else []), found
 
 
 def best_by_measure(runs: list[dict], names: list[str], step: int, measures=MEASURES) -> list[str]:
@@ -346,7 +346,8 @@ def write_report(jobs, path, stages: list[dict], plots: bool = True) -> int:
     sig_all = []
     for title, vs, step in ((f"Table 3 at the default budget ({n} steps)", long_names, n),
                             (f"Table 3 at twice the budget ({2 * n} steps)", long_names, 2 * n),
-                            (f"Table 1: VGT versions in full APLA ({n} steps)", [baseline] + table1, n)):
+                            (f"Table 1: VGT versions in full APLA ({n} steps)",
+                             list(dict.fromkeys([baseline] + table1)), n)):
         if len(vs) < 1 or not any(step in j.sample_at for j in jobs if j.variant in vs):
             continue
         lines, found = measure_table(runs, vs, step, baseline)
