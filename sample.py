@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 import apla
 from apla import checkpoint as ckpt
 from apla import evaluate, run
-from apla.cli import autocast_for, fail, pick_device, sample_parser
+from apla.cli import autocast_for, fail, pick_device, resolve_mixed_precision, sample_parser
 from apla.config import slug
 from apla.scheduler import ddim_invert, ddim_sample, ddim_timesteps
 from apla.video import PyAVMissing, require_av, write_gif, write_mp4, write_png_strip
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     except evaluate.MetricsError as e:
         fail(str(e))
     alpha_bar = model.alpha_bar
-    amp = autocast_for(args.mixed_precision, device)
+    amp = autocast_for(resolve_mixed_precision(args.mixed_precision, device), device)       # auto: as train.py
 
     # ---- z_T: DDIM inversion of the clip with the empty prompt, on eps* (or seeded noise) ----------------------
     with torch.no_grad():

@@ -82,7 +82,8 @@ class APLA(nn.Module):
 
     def compile_networks(self) -> None:
         """torch.compile the U-Net's and VGT's forward in place (nn.Module.compile: parameter names, and so
-        checkpoints, are unchanged). The first steps pay for the compilation; on a CPU it gained nothing (PERFORMANCE.md)."""
+        checkpoints, are unchanged). The first steps pay for the compilation; on a CPU it gained nothing
+        (apla/PERFORMANCE.md)."""
         self.unet.compile()
         if self.vgt is not None:
             self.vgt.compile()

@@ -219,7 +219,8 @@ def measure_all(spec: BenchModel, cfg: TrainConfig, variants, measures, device, 
             rows.append(measure(f"guided DDIM sampling, {steps} steps", lambda: _under(amp, sample), device, repeats))
         frames = torch.rand(F, 3, cfg.size, cfg.size, generator=g) * 2 - 1
         if "encode" in measures:
-            rows.append(measure(f"VAE encode, {F} frames", lambda: run.encode_clip(vae, frames, device), device, repeats))
+            encode = lambda: run.encode_clip(vae, frames, device)  # noqa: E731
+            rows.append(measure(f"VAE encode, {F} frames", encode, device, repeats))
         if "decode" in measures:
             rows.append(measure(f"VAE decode, {F} frames", lambda: run.decode_latents(vae, z0), device, repeats))
         del model, vae
@@ -259,10 +260,11 @@ def gb(n: int) -> str:
 
 def format_rows(rows: list, cfg: TrainConfig, device) -> str:
     dtype = {"no": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[cfg.mixed_precision]
-    ckpt = ("checkpointing" if cfg.gradient_checkpointing else "no checkpointing") + (", compiled" if cfg.compile else "")
+    ckpt = "checkpointing" if cfg.gradient_checkpointing else "no checkpointing"
+    ckpt += ", compiled" if cfg.compile else ""
     peak = "peak allocated" if torch.device(device).type == "cuda" else "peak RSS (process)"
     lines = [f"{cfg.frames} frames x {cfg.size}^2 px on {device} ({machine(device)}); {dtype}, {ckpt}",
-             "", f"| measurement | median s | runs | {peak} | GFLOP | TFLOP/s |", "| --- | --- | --- | --- | --- | --- |"]
+             "", f"| measurement | median s | runs | {peak} | GFLOP | TFLOP/s |", "| --- " * 6 + "|"]
     for r in rows:
         lines.append(f"| {r.what} | {r.seconds:.3f} | {r.runs} | {gb(r.peak_bytes)} | {r.flops / 1e9:,.1f} | "
                      f"{r.tflops_per_s:.3f} |")
@@ -272,7 +274,8 @@ def format_rows(rows: list, cfg: TrainConfig, device) -> str:
 def parser():
     p = OneLineParser(prog="python -m apla.bench", description=__doc__.split("\n\n")[0])
     a = p.add_argument
-    a("--model", choices=("sd15", "micro", "tiny"), default="tiny", help="the architecture, random weights (default: tiny)")
+    a("--model", choices=("sd15", "micro", "tiny"), default="tiny",
+      help="the architecture, random weights (default: tiny)")
     a("--frames", type=in_range(int, AT_LEAST_ONE), default=None, help="frames (default: the model's: 24, 8, 8)")
     a("--size", type=in_range(int, TrainConfig.RANGES["size"]), default=None,
       help="frame side in px (default: the model's: 512, 64, 256)")

@@ -56,7 +56,10 @@ def resolve_gradient_checkpointing(setting, device: torch.device, unet_config) -
 
 
 def autocast_for(mixed_precision: str, device: torch.device):
-    """The autocast context of --mixed-precision: none for 'no', bf16 or fp16 otherwise."""
+    """The autocast context of a resolved --mixed-precision (resolve_mixed_precision): none for 'no', else bf16 or
+    fp16."""
+    if mixed_precision not in ("no", "bf16", "fp16"):
+        raise ValueError(f"autocast_for: {mixed_precision!r} is not resolved (resolve_mixed_precision first)")
     if mixed_precision == "no":
         return nullcontext()
     return torch.autocast(device_type=device.type,

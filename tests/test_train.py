@@ -298,6 +298,8 @@ def test_auto_precision_and_checkpointing_resolve_by_device(monkeypatch):
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert cli.resolve_mixed_precision("auto", cpu) == "no"
+    with pytest.raises(ValueError, match="not resolved"):  # autocast only for a resolved setting
+        cli.autocast_for("auto", cpu)
     for given in ("no", "bf16", "fp16"):
         assert cli.resolve_mixed_precision(given, cpu) == given == cli.resolve_mixed_precision(given, cuda)
     monkeypatch.setattr(torch.version, "hip", None)
