@@ -116,6 +116,7 @@ def test_bad_flags_are_one_line(capsys):
 def test_quick_study_end_to_end(tmp_path):
     """python -m apla.ablate --quick: three variants on one clip and seed, trained, sampled, measured, reported;
     a second call finds every run finished and keeps the report's hand-written tail."""
+    pytest.importorskip("matplotlib", reason="the report's plot needs matplotlib (a dev extra)")
     out = tmp_path / "study"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "apla.ablate", "--quick", "--jobs", "2", "--out", str(out)]

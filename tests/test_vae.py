@@ -1,8 +1,10 @@
 """apla.vae against diffusers' AutoencoderKL (tiny, float64) and against the SD v1.5 manifest (names, shapes)."""
 import pytest
 import torch
-from diffusers import AutoencoderKL as DiffusersVAE
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+pytest.importorskip("diffusers", reason="diffusers (a dev extra) is the reference")
+from diffusers import AutoencoderKL as DiffusersVAE  # noqa: E402
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # noqa: E402
 
 from apla.vae import SCALING_FACTOR, AutoencoderKL, VAEConfig, sample_posterior, vae_key_from_ldm
 

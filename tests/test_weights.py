@@ -11,7 +11,9 @@ import textwrap
 
 import pytest
 import torch
-from diffusers import AutoencoderKL as DiffusersVAE
+
+pytest.importorskip("diffusers", reason="diffusers (a dev extra) is the reference")
+from diffusers import AutoencoderKL as DiffusersVAE  # noqa: E402
 from diffusers import DDIMScheduler
 from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_ldm_vae_checkpoint
 from transformers import CLIPTextConfig, CLIPTextModel
