@@ -11,7 +11,7 @@ Reads top to bottom: the run's config and latest checkpoint -> the base model wi
 z_T by DDIM inversion of the cached clip latents with the empty prompt (Tune-A-Video's recipe, on eps*), or seeded
 noise -> for each prompt, DDIM sampling (Eq. 3) with classifier-free guidance on the perturbed prediction
 eps* = eps_theta + phi (Eq. 4) -> VAE decode -> GIF (+ MP4 with PyAV) and a PNG strip per prompt -> the samples
-scored as the paper's tables do (apla.evaluate: FCI, warping error, PSNR, CLIP scores) into metrics.json.
+scored as the paper's tables do (apla.eval.score: FCI, warping error, PSNR, CLIP scores) into metrics.json.
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 
 import apla
 from apla import checkpoint as ckpt
-from apla import evaluate, run
+from apla import run
+from apla.eval import score as evaluate
 from apla.cli import autocast_for, fail, pick_device, resolve_mixed_precision, sample_parser
 from apla.config import slug
 from apla.scheduler import ddim_invert, ddim_sample, ddim_timesteps
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
         print(f"{prompt!r}: {', '.join(str(p) for p in written)}", file=sys.stderr)
         videos.append((prompt, frames))
 
-    # ---- the samples scored: metrics.json and a table (python -m apla.evaluate OUT prints the same) ------------
+    # ---- the samples scored: metrics.json and a table (python -m apla.eval OUT prints the same) ------------
     if not args.no_metrics:
         try:
             report = evaluate.score_samples(videos, cfg, out_dir / "metrics.json", clip, device)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 import apla
 from apla import checkpoint as ckpt
 from apla import run
-from apla.bundled import resolve_video
+from apla.assets import resolve_video
 from apla.cli import (autocast_for, fail, parse_train_args, pick_device, resolve_gradient_checkpointing,
                       resolve_mixed_precision)
 from apla.video import VideoError, read_video

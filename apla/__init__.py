@@ -9,11 +9,11 @@ __all__ = ["load_stable_diffusion", "encode_prompt"]
 def __getattr__(name):
     # Imported on first use: these pull in transformers, which `import apla` alone should not pay for.
     if name == "load_stable_diffusion":
-        from apla.weights import load_stable_diffusion
+        from apla.sd.weights import load_stable_diffusion
 
         return load_stable_diffusion
     if name == "encode_prompt":
-        from apla.text import encode_prompt
+        from apla.sd.text import encode_prompt
 
         return encode_prompt
     raise AttributeError(f"module 'apla' has no attribute {name!r}")

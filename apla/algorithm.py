@@ -75,7 +75,7 @@ class APLA(nn.Module):
 
     def enable_gradient_checkpointing(self, flag: bool = True) -> None:
         """Recompute the U-Net's ResNet blocks and spatial transformers and VGT's decoder blocks in backward instead
-        of storing their activations (apla.unet, apla.vgt)."""
+        of storing their activations (apla.sd.unet, apla.vgt)."""
         self.unet.enable_gradient_checkpointing(flag)
         if self.vgt is not None:
             self.vgt.enable_gradient_checkpointing(flag)
@@ -83,7 +83,7 @@ class APLA(nn.Module):
     def compile_networks(self) -> None:
         """torch.compile the U-Net's and VGT's forward in place (nn.Module.compile: parameter names, and so
         checkpoints, are unchanged). The first steps pay for the compilation; on a CPU it gained nothing
-        (apla/PERFORMANCE.md)."""
+        (apla/bench/README.md)."""
         self.unet.compile()
         if self.vgt is not None:
             self.vgt.compile()

@@ -16,7 +16,7 @@ from typing import NoReturn, Optional
 
 import torch
 
-from apla.bundled import preset
+from apla.assets import preset
 from apla.config import CHECKPOINTING, GROUPNORM, PRECISIONS, SEED, Range, TrainConfig, default_config
 
 SD_WIDTH = 320  # channels of SD v1.5's first U-Net level; 'auto' checkpoints U-Nets this wide on CUDA

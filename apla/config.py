@@ -10,9 +10,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Tuple
 
-from apla.bundled import preset
+from apla.assets import preset
 from apla.scheduler import NUM_TRAIN_TIMESTEPS
-from apla.unet import DEFAULT_TRAINABLE
+from apla.sd.unet import DEFAULT_TRAINABLE
 from apla.video import VAE_DOWNSAMPLE
 from apla.vgt import VARIANTS, VGTConfig
 
@@ -138,7 +138,7 @@ class TrainConfig:
     gradient clipping at 1.0, its trainable set of the U-Net).
     """
     pretrained: str = "micro"            # file, diffusers folder, hub id ("runwayml/stable-diffusion-v1-5"), "micro"
-    video: str = "bigbuckbunny"          # a path, or the name of a bundled clip (apla.bundled.CLIPS)
+    video: str = "bigbuckbunny"          # a path, or the name of a bundled clip (apla.assets.CLIPS)
     prompt: str = "a white rabbit stretching on a grassy hillside"
     output_dir: str = "runs/apla"
     max_steps: int = 750                 # the paper trains 750 (default) or 1500 steps
@@ -168,7 +168,7 @@ class TrainConfig:
     trainable: Tuple[str, ...] = DEFAULT_TRAINABLE
     # GroupNorm of the U-Net's ResNet blocks and output: "frames" pools statistics over the clip's frames, as
     # Tune-A-Video's code does (the paper "build[s] the model based on Tune-A-Video"); "per-frame" normalises each
-    # frame alone, as SD does per image (apla.unet.UNet3DConditionModel.set_norm_over_frames)
+    # frame alone, as SD does per image (apla.sd.unet.UNet3DConditionModel.set_norm_over_frames)
     groupnorm: str = "frames"
     apla: APLAConfig = field(default_factory=APLAConfig)
     vgt_model: VGTConfig = field(default_factory=VGTConfig)  # VGT sizes; its variant comes from apla.vgt
@@ -236,7 +236,7 @@ def dataclass_from_dict(cls, values: dict, where: str):
 
 def default_config(pretrained: str = None) -> "TrainConfig":
     """The configuration a run gets before any file or flag: the dataclass defaults under the base model's preset
-    (a bundled model's apla_preset.json, apla.bundled)."""
+    (a bundled model's apla_preset.json, apla.assets)."""
     pretrained = TrainConfig.pretrained if pretrained is None else pretrained
     return TrainConfig.from_dict({**preset(pretrained), "pretrained": pretrained})
 

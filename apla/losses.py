@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from apla.vgt import perturbed_eps
-from apla.weights import WeightsError
+from apla.sd.weights import WeightsError
 
 # torchvision's VGG16 `features`: channel widths, "M" = max-pool (indices of features.N follow from it)
 VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")

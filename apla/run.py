@@ -20,7 +20,7 @@ from apla.algorithm import APLA
 from apla.config import APLAConfig, TrainConfig, vgt_config_for
 from apla.discriminator import Discriminator, DiscriminatorConfig
 from apla.losses import VGGFeatures
-from apla.unet import load_trainable_state, mark_trainable, trainable_state
+from apla.sd.unet import load_trainable_state, mark_trainable, trainable_state
 from apla.vgt import VGT
 
 # torchvision's ImageNet VGG16 file, as torch.hub caches it (torchvision.models.VGG16_Weights.IMAGENET1K_V1)

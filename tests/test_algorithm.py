@@ -12,7 +12,7 @@ from apla.config import ABLATIONS, APLAConfig
 from apla.discriminator import Discriminator, DiscriminatorConfig, discriminator_adversarial_loss
 from apla.losses import VGGFeatures, hyper_loss, mse_loss
 from apla.scheduler import make_alpha_bar, q_sample
-from apla.unet import UNet3DConditionModel, UNetConfig, is_temporal_param, mark_trainable
+from apla.sd.unet import UNet3DConditionModel, UNetConfig, is_temporal_param, mark_trainable
 from apla.vgt import VGT, VGTConfig, perturbation_ratio
 
 TINY_UNET = UNetConfig(block_out_channels=(16, 32), layers_per_block=1, attention_head_dim=4, cross_attention_dim=32,

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
 pytest.importorskip("diffusers")
 
 from tests.test_train import SHAPES_GIF, sample, train  # noqa: E402  (the scripts, loaded as modules)
-from tests.tiny_sd import TINY_RUN, make_tiny_sd  # noqa: E402
+from tests.helpers.tiny_sd import TINY_RUN, make_tiny_sd  # noqa: E402
 
 
 def native_bf16() -> bool:
@@ -65,7 +65,7 @@ def test_compile_option_trains(tiny, tmp_path):
 
 
 def _tiny_bench(variant="pure", checkpointing=True, precision=None):
-    from apla.bench import bench_model, run_config
+    from apla.bench.core import bench_model, run_config
 
     spec = bench_model("tiny")
     precision = precision or ("bf16" if native_bf16() else "fp16")
@@ -76,7 +76,7 @@ def test_bf16_step_has_no_host_device_synchronisation():
     if not native_bf16():
         pytest.skip("bf16 needs compute capability 8.0 or later")
     from apla import run
-    from apla.bench import build, latent_shape
+    from apla.bench.core import build, latent_shape
     from apla.cli import autocast_for
 
     spec, cfg = _tiny_bench(precision="bf16")
@@ -99,11 +99,11 @@ def test_bf16_step_has_no_host_device_synchronisation():
 
 @pytest.mark.parametrize("variant", ["pure", "hyper"])
 def test_memory_prediction_against_max_memory_allocated(variant):
-    """The meta-device prediction of apla.bench_meta against the allocator's peak of the same two steps; the
+    """The meta-device prediction of apla.bench.predict against the allocator's peak of the same two steps; the
     prediction leaves out cuBLAS/cuDNN workspaces and the allocator's rounding, hence the tolerance."""
     from apla import run
-    from apla.bench import build, latent_shape
-    from apla.bench_meta import predict_memory
+    from apla.bench.core import build, latent_shape
+    from apla.bench.predict import predict_memory
     from apla.cli import autocast_for
 
     spec, cfg = _tiny_bench(variant)
@@ -128,7 +128,7 @@ def test_memory_prediction_against_max_memory_allocated(variant):
 
 
 def test_bench_table_on_cuda(capsys):
-    from apla import bench
+    from apla.bench import core as bench
 
     assert bench.main(["--model", "tiny", "--frames", "2", "--size", "64", "--device", "cuda", "--steps", "2",
                        "--repeats", "1"]) == 0

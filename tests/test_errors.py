@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from apla import bundled, cli
+from apla import cli
+from apla import assets as bundled
 from apla.config import TrainConfig, default_config
 from apla.micro import oneshot
 from apla.video import PyAVMissing, VideoError, count_frames, read_video

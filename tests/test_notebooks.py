@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from test_readme import equation_rows
+from tests.test_readme import equation_rows
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")

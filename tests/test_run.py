@@ -11,7 +11,7 @@ from torch import nn
 from apla import run
 from apla.config import TrainConfig
 from apla.scheduler import make_alpha_bar
-from apla.unet import FrameGroupNorm, UNet3DConditionModel, UNetConfig
+from apla.sd.unet import FrameGroupNorm, UNet3DConditionModel, UNetConfig
 
 TINY_UNET = UNetConfig(block_out_channels=(16, 32), layers_per_block=1, attention_head_dim=4, cross_attention_dim=32,
                        norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from apla import checkpoint as ckpt
 from apla.algorithm import APLA
 from apla import cli
-from tests.tiny_sd import TINY_RUN, make_tiny_sd
+from tests.helpers.tiny_sd import TINY_RUN, make_tiny_sd
 
 ROOT = Path(__file__).resolve().parents[1]
 BBB = ROOT / "tests" / "data" / "bigbuckbunny_cut.mp4"
@@ -278,7 +278,7 @@ def test_default_run_on_the_micro_model(tmp_path):
 
 def test_groupnorm_setting_is_saved_and_honoured_by_sample(tiny, tmp_path, monkeypatch):
     from apla import run as apla_run
-    from apla.unet import FrameGroupNorm
+    from apla.sd.unet import FrameGroupNorm
 
     built = []
     real = apla_run.build_apla
@@ -294,7 +294,7 @@ def test_groupnorm_setting_is_saved_and_honoured_by_sample(tiny, tmp_path, monke
 
 
 def test_auto_precision_and_checkpointing_resolve_by_device(monkeypatch):
-    from apla.unet import UNetConfig
+    from apla.sd.unet import UNetConfig
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert cli.resolve_mixed_precision("auto", cpu) == "no"

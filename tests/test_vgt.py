@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F_
 
 from apla import vgt as V
-from apla.unet import timestep_embedding
+from apla.sd.unet import timestep_embedding
 from apla.vgt import VGT, VGTConfig
-from apla.weights import count_parameters
+from apla.sd.weights import count_parameters
 
 TABLE1 = {"pure": 60.362e6, "hyper": 97.136e6, "pure-en": 60.362e6, "hyper-en": 97.136e6}
 

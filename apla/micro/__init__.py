@@ -47,7 +47,7 @@ VAE_CONFIG = {
     "scaling_factor": 1.0,  # SD v1.5: 0.18215; set from data by the pretraining (std of scaled latents ~ 1)
 }
 
-# unet/config.json: a plain SD U-Net (2D names; apla.unet inflates it). SD v1.5 in comments.
+# unet/config.json: a plain SD U-Net (2D names; apla.sd.unet inflates it). SD v1.5 in comments.
 UNET_CONFIG = {
     "_class_name": "UNet2DConditionModel",
     "_diffusers_version": DIFFUSERS_VERSION,
@@ -119,7 +119,7 @@ MODEL_INDEX = {
 }
 
 # An APLA run sized to the micro model: the TrainConfig fields (apla.config) that override its SD-sized defaults,
-# stored beside the weights as apla_preset.json (apla.bundled reads it for `--pretrained micro`). Against SD v1.5's
+# stored beside the weights as apla_preset.json (apla.assets reads it for `--pretrained micro`). Against SD v1.5's
 # defaults: 8 frames (SD: 24), 64 px (512), 300 steps (750), lr and disc_lr 3e-4 (3e-5: a from-scratch toy tolerates
 # a larger step), checkpoints every 100 steps (250), guidance 3 (12.5, Tune-A-Video's), and VGT at latent side 16
 # (64), 8 frames (24), width 64 (768), 2 + 2 decoder blocks (12 + 12), 4 heads (12), MLP hidden 256 (3072).

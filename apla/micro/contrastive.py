@@ -1,7 +1,7 @@
 """The micro world's CLIP-style pieces: an image tower, caption features read off the text encoder, and CLIP's
 symmetric contrastive loss with repeated captions. The text stage of `apla.micro.pretrain` trains the micro text
 encoder with them (as SD's CLIP text tower was trained on image-text pairs), and `apla.micro.image_tower` trains a
-pixel-space image tower against the frozen result, for the CLIP metrics on micro-world videos (apla.metrics).
+pixel-space image tower against the frozen result, for the CLIP metrics on micro-world videos (apla.eval.metrics).
 No part of the APLA paper.
 """
 from __future__ import annotations

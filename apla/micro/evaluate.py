@@ -9,10 +9,10 @@ Not part of APLA (AAAI 2024); it checks the pretrained model that APLA's recipe 
 
 Held-out sets come from seeds no pretraining batch uses (apla.micro.pretrain's seed namespaces). `--split val`
 evaluates on validation prompts instead, for choosing the guidance scale without touching the held-out set.
-Writes `RESULTS.md` (figures, settings, the command) and `samples.png` (a grid of samples, captions in the
+Writes `README.md` (figures, settings, the command) and `samples.png` (a grid of samples, captions in the
 markdown) to --out-dir.
 
-    python -m apla.micro.evaluate                      # the shipped model, writes apla/micro/RESULTS.md
+    python -m apla.micro.evaluate                      # the shipped model, writes apla/micro/README.md
     python -m apla.micro.evaluate --split val --guidance 3 --no-write
 """
 
@@ -35,8 +35,8 @@ from apla.micro import shapes
 from apla.micro.shapes_eval import score_images
 from apla.micro import GUIDANCE_SCALE, MICRO_DIR, NUM_INFERENCE_STEPS
 from apla.scheduler import classifier_free_guidance, ddim_sample, ddim_timesteps
-from apla.text import encode_prompt
-from apla.weights import count_parameters, load_stable_diffusion
+from apla.sd.text import encode_prompt
+from apla.sd.weights import count_parameters, load_stable_diffusion
 
 # Seeds of the evaluation sets (pretraining uses 1_000_000 and up, see apla.micro.pretrain).
 HELD_OUT_VAE_SEED = 7_000
@@ -187,7 +187,7 @@ def main(argv=None) -> dict:
     images = text_to_image(sd, prompts, args.steps, args.guidance, args.seed)
     scores = score_images(images, prompts)
 
-    from apla.unet import is_temporal_param
+    from apla.sd.unet import is_temporal_param
 
     folder = MICRO_DIR if args.model == "micro" else Path(args.model)
     r = dict(psnr=psnr, colour=scores["colour"], shape=scores["shape"], position=scores["position"],
@@ -204,7 +204,7 @@ def main(argv=None) -> dict:
     if not args.no_write:
         out = Path(args.out_dir)
         save_grid(images[:args.grid], out / "samples.png")
-        write_results(out / "RESULTS.md", r)
+        write_results(out / "README.md", r)
     return r
 
 

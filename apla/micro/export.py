@@ -30,7 +30,7 @@ def stage_seconds(work: Path, stage: str) -> float:
 
 def export(work: Path, out: Path) -> None:
     """Write the diffusers folder: the U-Net's EMA weights, the text encoder, the VAE, configs, tokenizer, scheduler."""
-    from apla.text import clip_vocab_and_merges
+    from apla.sd.text import clip_vocab_and_merges
 
     vae, ck = load_trained_vae(work), load_ckpt(work / "unet.pt")
     if ck is None:

@@ -91,7 +91,7 @@ def resize_center_crop(frames: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class MicroCLIP(nn.Module):
-    """The micro world's CLIP pair, with the interface `apla.metrics` scores with: `image_features(frames)` ->
+    """The micro world's CLIP pair, with the interface `apla.eval.metrics` scores with: `image_features(frames)` ->
     (F, D) and `text_features(prompts)` -> (P, D) (not normalised; the metrics take cosines)."""
 
     def __init__(self, cfg: TowerConfig, text_encoder, tokenizer):
@@ -111,7 +111,7 @@ class MicroCLIP(nn.Module):
     @torch.no_grad()
     def encode_captions(self, prompts: list[str]) -> torch.Tensor:
         """The frozen text encoder's caption features (P, D), before the text head."""
-        from apla.text import tokenize
+        from apla.sd.text import tokenize
 
         ids = tokenize(self.tokenizer, prompts).to(self.text_head.weight.device)  # (P, 77)
         return caption_features(self.text_encoder, ids, self.eos_id)

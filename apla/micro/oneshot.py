@@ -9,7 +9,7 @@ For the run's source clip and every GIF that sample.py wrote for it, it reports
   - the mean distance (pixels) between the object's centroid path and the source clip's path;
   - for the source prompt itself: the PSNR of the generated frames against the clip's frames.
 No APLA equation lives here: this is the measurement behind the project's one-shot figures, a view of
-`apla.metrics.shapes_measures` and `apla.metrics.psnr`; `python -m apla.evaluate RUN/samples` gives these and the
+`apla.eval.metrics.shapes_measures` and `apla.eval.metrics.psnr`; `python -m apla.eval RUN/samples` gives these and the
 paper's own numbers (FCI, warping error, CLIP scores).
 """
 from __future__ import annotations
@@ -19,9 +19,9 @@ import json
 import sys
 from pathlib import Path
 
-from apla.bundled import resolve_video
+from apla.assets import resolve_video
 from apla.config import TrainConfig, slug
-from apla.metrics import psnr, shapes_measures
+from apla.eval.metrics import psnr, shapes_measures
 from apla.micro.shapes_eval import evaluate_image
 from apla.video import VideoError, count_frames, read_video
 
@@ -38,7 +38,7 @@ def evaluate_run(run_dir, samples_dir=None) -> dict:
         if not gif.is_file():
             continue
         frames = read_video(str(gif), min(cfg.frames, count_frames(str(gif))), size=size)  # (F, 3, H, W)
-        measured = shapes_measures(frames, prompt, source[: frames.shape[0]])  # apla.metrics: the same measures
+        measured = shapes_measures(frames, prompt, source[: frames.shape[0]])  # apla.eval.metrics: the same measures
         row = {"prompt": prompt, "frames": int(frames.shape[0]), "edited": measured["edited"],
                "object_found": measured["object_found"],
                "path_distance_px": measured.get("path_error", float("nan"))}

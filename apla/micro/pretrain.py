@@ -46,9 +46,9 @@ from apla.checkpoint import atomic_torch_save, atomic_write_json
 from apla.micro import MICRO_DIR, TEXT_ENCODER_CONFIG, UNET_CONFIG, VAE_CONFIG, shapes
 from apla.micro.contrastive import LatentImageTower, caption_features, contrastive_loss
 from apla.scheduler import make_alpha_bar, q_sample
-from apla.text import build_text_encoder, load_tokenizer, tokenize
-from apla.unet import UNet3DConditionModel, UNetConfig, is_temporal_param
-from apla.vae import AutoencoderKL, VAEConfig, sample_posterior
+from apla.sd.text import build_text_encoder, load_tokenizer, tokenize
+from apla.sd.unet import UNet3DConditionModel, UNetConfig, is_temporal_param
+from apla.sd.vae import AutoencoderKL, VAEConfig, sample_posterior
 
 # Seed namespaces of the shapes world's scenes: training batches never share a seed with evaluation sets.
 VAE_SEED = 1_000_000  # + step

@@ -1,6 +1,6 @@
 """The shapes world's evaluator: what a picture shows, read back in the world's terms (colour, shape, centroid,
 size), and the accuracies of pictures against their captions. No part of the APLA paper; it is what lets the
-project measure a generated video against a known ground truth (`apla.metrics.shapes_measures`).
+project measure a generated video against a known ground truth (`apla.eval.metrics.shapes_measures`).
 
 The evaluator knows the renderer: it takes the median border pixel as the background, marks as object the pixels
 whose colour is more than half-way from the background to the object (the connected blob around the strongest

@@ -1,0 +1,3 @@
+from apla.bench.core import main
+
+raise SystemExit(main())

@@ -1,0 +1,325 @@
+"""The numbers APLA (Yao et al., AAAI 2024) reports, each a function of a video (F, 3, H, W) in [-1, 1].
+
+    Table 2, 3   CLIP score (frame consistency)   clip_frame_consistency(video, clip)      higher is better
+    Table 2      CLIP score against the prompt     clip_text_alignment(video, prompt, clip)  higher is better
+    Table 2, 3   FCI, flow consistency index       fci(video)                                lower is better
+    (Lai 2018)   warping error                     warping_error(video)                      lower is better
+    Table 1      reconstruction PSNR               psnr(video, source)                       higher is better
+    (ours)       the shapes world's ground truth   shapes_measures(video, prompt, source)    per measure
+
+The paper names its numbers but does not define FCI beyond one paragraph; the choice made here is in `fci`'s
+docstring with the paper's sentence. The flow under FCI and the warping error is `apla.eval.flow` (Horn–Schunck, by
+hand); the CLIP model is a transformers `CLIPModel` from a folder or hub id the user names (`load_clip`), or the
+micro world's own pair (`load_clip("micro")`, `apla.micro.image_tower`), which needs no download.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from apla.eval.flow import FlowConfig, occlusion_mask, optical_flow, video_flow, warp
+
+# name -> (column title, direction, what it is); the order of the evaluate table
+METRICS = {
+    "fci": ("FCI", "↓", "flow consistency index (Tables 2-3): mean change (px) of the local flow from one pair of "
+            "adjacent frames to the next"),
+    "warping_error": ("warp err", "↓", "occlusion-masked MSE of frame k vs frame k+1 warped back (Lai et al. 2018)"),
+    "clip_frame_consistency": ("CLIP frames", "↑", "100 x mean cosine of CLIP image embeddings, all frame pairs "
+                               "(Tables 2-3's CLIP score)"),
+    "clip_text_alignment": ("CLIP text", "↑", "100 x mean cosine of each frame's CLIP embedding with the prompt's"),
+    "psnr": ("PSNR dB", "↑", "PSNR against the source clip, images in [0, 1] (Table 1's reconstruction measure)"),
+    "edited_right": ("edit right", "↑", "shapes world: fraction of frames whose edited attribute is the prompt's"),
+    "kept_right": ("kept", "↑", "shapes world: fraction of frames whose unedited attribute stayed as in the source"),
+    "path_error": ("path px", "↓", "shapes world: mean distance of the object's centroid from the source's"),
+    "colour_flicker": ("colour flicker", "↓", "shapes world: mean RGB change (0-255) of the object between frames"),
+    "size_flicker": ("size flicker", "↓", "shapes world: mean |second difference| of the object's radius, px"),
+}
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's per-channel mean and std of [0, 1] pixels
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class MetricsError(ValueError):
+    """Input a metric cannot take (one frame, a missing CLIP model, ...); the message is one line."""
+
+
+def _check_video(video: torch.Tensor, least: int = 2) -> None:
+    if not isinstance(video, torch.Tensor) or video.ndim != 4 or video.shape[1] != 3:
+        shape = tuple(video.shape) if hasattr(video, "shape") else type(video).__name__
+        raise MetricsError(f"expected a video (F, 3, H, W) in [-1, 1], got {shape}")
+    if video.shape[0] < least:
+        raise MetricsError(f"a video of {video.shape[0]} frame(s): this measure needs at least {least}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flow-based: FCI and the warping error
+# ---------------------------------------------------------------------------------------------------------------
+
+def local_flow(flow: torch.Tensor) -> torch.Tensor:
+    """The local flow field: at each pixel, the mean flow of the pixel and its 8 neighbours (3x3 window, edges
+    replicated). (N, 2, H, W) -> (N, 2, H, W)."""
+    # $$\bar w(x) = \tfrac19 \textstyle\sum_{y \in x + \{-1, 0, 1\}^2} w(y)$$
+    return F.avg_pool2d(F.pad(flow, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+
+
+def fci(video: torch.Tensor, flow: torch.Tensor | None = None, cfg: FlowConfig = FlowConfig()) -> float:
+    """The flow consistency index (APLA, Tables 2-3; lower is better).
+
+    The paper: "we directly compute the flow field between consecutive frames, independent of the input video.
+    Specifically, we determine the optical flow field between two adjacent frames, assess alterations in the local
+    optical flow field concerning each pixel's value and its domain, and subsequently average all the computed
+    changes." It gives no formula. Our reading (a choice):
+    - "the flow field between consecutive frames, independent of the input video": the forward flow w_k from
+      frame k to k+1 of the generated video alone (`apla.eval.flow.optical_flow`), no source clip;
+    - "the local optical flow field concerning each pixel's value and its domain": at pixel x, the mean flow of x
+      and its 8 neighbours, w_bar_k(x) (`local_flow`);
+    - "alterations": how that local flow changes from one pair of adjacent frames to the next, following the
+      motion: the pixel x of frame k is at x + w_k(x) in frame k+1, where the next flow is w_bar_{k+1};
+    - "average all the computed changes": the mean of the change's length over pixels and pairs:
+
+        FCI = 1 / ((F-2) H W) sum_{k=0}^{F-3} sum_x | w_bar_{k+1}(x + w_k(x)) - w_bar_k(x) |_2      (pixels)
+
+    Why the change in time and not the flow's variation in space: a clip whose content keeps its motion
+    (static, a steady pan, an object sliding at constant speed) has a flow that does not change from frame to
+    frame, FCI near 0, while noise, flicker and frames out of order make it jump. The variation in space alone
+    would score a steadily moving object by its edges and could not see shuffled frames (a shuffled pan is as
+    smooth in space as the ordered one). FCI is in pixels of the video's own resolution (the paper's: 512x512)
+    and needs 3 frames. `flow` may pass the forward flows (F-1, 2, H, W) already computed.
+    """
+    _check_video(video, least=3)
+    if flow is None:
+        flow = optical_flow(video[:-1], video[1:], cfg)  # (F-1, 2, H, W)
+    local = local_flow(flow)
+    # the next pair's local flow, read where each pixel has moved to: w_bar_{k+1}(x + w_k(x))
+    ahead = warp(local[1:], flow[:-1])  # (F-2, 2, H, W)
+    # $$\| \bar w_{k+1}(x + w_k(x)) - \bar w_k(x) \|_2$$
+    return (ahead - local[:-1]).pow(2).sum(1).sqrt().mean().item()
+
+
+def warping_error(video: torch.Tensor, flows: tuple | None = None, cfg: FlowConfig = FlowConfig()) -> float:
+    """Lai et al. (ECCV 2018)'s temporal warping error (lower is better): for each pair of adjacent frames,
+    frame k+1 is warped back to frame k by the forward flow, V_hat(x) = V_{k+1}(x + w_k(x)); the error is the mean
+    squared difference over the pixels the forward-backward test (`apla.eval.flow.occlusion_mask`) keeps, pixels in
+    [0, 1], averaged over the 3 channels and over the pairs:
+
+        E_warp = 1/(F-1) sum_k  sum_x M_k(x) |V_k(x) - V_hat(x)|^2 / (3 sum_x M_k(x))
+
+    The flow is computed on the video itself (Lai et al. compute it on the input video a method processed; here
+    there is no such input). A pair where every pixel is occluded counts all its pixels. `flows` may pass the
+    (forward, backward) flows of `apla.eval.flow.video_flow` already computed.
+    """
+    _check_video(video)
+    forward, backward = flows if flows is not None else video_flow(video, cfg)
+    x = (video + 1) / 2  # [-1, 1] -> [0, 1]
+    keep = (~occlusion_mask(forward, backward)).to(x.dtype)  # (F-1, 1, H, W), 1 = not occluded
+    keep = torch.where(keep.sum((1, 2, 3), keepdim=True) > 0, keep, torch.ones_like(keep))
+    warped = warp(x[1:], forward)  # (F-1, 3, H, W): frame k+1 seen from frame k
+    # $$\frac{\sum_x M(x)\,\|V_k(x) - \hat V_{k+1}(x)\|^2}{3 \sum_x M(x)}$$
+    per_pair = ((x[:-1] - warped).pow(2) * keep).sum((1, 2, 3)) / (3 * keep.sum((1, 2, 3)))
+    return per_pair.mean().item()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reconstruction
+# ---------------------------------------------------------------------------------------------------------------
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two frame stacks in [-1, 1], on the [0, 1] scale (Table 1's reconstruction measure); inf when
+    they are equal.
+
+        PSNR = 10 log10(1 / MSE),  MSE = mean(((a - b) / 2)^2)
+    """
+    if a.shape != b.shape:
+        raise MetricsError(f"PSNR of two videos of different shapes: {tuple(a.shape)} and {tuple(b.shape)}")
+    # [-1, 1] -> [0, 1] halves every difference
+    mse = ((a.double() - b.double()) / 2).pow(2).mean().item()
+    # $$10 \log_{10}(1 / \mathrm{MSE})$$
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLIP
+# ---------------------------------------------------------------------------------------------------------------
+
+def clip_preprocess(video: torch.Tensor, size: int) -> torch.Tensor:
+    """CLIP's image preprocessing, written out: frames (F, 3, H, W) in [-1, 1] -> 8-bit RGB -> shorter side
+    resized to `size` and the longer to int(size * long / short) (Pillow's bicubic, as CLIP's and transformers'
+    processors do) -> centre crop size x size (offsets rounded down) -> [0, 1] -> (x - mean) / std with CLIP's
+    mean and std. Returns (F, 3, size, size) float32."""
+    from apla.video import to_uint8
+
+    frames = []
+    for array in to_uint8(video):  # (H, W, 3) uint8 each
+        h, w = array.shape[:2]
+        new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+        image = Image.fromarray(array).resize((new_w, new_h), Image.Resampling.BICUBIC)
+        top, left = (new_h - size) // 2, (new_w - size) // 2
+        frames.append(np.asarray(image)[top:top + size, left:left + size])
+    x = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255  # (F, S, S, 3) -> (F, 3, S, S)
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    # $$(x - \mu) / \sigma$$
+    return (x - mean) / std
+
+
+class HFClip:
+    """A transformers `CLIPModel` with CLIP's tokenizer, behind the interface the CLIP metrics use:
+    `image_features(video)` -> (F, D), `text_features(prompts)` -> (P, D) (projected embeddings, not normalised)."""
+
+    def __init__(self, model, tokenizer, device="cpu"):
+        self.model = model.to(device).eval()
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.image_size = model.config.vision_config.image_size
+
+    @torch.no_grad()
+    def image_features(self, video: torch.Tensor) -> torch.Tensor:
+        pixels = clip_preprocess(video, self.image_size).to(self.device)  # (F, 3, S, S)
+        pooled = self.model.vision_model(pixel_values=pixels).pooler_output  # (F, hidden)
+        return self.model.visual_projection(pooled).float()  # (F, D)
+
+    @torch.no_grad()
+    def text_features(self, prompts: list[str]) -> torch.Tensor:
+        limit = self.model.config.text_config.max_position_embeddings
+        tokens = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=limit, return_tensors="pt")
+        out = self.model.text_model(input_ids=tokens.input_ids.to(self.device),
+                                    attention_mask=tokens.attention_mask.to(self.device))
+        return self.model.text_projection(out.pooler_output).float()  # (P, D)
+
+
+def load_clip(name: str, device="cpu"):
+    """A CLIP scorer by name: "micro" (the micro world's pair, shipped, `apla.micro.image_tower`), a local folder
+    holding a transformers CLIPModel (config.json + weights; its tokenizer files, or CLIP's BPE vocabulary shipped
+    in apla/assets/clip_bpe), or a hub id such as openai/clip-vit-large-patch14 (downloaded because the user named
+    it). Anything else, or a folder that does not load, is a MetricsError with one line."""
+    if name == "micro":
+        from apla.micro.image_tower import load_micro_clip
+
+        return load_micro_clip(device=device)
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from apla.sd.text import load_tokenizer
+
+    path = Path(name).expanduser()
+    local = path.exists()
+    if local and not (path / "config.json").is_file():
+        raise MetricsError(f"--clip-model {name}: not a CLIP model folder (no config.json)")
+    if not local and (name.count("/") != 1 or name.startswith((".", "/", "~"))):
+        raise MetricsError(f"--clip-model {name}: no such folder, and not a hub id such as "
+                           "openai/clip-vit-large-patch14")
+    try:
+        model = CLIPModel.from_pretrained(str(path) if local else name, local_files_only=local)
+    except Exception as e:  # noqa: BLE001 - any failure to load is one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MetricsError(f"--clip-model {name}: cannot load a CLIPModel ({first})") from None
+    has_vocab = not local or any((path / f).is_file() for f in ("tokenizer.json", "vocab.json"))
+    tokenizer = None
+    if has_vocab:
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(str(path) if local else name, local_files_only=local)
+        except Exception:  # noqa: BLE001 - falls back to the shipped vocabulary below
+            tokenizer = None
+    if tokenizer is None:  # a weights-only folder: CLIP's own BPE vocabulary, shipped in apla/assets/clip_bpe
+        tokenizer = load_tokenizer()
+    return HFClip(model, tokenizer, device)
+
+
+def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosines of every row of a (M, D) with every row of b (N, D): (M, N)."""
+    # $$\cos(a, b) = \frac{a \cdot b}{\|a\|\,\|b\|}$$
+    return F.normalize(a.double(), dim=-1) @ F.normalize(b.double(), dim=-1).T
+
+
+def frame_consistency(embeddings: torch.Tensor) -> float:
+    """100 x the mean cosine over all pairs of distinct frames of (F, D) embeddings:
+
+        100 / (F (F-1)) sum_{i != j} cos(e_i, e_j)
+    """
+    n = embeddings.shape[0]
+    if n < 2:
+        raise MetricsError(f"frame consistency needs at least 2 frames, got {n}")
+    cos = cosine_matrix(embeddings, embeddings)  # (F, F)
+    # $$\frac{100}{F(F-1)} \sum_{i \ne j} \cos(e_i, e_j)$$: the diagonal (each frame with itself) is left out
+    return (100 * (cos.sum() - cos.diagonal().sum()) / (n * (n - 1))).item()
+
+
+def clip_frame_consistency(video: torch.Tensor, clip) -> float:
+    """Tables 2-3's "CLIP score" of frame consistency (higher is better), as Tune-A-Video measures it: CLIP image
+    embeddings of every frame, 100 x the mean cosine similarity over all pairs of distinct frames (`frame_consistency`).
+
+    The paper: "we evaluate the CLIP score (Radford et al. 2021) across all generated frames by employing average
+    cosine measurements"; Table 2 files the score under "Frame Consistency" while its caption speaks of "content
+    consistency with text prompt". A choice: we report both readings, this one (frames against frames) and
+    `clip_text_alignment` (frames against the prompt). `clip`: `load_clip(...)`'s scorer, or anything with
+    `image_features(video)` -> (F, D)."""
+    _check_video(video)
+    return frame_consistency(clip.image_features(video))
+
+
+def clip_text_alignment(video: torch.Tensor, prompt: str, clip) -> float:
+    """CLIP score against the prompt (higher is better): 100 x the mean over frames of cos(image_f, text),
+
+        100 / F sum_f cos(E_img(x_f), E_txt(prompt))
+    """
+    _check_video(video, least=1)
+    cos = cosine_matrix(clip.image_features(video), clip.text_features([prompt]))  # (F, 1)
+    # $$\frac{100}{F} \sum_f \cos(E_{img}(x_f), E_{txt}(q))$$
+    return (100 * cos).mean().item()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The shapes world
+# ---------------------------------------------------------------------------------------------------------------
+
+def shapes_measures(video: torch.Tensor, prompt: str, source: torch.Tensor | None = None) -> dict:
+    """On a shapes-world video, what its evaluator reads frame by frame (`apla.micro.shapes_eval.evaluate_image`):
+
+    - edited_right: for the attributes (colour, shape) the prompt sets differently from the source clip's object
+      (read from the source's frames), the fraction of frames where all of them are as the prompt says;
+    - kept_right: for the attributes the prompt names as in the source, the fraction of frames that kept them;
+    - path_error: mean distance (px) between the object's centroid and the source's, frame by frame
+      (frames where either shows no object are skipped);
+    - colour_flicker: mean over adjacent frames of the RGB distance (0-255) between the object's median colours;
+    - size_flicker: mean over frames of |s_{k+1} - 2 s_k + s_{k-1}| of the equivalent radius s (px), so a steadily
+      growing object counts zero and a size that jumps back and forth does not (the flicker of the paper's Fig. 1);
+    - object_found: the fraction of frames where an object is found.
+    Measures that need the source are left out without one; those that need two (three) frames with an object,
+    without them. Returns a dict of floats, and `edited`: the names of the edited attributes."""
+    from collections import Counter
+
+    from apla.micro.shapes import parse_caption
+    from apla.micro.shapes_eval import evaluate_image
+
+    _check_video(video, least=1)
+    reads = [evaluate_image(frame) for frame in video]
+    found = [r for r in reads if r["colour"] is not None]
+    out = {"object_found": len(found) / len(reads)}
+    want = parse_caption(prompt or "")
+    if source is not None:
+        src_reads = [evaluate_image(frame) for frame in source]
+        src = {k: Counter(r[k] for r in src_reads if r[k] is not None).most_common(1) for k in ("colour", "shape")}
+        src = {k: v[0][0] if v else None for k, v in src.items()}
+        edited = [k for k in ("colour", "shape") if want[k] is not None and want[k] != src[k]]
+        kept = [k for k in ("colour", "shape") if want[k] is not None and k not in edited]
+        if edited:
+            out["edited_right"] = sum(all(r[k] == want[k] for k in edited) for r in reads) / len(reads)
+        if kept:
+            out["kept_right"] = sum(all(r[k] == want[k] for k in kept) for r in reads) / len(reads)
+        out["edited"] = edited
+        dists = [math.dist(r["centroid"], s["centroid"]) for r, s in zip(reads, src_reads)
+                 if r["centroid"] is not None and s["centroid"] is not None]
+        if dists:
+            out["path_error"] = sum(dists) / len(dists)
+    rgb = [r["rgb"] for r in reads if r["rgb"] is not None]
+    if len(rgb) >= 2:
+        # $$\tfrac{1}{F-1}\sum_k \|c_{k+1} - c_k\|_2$$
+        out["colour_flicker"] = sum(math.dist(a, b) for a, b in zip(rgb, rgb[1:])) / (len(rgb) - 1)
+    size = [r["size"] for r in reads if r["size"] is not None]
+    if len(size) >= 3:
+        # $$\tfrac{1}{F-2}\sum_k |s_{k+1} - 2 s_k + s_{k-1}|$$
+        out["size_flicker"] = sum(abs(a - 2 * b + c) for a, b, c in zip(size, size[1:], size[2:])) / (len(size) - 2)
+    return out

@@ -1,0 +1,379 @@
+"""Loading pretrained Stable Diffusion v1.5 without diffusers.
+
+APLA "builds upon pre-trained stable diffusion networks" (APLA, Abstract; "Implementation Details":
+"utilize the pre-trained weights of the Stable Diffusion"). This module reads those weights in the two
+layouts they are published in and accounts for every tensor. No APLA equation lives here.
+
+Sources `load_stable_diffusion` takes:
+- a single `.safetensors` file (v1-5-pruned-emaonly.safetensors, the "ldm" layout: U-Net under
+  `model.diffusion_model.`, VAE under `first_stage_model.`, CLIP under `cond_stage_model.transformer.`);
+  carries no config, so SD v1.5's defaults are used;
+- a diffusers folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`), names by identity;
+- a hub id ("org/name"), resolved to such a folder through huggingface_hub's cache;
+- `.ckpt` / `.bin` pickles, only through `torch.load(weights_only=True)`.
+
+Safetensors are memory-mapped: every tensor is fetched lazily, one by one, and becomes the model's
+parameter itself (no second copy) when file and requested dtype agree. A missing key, an unknown key or
+a wrong shape is an error that names it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+try:  # transformers >= 5
+    from transformers.initialization import no_init_weights
+except ImportError:  # transformers 4
+    from transformers.modeling_utils import no_init_weights
+
+from apla.assets import model_path
+from apla.scheduler import make_alpha_bar
+from apla.sd.text import build_text_encoder, load_tokenizer
+from apla.sd.vae import VAE_LDM_PREFIX, AutoencoderKL, VAEConfig, vae_key_from_ldm
+
+COMPONENTS = ("vae", "text_encoder", "unet")
+
+# Single-file prefixes of the three networks.
+LDM_PREFIX = {"unet": "model.diffusion_model.", "vae": VAE_LDM_PREFIX, "text_encoder": "cond_stage_model.transformer."}
+# Entries real single files carry besides the networks' weights: noise-schedule buffers, EMA bookkeeping
+# (and EMA copies), the text encoder's int64 position_ids. They are skipped.
+LDM_SKIPPED = re.compile(
+    r"^(betas|alphas_cumprod(_prev)?|sqrt_alphas_cumprod|sqrt_one_minus_alphas_cumprod"
+    r"|log_one_minus_alphas_cumprod|sqrt_recip(m1)?_alphas_cumprod|posterior_variance"
+    r"|posterior_log_variance_clipped|posterior_mean_coef[12]|model_ema\..*)$"
+    r"|embeddings\.position_ids$"
+)
+# Keys that only later Stable Diffusion generations have: SD 2.x (OpenCLIP text tower), SDXL (two embedders).
+OTHER_GENERATIONS = {"cond_stage_model.model.": "SD 2.x", "conditioner.embedders.": "SDXL"}
+
+# Files of a diffusers folder, per component: (weights, in order of preference), config.
+FOLDER_FILES = {
+    "vae": (("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"), "config.json"),
+    "text_encoder": (("model.safetensors", "pytorch_model.bin"), "config.json"),
+    "unet": (("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"), "config.json"),
+}
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be loaded (an SD checkpoint here, the perceptual VGG16 in `apla.losses`); the
+    message names the file and the offending key."""
+
+
+def count_parameters(module: nn.Module, skip: Callable[[str], bool] = lambda name: False) -> int:
+    """Number of scalars in `module`'s parameters, leaving out those whose name `skip` accepts. Every VGT
+    parameter trains, so for VGT this is the count of Table 1 ("Trainable Parameters")."""
+    return sum(p.numel() for name, p in module.named_parameters() if not skip(name))
+
+
+@dataclass
+class StableDiffusion:
+    vae: AutoencoderKL | None
+    text_encoder: nn.Module | None
+    tokenizer: object
+    alpha_bar: torch.Tensor  # (1000,) float64, the training schedule's \bar\alpha_t
+    unet: nn.Module | None = None
+    source: str = ""
+
+
+class TensorFile:
+    """The tensors of one checkpoint file, fetched lazily by name: `keys()`, `shape(k)`, `get(k)`.
+
+    Safetensors are memory-mapped (safe_open): `get` returns a tensor backed by the file's pages, read
+    from disk only when touched. Pickles (.ckpt/.bin) go through torch.load(weights_only=True, mmap=True).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise WeightsError(f"{self.path}: no such file")
+        if self.path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                self._file = safe_open(str(self.path), framework="pt", device="cpu")
+                self._keys = list(self._file.keys())
+            except Exception as e:  # truncated, empty or not a safetensors file
+                raise WeightsError(f"{self.path}: not a readable .safetensors file ({e})") from None
+            self._dict = None
+        elif self.path.suffix in (".ckpt", ".bin", ".pt", ".pth"):
+            try:
+                obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise WeightsError(f"{self.path}: not a loadable weights-only pickle ({e})") from None
+            obj = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+            if not isinstance(obj, dict):
+                raise WeightsError(f"{self.path}: holds a {type(obj).__name__}, not a dict of tensors")
+            self._dict = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+            self._keys = list(self._dict)
+        else:
+            raise WeightsError(f"{self.path}: unsupported file type {self.path.suffix!r} (.safetensors, .ckpt, .bin)")
+
+    def keys(self) -> list[str]:
+        return self._keys
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if self._dict is not None:
+            return tuple(self._dict[key].shape)
+        return tuple(self._file.get_slice(key).get_shape())
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._dict[key] if self._dict is not None else self._file.get_tensor(key)
+
+
+def _fits(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Equal shapes, or a (C, C, 1, 1) 1x1-conv weight stored for a (C, C) Linear (the VAE's attention)."""
+    return shape == target or (len(shape) == 4 and shape[2:] == (1, 1) and shape[:2] == target)
+
+
+def load_into(
+    model: nn.Module,
+    file: TensorFile,
+    names: dict[str, str],
+    *,
+    device="cpu",
+    dtype: torch.dtype = torch.float32,
+    keep_fresh: Callable[[str], bool] = lambda name: False,
+) -> nn.Module:
+    """Load `file` into `model` with every tensor accounted for.
+
+    `names` maps the file's keys to the model's state_dict names. Every model name must receive exactly one
+    tensor of its shape (a 1x1 conv weight may fill a Linear) unless `keep_fresh(name)` is true; every
+    mapped key must be a model name. Checked on shapes alone before any data is read. Tensors replace the
+    model's parameters (no copy when dtype and device already match: they stay memory-mapped).
+    """
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    kind = type(model).__name__
+    for key, ours in names.items():
+        if ours not in expected:
+            raise WeightsError(f"{file.path}: unknown key {key!r} (-> {ours!r}, which {kind} does not have)")
+        shape = file.shape(key)
+        if not _fits(shape, expected[ours]):
+            raise WeightsError(f"{file.path}: wrong shape for {key!r}: {list(shape)} in the file, {kind} needs {list(expected[ours])}")
+    targets = set(names.values())
+    if len(targets) != len(names):
+        dup = next(t for t in targets if list(names.values()).count(t) > 1)
+        raise WeightsError(f"{file.path}: several keys map to {dup!r}")
+    missing = [k for k in expected if k not in targets and not keep_fresh(k)]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise WeightsError(f"{file.path}: missing key {missing[0]!r}{more} for {kind}")
+
+    state = {}
+    for key, ours in names.items():
+        t = file.get(key).reshape(expected[ours])  # a no-op but for the 1x1-conv weights: (C, C, 1, 1) -> (C, C)
+        state[ours] = t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+    model.load_state_dict(state, strict=False, assign=True)
+    empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if empty:
+        raise WeightsError(f"{file.path}: nothing loaded into {empty[0]!r} of {kind}")
+    return model.to(device=device, dtype=dtype)
+
+
+def _empty_vae(cfg: VAEConfig) -> AutoencoderKL:
+    with torch.device("meta"):  # every parameter comes from the file: nothing to allocate or initialise
+        return AutoencoderKL(cfg)
+
+
+def _empty_text_encoder(cfg: dict | None = None) -> nn.Module:
+    with no_init_weights():  # allocated but not initialised; keeps CLIP's computed position_ids buffer
+        return build_text_encoder(cfg)
+
+
+def _strip_text_model(key: str) -> str:
+    # transformers >= 5 names CLIPTextModel's parameters without `text_model.`; SD files (and older
+    # single files, which lack it) are mapped onto that flat form.
+    return key[len("text_model."):] if key.startswith("text_model.") else key
+
+
+def _text_names(model: nn.Module, keys: Iterable[str], prefix: str = "") -> dict[str, str]:
+    """File key -> model name for CLIP, whichever of the two naming forms each side uses."""
+    ours = {_strip_text_model(k): k for k in model.state_dict()}
+    return {
+        k: ours.get(_strip_text_model(k[len(prefix):]), _strip_text_model(k[len(prefix):]))
+        for k in keys
+        if k.startswith(prefix) and not LDM_SKIPPED.search(k)
+    }
+
+
+def _check_sd1(file: TensorFile) -> None:
+    keys = file.keys()
+    for prefix, generation in OTHER_GENERATIONS.items():
+        if any(k.startswith(prefix) for k in keys):
+            raise WeightsError(f"{file.path}: not a Stable Diffusion v1 checkpoint (has {generation} keys '{prefix}...')")
+    if not any(k.startswith(p) for k in keys for p in LDM_PREFIX.values()):
+        raise WeightsError(f"{file.path}: not a Stable Diffusion v1 checkpoint (no keys under {', '.join(LDM_PREFIX.values())})")
+    for k in keys:
+        if not LDM_SKIPPED.search(k) and not any(k.startswith(p) for p in LDM_PREFIX.values()):
+            raise WeightsError(f"{file.path}: unknown key {k!r} (outside the U-Net, VAE and text encoder)")
+
+
+def _mapped(rule: Callable[[str], str], key: str, file: TensorFile) -> str:
+    try:
+        return rule(key)
+    except ValueError:  # a name rule that knows no such key
+        raise WeightsError(f"{file.path}: unknown key {key!r}") from None
+
+
+# The U-Net's single-file names. Inside a ResNet block: single-file (ldm) name -> diffusers name
+_LDM_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+               "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+_LDM_TOP = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+            "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
+
+
+def unet_key_from_ldm(key: str, layers_per_block: int = 2) -> str:
+    """Map a single-file name (`model.diffusion_model.input_blocks.N.M...`) to our (= diffusers') name.
+
+    Single files number the U-Net's layers flatly: input_blocks.0 is conv_in, then per level `layers_per_block`
+    pairs (ResNet .0, transformer .1) and one downsampler (.0.op); middle_block.{0,1,2} = ResNet, transformer,
+    ResNet; output_blocks per level `layers_per_block + 1` entries (ResNet .0, transformer .1, upsampler .1 or .2).
+    Transformer internals and up/down sampler convs keep their names."""
+    if not key.startswith(LDM_PREFIX["unet"]):
+        raise ValueError(f"not a single-file U-Net key: {key}")
+    k = key[len(LDM_PREFIX["unet"]):]
+    for old, new in _LDM_TOP.items():
+        if k.startswith(old + "."):
+            return new + k[len(old):]
+    m = re.fullmatch(r"(input_blocks|middle_block|output_blocks)\.(\d+)\.(?:(\d+)\.)?(.+)", k)
+    if m is None:
+        raise ValueError(f"not a single-file U-Net key: {key}")
+    part, n, sub, rest = m.group(1), int(m.group(2)), m.group(3), m.group(4)
+    sub = int(sub) if sub is not None else None
+    per = layers_per_block + 1
+    if part == "middle_block":
+        level, layer, kind = "mid_block", n // 2, ("resnets" if n % 2 == 0 else "attentions")
+    elif part == "input_blocks":
+        level, layer = f"down_blocks.{(n - 1) // per}", (n - 1) % per
+        kind = "downsamplers" if rest.startswith("op.") else ("resnets" if sub == 0 else "attentions")
+        if kind == "downsamplers":
+            layer, rest = 0, "conv." + rest[len("op."):]
+    else:
+        level, layer = f"up_blocks.{n // per}", n % per
+        kind = "upsamplers" if rest.startswith("conv.") else ("resnets" if sub == 0 else "attentions")
+        layer = 0 if kind == "upsamplers" else layer
+    if kind == "resnets":
+        for old, new in _LDM_RESNET.items():
+            if rest.startswith(old + "."):
+                rest = new + rest[len(old):]
+                break
+        else:
+            raise ValueError(f"not a single-file U-Net key: {key}")
+    return f"{level}.{kind}.{layer}.{rest}"
+
+
+def _unet_module():
+    import apla.sd.unet  # written alongside; imported only when a U-Net is asked for
+
+    return apla.sd.unet
+
+
+def _load_single_file(path: Path, components, device, dtype) -> StableDiffusion:
+    file = TensorFile(path)
+    _check_sd1(file)
+    keys = file.keys()
+    sd = StableDiffusion(None, None, load_tokenizer(), make_alpha_bar(), source=str(path))
+    if "vae" in components:
+        cfg = VAEConfig()
+        names = {k: vae_key_from_ldm(k, len(cfg.block_out_channels)) for k in keys if k.startswith(LDM_PREFIX["vae"])}
+        sd.vae = load_into(_empty_vae(cfg), file, names, device=device, dtype=dtype).eval()
+    if "text_encoder" in components:
+        model = _empty_text_encoder()
+        names = _text_names(model, keys, LDM_PREFIX["text_encoder"])
+        sd.text_encoder = load_into(model, file, names, device=device, dtype=dtype).eval()
+    if "unet" in components:
+        unet = _unet_module()
+        names = {k: _mapped(unet_key_from_ldm, k, file) for k in keys if k.startswith(LDM_PREFIX["unet"])}
+        model = unet.UNet3DConditionModel(unet.UNetConfig())
+        sd.unet = load_into(model, file, names, device=device, dtype=dtype, keep_fresh=unet.is_temporal_param).eval()
+    return sd
+
+
+def _component_file(folder: Path, component: str) -> tuple[TensorFile, dict]:
+    weights, config = FOLDER_FILES[component]
+    sub = folder / component
+    found = next((sub / w for w in weights if (sub / w).is_file()), None)
+    if found is None:
+        raise WeightsError(f"{sub}: no weights file (expected one of {', '.join(weights)})")
+    if not (sub / config).is_file():
+        raise WeightsError(f"{sub}: missing {config}")
+    return TensorFile(found), json.loads((sub / config).read_text(encoding="utf-8"))
+
+
+def _load_folder(folder: Path, components, device, dtype) -> StableDiffusion:
+    sched = folder / "scheduler" / "scheduler_config.json"
+    if sched.is_file():
+        s = json.loads(sched.read_text(encoding="utf-8"))
+        alpha_bar = make_alpha_bar(s.get("num_train_timesteps", 1000), s.get("beta_start", 0.00085),
+                                   s.get("beta_end", 0.012), s.get("beta_schedule", "scaled_linear"))
+    else:
+        alpha_bar = make_alpha_bar()
+    sd = StableDiffusion(None, None, load_tokenizer(folder), alpha_bar, source=str(folder))
+    if "vae" in components:
+        file, cfg = _component_file(folder, "vae")
+        names = {k: k for k in file.keys()}
+        sd.vae = load_into(_empty_vae(VAEConfig.from_diffusers(cfg)), file, names, device=device, dtype=dtype).eval()
+    if "text_encoder" in components:
+        file, cfg = _component_file(folder, "text_encoder")
+        model = _empty_text_encoder(cfg)
+        names = _text_names(model, file.keys())
+        sd.text_encoder = load_into(model, file, names, device=device, dtype=dtype).eval()
+    if "unet" in components:
+        unet = _unet_module()
+        file, cfg = _component_file(folder, "unet")
+        model = unet.UNet3DConditionModel(unet.UNetConfig.from_diffusers(cfg))
+        names = {k: k for k in file.keys()}
+        sd.unet = load_into(model, file, names, device=device, dtype=dtype, keep_fresh=unet.is_temporal_param).eval()
+    return sd
+
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def resolve_hub_id(repo_id: str, components=COMPONENTS, revision: str | None = None) -> Path:
+    """A hub id -> a local diffusers folder, through huggingface_hub's cache (downloads only what is needed:
+    the requested components' configs and safetensors, the tokenizer and the scheduler config)."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json", "tokenizer/*", "scheduler/*"]
+    for c in components:
+        patterns += [f"{c}/config.json", f"{c}/{FOLDER_FILES[c][0][0]}"]
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except Exception as e:  # offline, unknown repository, no access: the hub's message, joined into one line
+        reason = " ".join(str(e).split())
+        raise WeightsError(f"{repo_id}: could not be resolved as a hub id ({type(e).__name__}: {reason})") from None
+
+
+def load_stable_diffusion(
+    source: str | Path,
+    device="cpu",
+    dtype: torch.dtype = torch.float32,
+    components: Iterable[str] = COMPONENTS,
+) -> StableDiffusion:
+    """SD v1.5 from a single file, a diffusers folder or a hub id; `components` picks what to build.
+
+    Returns a `StableDiffusion` with `.vae`, `.text_encoder`, `.tokenizer`, `.alpha_bar`, `.unet` (None
+    for components not asked for) and `.source`.
+    """
+    components = tuple(components)
+    source = model_path(source) or source  # a bundled model's name ("micro") -> its folder (apla.assets)
+    unknown = [c for c in components if c not in COMPONENTS]
+    if unknown:
+        raise ValueError(f"unknown component {unknown[0]!r}: choose from {COMPONENTS}")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _load_folder(path, components, device, dtype)
+    if path.is_file():
+        return _load_single_file(path, components, device, dtype)
+    if isinstance(source, str) and HUB_ID.match(source) and path.suffix not in (".safetensors", ".ckpt", ".bin"):
+        sd = _load_folder(resolve_hub_id(source, components), components, device, dtype)
+        sd.source = source
+        return sd
+    raise WeightsError(f"{source}: neither a checkpoint file, a diffusers folder nor a hub id 'org/name'")

@@ -1,0 +1,3 @@
+from apla.study.ablate import main
+
+raise SystemExit(main())

@@ -1,0 +1,332 @@
+"""The consistency benchmark of the ablation study (`python -m apla.study`): a fixed, seeded set of shapes-world
+source clips, each with its caption and two edits (another colour, another shape), and the rule that picks the
+clips the study uses.
+
+No APLA equation lives here. The default clip of the project (a red circle moving right on grey) is too easy to
+tell variants apart: every variant gets it right in every frame. The candidates below make one-shot tuning harder
+in the ways the paper's Fig. 1 is about, while staying inside what the micro model was pretrained on (one object
+of the shapes world, 64 x 64):
+
+- 12 frames (the default clip has 8);
+- a straight path along an axis, a diagonal path, or a curved path (a quadratic Bezier arc that bends sideways);
+- the object keeps its size, grows (x0.75 -> x1.25) or shrinks (x1.25 -> x0.75) over the clip;
+- path lengths of 30-44 px over the 12 frames (up to 4 px per frame), the start jittered around the centre;
+- a light neutral background, or one tinted a quarter of the way towards a palette colour.
+
+`candidates(BENCH_SEED, NUM_CANDIDATES)` regenerates them identically from the seed. Captions use the words the
+micro text encoder was trained on (`apla.micro.shapes.clip_caption`): the direction of the net displacement
+(rounded to the 8 directions of `shapes.PATHS`) and "growing" when the object grows; a curve or a shrink is not put
+in words, so the caption underdescribes those clips as a real caption would.
+
+The selection rule (`select`) is applied to Tune-A-Video's results only (measured by `apla.eval.metrics`), at the
+study's default budget and on a seed the study does not use (SELECTION_SEED). A candidate is kept when
+  1. the micro model can represent it (`representable`): the VAE's round trip of the source clip reads back with
+     the right colour and shape in every frame and a centroid path within REPRESENT_PATH_PX of the clip's, and
+     Tune-A-Video's sample of the source prompt shows an object in every frame; and
+  2. one-shot tuning is not trivial on it (`headroom`): Tune-A-Video's samples fall short of the ceiling somewhere:
+     an edited attribute wrong in some frame, an unedited attribute lost in some frame, a centroid path more than
+     HEADROOM_PATH_PX from the clip's, colour or size flicker above HEADROOM_FLICKER's bound over the VAE round
+     trip's own flicker, or the source prompt reconstructed below HEADROOM_PSNR_DB.
+The first NUM_CLIPS kept candidates, in candidate order, are the benchmark. `python -m apla.study.clips select`
+runs it and writes `clips.json` beside this file: every candidate, its measures, whether it was kept and why.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from apla.micro.shapes import (EDGE_MARGIN, PALETTE, PATHS, SHAPES, Scene, clip_caption, random_background,
+                               render_tensor, shape_extent)
+
+BENCH_SEED = 2024  # the candidates' seed
+NUM_CANDIDATES = 18  # every (motion, size change, background) combination once
+NUM_FRAMES = 12
+NUM_CLIPS = 4  # how many kept candidates the study uses
+SELECTION_SEED = 1000  # Tune-A-Video's run seed for the selection; the study's seeds are 0, 1, 2
+MOTIONS = ("axis", "diagonal", "arc")
+SIZE_CHANGES = ("constant", "grow", "shrink")
+PATH_LENGTH = (30.0, 44.0)  # px, uniform
+BASE_SIZE = (7.0, 9.5)  # equivalent radius (px) at the middle of the clip, uniform
+TINT = 0.25  # a tinted background moves this far from neutral grey towards a palette colour
+MIN_COLOUR_GAP = 100.0  # RGB distance a background keeps from the object's colour and from its edit colour
+REPRESENT_PATH_PX = 1.0
+HEADROOM_PATH_PX = 1.0
+HEADROOM_PSNR_DB = 25.0
+HEADROOM_FLICKER = (2.0, 1.0, 0.1)  # short of ceiling: flicker > 2 x the VAE round trip's + 1 (colour) / + 0.1 (size)
+RECORD = Path(__file__).resolve().parent / "clips.json"
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """One source clip: the object, its path (start -> end, bent sideways by `bend` px at the middle for an arc),
+    its size at the first and last frame, the background, and the two edits."""
+
+    name: str
+    shape: str
+    colour: str
+    motion: str  # one of MOTIONS
+    start: tuple[float, float]  # centroid (x, y) at the first frame, px
+    end: tuple[float, float]  # centroid at the last frame
+    bend: float  # arc: signed offset (px) of the path's midpoint from the chord's; 0 for straight paths
+    sizes: tuple[float, float]  # equivalent radius at the first and last frame
+    background: tuple[int, int, int]
+    edit_colour: str
+    edit_shape: str
+    num_frames: int = NUM_FRAMES
+
+    @property
+    def direction(self) -> str:
+        """The net displacement rounded to the nearest of shapes.PATHS' 8 directions."""
+        dx, dy = self.end[0] - self.start[0], self.end[1] - self.start[1]
+        return max(PATHS, key=lambda p: (PATHS[p][0] * dx + PATHS[p][1] * dy) / math.hypot(*PATHS[p]))
+
+    @property
+    def caption(self) -> str:
+        return clip_caption(self.shape, self.colour, self.direction, grow=self.sizes[1] > self.sizes[0])
+
+    @property
+    def edits(self) -> tuple[str, str]:
+        """(colour edit, shape edit): the caption with another colour, and with another shape."""
+        grow = self.sizes[1] > self.sizes[0]
+        return (clip_caption(self.shape, self.edit_colour, self.direction, grow),
+                clip_caption(self.edit_shape, self.colour, self.direction, grow))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "caption": self.caption, "edits": list(self.edits)}
+
+
+def centroids(spec: ClipSpec) -> np.ndarray:
+    """(F, 2) centroid path: P(u) = (1-u)^2 A + 2u(1-u) C + u^2 B, u = f / (F - 1), with the control point C put
+    so that P(1/2) lies `bend` px from the chord's midpoint along its left normal (a straight line when bend = 0)."""
+    a, b = np.asarray(spec.start), np.asarray(spec.end)
+    chord = b - a
+    normal = np.array([chord[1], -chord[0]]) / max(np.linalg.norm(chord), 1e-9)
+    c = (a + b) / 2 + 2 * spec.bend * normal  # P(1/2) = (A + B)/4 + C/2 = midpoint + bend * normal
+    u = np.linspace(0.0, 1.0, spec.num_frames)[:, None]  # (F, 1)
+    return (1 - u) ** 2 * a + 2 * u * (1 - u) * c + u ** 2 * b
+
+
+def scenes(spec: ClipSpec) -> list[Scene]:
+    """The per-frame scenes of a clip; sizes change linearly from sizes[0] to sizes[1]."""
+    sizes = np.linspace(*spec.sizes, spec.num_frames)
+    return [Scene(spec.shape, spec.colour, float(x), float(y), float(s), background=spec.background)
+            for (x, y), s in zip(centroids(spec), sizes)]
+
+
+def render(spec: ClipSpec) -> torch.Tensor:
+    """The clip's frames, (F, 3, 64, 64) float32 in [-1, 1]."""
+    return torch.stack([render_tensor(s) for s in scenes(spec)])  # F x (3, H, W) -> (F, 3, H, W)
+
+
+def write_frames(spec: ClipSpec, folder) -> Path:
+    """The clip as a folder of PNG frames (000.png, 001.png, ...; lossless, read back by apla.video.read_video)."""
+    from apla.checkpoint import atomic_write
+    from apla.video import to_uint8
+
+    folder = Path(folder)
+    for i, frame in enumerate(to_uint8(render(spec))):
+        atomic_write(folder / f"{i:03d}.png", lambda tmp, a=frame: Image.fromarray(a).save(tmp, format="PNG"))
+    return folder
+
+
+def _fits(shape: str, points: np.ndarray, sizes: np.ndarray, image_size: int = 64) -> bool:
+    for (x, y), s in zip(points, sizes):
+        left, right, top, bottom = shape_extent(shape, s)
+        if x - left < EDGE_MARGIN or y - top < EDGE_MARGIN or x + right > image_size - EDGE_MARGIN \
+                or y + bottom > image_size - EDGE_MARGIN:
+            return False
+    return True
+
+
+def _colour_gap(a, b) -> float:
+    return float(np.linalg.norm(np.asarray(a, dtype=float) - np.asarray(b, dtype=float)))
+
+
+def candidate(seed: int, index: int) -> ClipSpec:
+    """Candidate `index`: motion MOTIONS[i % 3], size change SIZE_CHANGES[(i + i // 3) % 3], a tinted background
+    for odd i (so any 6 consecutive candidates vary all three and the 18 cover every combination once); everything
+    else is drawn from np.random.default_rng([seed, index])."""
+    rng = np.random.default_rng([seed, index])
+    motion, change = MOTIONS[index % 3], SIZE_CHANGES[(index + index // 3) % 3]
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    colour = tuple(PALETTE)[rng.integers(len(PALETTE))]
+    background = random_background(rng)
+    if index % 2:
+        tints = [c for c in PALETTE if c != colour]
+        tint = tints[rng.integers(len(tints))]
+        background = tuple(int(round((1 - TINT) * g + TINT * p)) for g, p in zip(background, PALETTE[tint]))
+    edit_colours = [c for c in PALETTE if c != colour and _colour_gap(PALETTE[c], background) >= MIN_COLOUR_GAP]
+    edit_colour = edit_colours[rng.integers(len(edit_colours))]
+    edit_shape = [s for s in SHAPES if s != shape][rng.integers(len(SHAPES) - 1)]
+    directions = {"axis": ("right", "left", "up", "down"), "diagonal": ("up-right", "up-left", "down-right",
+                                                                        "down-left")}.get(motion, tuple(PATHS))
+    unit = np.asarray(PATHS[directions[rng.integers(len(directions))]], dtype=float)
+    unit /= np.linalg.norm(unit)
+    length = rng.uniform(*PATH_LENGTH)
+    base = rng.uniform(*BASE_SIZE)
+    sizes = {"constant": (base, base), "grow": (0.75 * base, 1.25 * base), "shrink": (1.25 * base, 0.75 * base)}[change]
+    bend_share = rng.uniform(0.2, 0.3) * rng.choice([-1.0, 1.0]) if motion == "arc" else 0.0
+    centre = 32.0 + rng.uniform(-3.0, 3.0, size=2)
+    while True:  # shorten the path until every frame fits in the image
+        a, b = centre - unit * length / 2, centre + unit * length / 2
+        spec = ClipSpec(f"{index:02d}-{colour}-{shape}-{motion}-{change}", shape, colour, motion,
+                        (round(float(a[0]), 2), round(float(a[1]), 2)), (round(float(b[0]), 2), round(float(b[1]), 2)),
+                        round(bend_share * length, 2), (round(sizes[0], 2), round(sizes[1], 2)), background,
+                        edit_colour, edit_shape)
+        if _fits(shape, centroids(spec), np.linspace(*spec.sizes, spec.num_frames)) or length < 8:
+            return spec
+        length *= 0.9
+
+
+def candidates(seed: int = BENCH_SEED, n: int = NUM_CANDIDATES) -> list[ClipSpec]:
+    return [candidate(seed, i) for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The selection rule (Tune-A-Video's results only)
+# ---------------------------------------------------------------------------------------------------------------
+def representable(vae: dict, tav: dict) -> list[str]:
+    """Why the micro model cannot represent a candidate (empty: it can). vae: `apla.eval.metrics.shapes_measures` of the
+    VAE's round trip of the clip against the clip; tav: Tune-A-Video's measures per prompt kind."""
+    why = []
+    if vae["kept_right"] < 1.0:
+        why.append(f"VAE round trip: colour and shape right in {100 * vae['kept_right']:.0f}% of frames")
+    if not vae["path_error"] <= REPRESENT_PATH_PX:
+        why.append(f"VAE round trip: centroid path {vae['path_error']:.2f} px off")
+    if tav["source"]["object_found"] < 1.0:
+        why.append(f"Tune-A-Video's source sample shows an object in {100 * tav['source']['object_found']:.0f}% "
+                   "of frames")
+    return why
+
+
+def headroom(tav: dict, vae: dict) -> list[str]:
+    """Where Tune-A-Video falls short of the ceiling on a candidate (empty: at ceiling, too easy). The ceiling of
+    the flicker measures is what the VAE's round trip of the clip shows (the best the micro model can draw)."""
+    short = []
+    for kind in ("colour", "shape"):
+        if tav[kind]["edited_right"] < 1.0:
+            short.append(f"{kind} edit right in {100 * tav[kind]['edited_right']:.0f}% of frames")
+        if tav[kind]["kept_right"] < 1.0:
+            short.append(f"{kind} edit keeps the other attribute in {100 * tav[kind]['kept_right']:.0f}% of frames")
+    factor, colour_add, size_add = HEADROOM_FLICKER
+    for kind in ("source", "colour", "shape"):
+        m = tav[kind]
+        if not m["path_error"] <= HEADROOM_PATH_PX:
+            short.append(f"{kind} sample's centroid path {m['path_error']:.2f} px off")
+        if not m["colour_flicker"] <= factor * vae["colour_flicker"] + colour_add:
+            short.append(f"{kind} sample's colour flicker {m['colour_flicker']:.1f} (VAE {vae['colour_flicker']:.1f})")
+        if not m["size_flicker"] <= factor * vae["size_flicker"] + size_add:
+            short.append(f"{kind} sample's size flicker {m['size_flicker']:.2f} px (VAE {vae['size_flicker']:.2f})")
+    if not tav["source"]["psnr"] >= HEADROOM_PSNR_DB:
+        short.append(f"source prompt reconstructed at {tav['source']['psnr']:.1f} dB")
+    return short
+
+
+def select(records: list[dict], keep: int = NUM_CLIPS) -> list[dict]:
+    """Apply the rule to records (candidate order; each with "vae_check" and "tav"); returns them with "kept" and
+    "why" filled: the first `keep` representable candidates with headroom."""
+    out, kept = [], 0
+    for r in records:
+        cannot, short = representable(r["vae_check"], r["tav"]), headroom(r["tav"], r["vae_check"])
+        ok = not cannot and bool(short) and kept < keep
+        kept += ok
+        why = ("; ".join(cannot) if cannot else "at ceiling: Tune-A-Video right everywhere" if not short
+               else ("kept: " if ok else f"not needed ({keep} kept before it): ") + "; ".join(short))
+        out.append({**r, "kept": ok, "why": why})
+    return out
+
+
+def read_record(record=RECORD) -> dict:
+    """The committed selection record (clips.json); one-line exit when it is missing."""
+    import json
+
+    if not Path(record).is_file():
+        from apla.cli import fail
+
+        fail(f"{record}: no selection record; make it with python -m apla.study.clips select")
+    return json.loads(Path(record).read_text())
+
+
+def benchmark_clips(record: dict) -> list[ClipSpec]:
+    """The study's clips: the kept candidates of a selection record, regenerated from code."""
+    specs = {s.name: s for s in candidates(record["seed"], record["num_candidates"])}
+    return [specs[r["name"]] for r in record["candidates"] if r["kept"]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Making the record: python -m apla.study.clips select
+# ---------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def vae_check(spec: ClipSpec, sd) -> dict:
+    """`apla.eval.metrics.shapes_measures` of the VAE's round trip (posterior mean, 8-bit as a file holds it) of the
+    clip, against the clip and its caption."""
+    from apla.eval.metrics import shapes_measures
+    from apla.run import decode_latents, encode_clip
+
+    frames = render(spec)
+    back = decode_latents(sd.vae, encode_clip(sd.vae, frames, "cpu")[0])  # (F, 3, H, W)
+    back = ((back + 1) * 127.5).round() / 127.5 - 1
+    m = shapes_measures(back, spec.caption, frames)
+    return {k: m[k] for k in ("kept_right", "path_error", "colour_flicker", "size_flicker", "object_found")}
+
+
+def main(argv=None) -> int:
+    import json
+    import os
+    import shlex
+    import time
+
+    import apla
+    from apla.study import ablate
+    from apla.checkpoint import atomic_write_json
+
+    p = argparse.ArgumentParser(prog="python -m apla.study.clips", description=__doc__.splitlines()[0])
+    p.add_argument("action", choices=["list", "select"], help="list the candidates, or run the selection")
+    p.add_argument("--steps", type=int, default=100, help="Tune-A-Video's training steps: the study's budget N")
+    p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of sampling")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once (one torch thread each)")
+    p.add_argument("--out", default="runs/benchmark-selection", help="folder of the selection's runs")
+    p.add_argument("--record", default=str(RECORD), help="where the record is written")
+    args = p.parse_args(argv)
+    specs = candidates()
+    if args.action == "list":
+        for s in specs:
+            print(f"{s.name}: {s.caption} | edits: {'; '.join(s.edits)} | background {s.background}")
+        return 0
+    started = time.time()
+    out = Path(args.out)
+    clips = ablate.shapes_clips(out, specs)
+    jobs = ablate.plan(out, clips, [SELECTION_SEED], [ablate.BASELINE], "micro", args.steps, args.sample_steps,
+                       double=False)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    errors, _ = ablate.run_all([j for j in jobs if not ablate.finished(j)], ["auto"], args.jobs, threads)
+    if errors:
+        print("\n".join(f"error: {e}" for e in errors), file=sys.stderr)
+        return 1
+    sd = apla.load_stable_diffusion("micro")
+    records = []
+    for spec, job in zip(specs, jobs):
+        m = json.loads((job.dir / "measures.json").read_text())
+        tav = {s["kind"]: s["measures"] for s in m["samples"] if s["step"] == args.steps}
+        records.append({**spec.to_dict(), "vae_check": vae_check(spec, sd), "tav": tav})
+    atomic_write_json(args.record, {
+        "command": "python -m apla.study.clips " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "wall_min": round((time.time() - started) / 60, 1), "seed": BENCH_SEED, "num_candidates": len(specs),
+        "selection_seed": SELECTION_SEED, "steps": args.steps, "sample_steps": args.sample_steps,
+        "rule": {"keep": NUM_CLIPS, "represent_path_px": REPRESENT_PATH_PX, "headroom_path_px": HEADROOM_PATH_PX,
+                 "headroom_psnr_db": HEADROOM_PSNR_DB, "headroom_flicker": HEADROOM_FLICKER},
+        "candidates": select(records)})
+    kept = [r["name"] for r in select(records) if r["kept"]]
+    print(f"kept {len(kept)} of {len(specs)}: {', '.join(kept)} -> {args.record}", file=sys.stderr)
+    return 0 if len(kept) == NUM_CLIPS else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""What one finished run of the ablation study measured (`python -m apla.study`): the measures sample.py wrote for
+each prompt, the discriminator's diagnostics at each checkpoint and ||phi|| / ||eps_theta|| over training, gathered
+into RUN/measures.json, the one file the report (`apla.study.report`) reads."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import apla
+from apla import checkpoint as ckpt
+
+DIAG_SEED = 12345  # the fresh batches of `diagnostics`, the same for every run and checkpoint
+DIAG_BATCHES = 4
+
+
+def samples_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "samples" / f"step-{step:06d}"
+
+
+def sample_measures(run_dir: Path, step: int, prompts: list[str], shapes: dict | None) -> list[dict]:
+    """Per prompt sampled at `step`: its kind (source; colour or shape on a shapes clip, edit otherwise) and the
+    measures sample.py wrote in samples/step-N/metrics.json (apla.eval.metrics, scored on the files' 8-bit frames)."""
+    rows = {r["prompt"]: r for r in json.loads((samples_dir(run_dir, step) / "metrics.json").read_text())["videos"]}
+    out = []
+    for prompt in prompts:
+        r = rows[prompt]
+        kind = "source" if prompt == prompts[0] else (r["edited"][0] if shapes and len(r["edited"]) == 1 else "edit")
+        out.append({"step": step, "prompt": prompt, "kind": kind, "measures": r["metrics"]})
+    return out
+
+
+def diagnostics(run_dir: Path, device: str, batches: int = DIAG_BATCHES) -> tuple[list, int]:
+    """At every checkpoint of a run: APLA.forward (Algorithm 1's step, apla.algorithm) on `batches` fresh batches
+    (seed DIAG_SEED: posterior sample of the clip's latents, t ~ U{0..T-1}, eps ~ N(0, I)), and from it
+      grad_hyper = ||d L_hyper / d theta||,  grad_adv = ||d (lambda L_g) / d theta||   over APLA.generator_parameters
+      grad_share = grad_adv / (grad_adv + grad_hyper)           the share of the generator's gradient that D drives
+      d_accuracy = (P[D(eps) > 0] + P[D(eps*) < 0]) / 2         per pixel: real noise called real, eps* called fake
+    lambda L_g is computed from the step's own eps* with the step's own functions, and L_hyper's gradient as that
+    of loss_g - lambda L_g. Returns (one record per checkpoint, none without D; VGT's parameter count)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from apla import run
+    from apla.discriminator import generator_adversarial_loss
+
+    cfg = run.read_config(run_dir)
+    dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    sd = apla.load_stable_diffusion(cfg.pretrained, device=dev)
+    src = load_file(str(run_dir / "source.safetensors"))
+    z0_mean, z0_std, context = (src[k].to(dev) for k in ("z0_mean", "z0_std", "context"))
+    model = run.build_apla(cfg, sd, z0_mean.shape, dev)
+    params = model.generator_parameters()
+    vgt_params = sum(p.numel() for p in model.vgt.parameters()) if model.vgt is not None else 0
+
+    def norm(grads):
+        return torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)).item()
+
+    records = []
+    for path in ckpt.list_checkpoints(run_dir) if model.disc is not None else []:
+        step = run.load_checkpoint(path, cfg, model)
+        model.train()
+        gen = torch.Generator(device=dev).manual_seed(DIAG_SEED)
+        acc = {k: [] for k in ("grad_hyper", "grad_adv", "grad_share", "d_accuracy", "d_real", "d_fake")}
+        for _ in range(batches):
+            z0 = z0_mean + z0_std * torch.randn(z0_mean.shape, generator=gen, device=dev)
+            t = torch.randint(0, len(sd.alpha_bar), (1,), generator=gen, device=dev)
+            eps = torch.randn(z0.shape, generator=gen, device=dev)
+            out = model(z0, context, t, eps)
+            d_fake = model.disc(out.eps_star).float()
+            adv = model.lam * generator_adversarial_loss(d_fake, model.saturating)
+            if not torch.allclose(adv.detach(), model.lam * out.terms["adv_g"], rtol=1e-4, atol=1e-7):
+                raise RuntimeError("lambda L_g recomputed from eps* differs from the step's own")
+            g_adv = norm(torch.autograd.grad(adv, params, retain_graph=True, allow_unused=True))
+            g_hyper = norm(torch.autograd.grad(out.loss_g - adv, params, allow_unused=True))
+            with torch.no_grad():
+                d_real = model.disc(eps).float()
+            acc["grad_hyper"].append(g_hyper)
+            acc["grad_adv"].append(g_adv)
+            acc["grad_share"].append(g_adv / max(g_adv + g_hyper, 1e-30))
+            acc["d_accuracy"].append(0.5 * ((d_real > 0).float().mean() + (d_fake < 0).float().mean()).item())
+            acc["d_real"].append(torch.sigmoid(d_real).mean().item())
+            acc["d_fake"].append(torch.sigmoid(d_fake).mean().item())
+        records.append({"step": step, **{k: sum(v) / len(v) for k, v in acc.items() if v}})
+    return records, vgt_params
+
+
+def measure_run(run_dir, device: str = "cpu", batches: int = DIAG_BATCHES) -> dict:
+    """Everything the report needs from one finished run -> RUN/measures.json (written atomically)."""
+    run_dir = Path(run_dir)
+    study = json.loads((run_dir / "study.json").read_text())
+    samples = [row for step in study["sample_at"]
+               for row in sample_measures(run_dir, step, study["prompts"], study["shapes"])]
+    diag, vgt_params = diagnostics(run_dir, device, batches)
+    log = [json.loads(ln) for ln in (run_dir / "log.jsonl").read_text().splitlines() if ln.strip()]
+    result = {**study, "samples": samples, "diagnostics": diag, "vgt_params": vgt_params,
+              "phi_ratio": [[r["step"], r["phi_ratio"]] for r in log], "step_time": [r["step_time"] for r in log]}
+    ckpt.atomic_write_json(run_dir / "measures.json", result)
+    return result

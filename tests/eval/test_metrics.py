@@ -1,0 +1,250 @@
+"""apla.eval.metrics: FCI and the warping error on clips whose consistency is known, PSNR's closed form, the CLIP scores
+with a tiny random CLIPModel and hand-made embeddings, the shapes world's measures."""
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from apla.eval import metrics
+from apla.eval.metrics import (MetricsError, clip_frame_consistency, clip_preprocess, clip_text_alignment, fci,
+                          frame_consistency, load_clip, psnr, shapes_measures, warping_error)
+from apla.micro.shapes import render_clip
+from apla.video import to_uint8
+from tests.helpers.synthetic import moving_texture
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FCI and the warping error
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def clips():
+    """A textured pan (1, 0.5) px per frame, and the same with per-frame noise, with flicker, shuffled."""
+    g = torch.Generator().manual_seed(0)
+    pan = moving_texture(8, 64)
+    noisy = (pan + 0.1 * torch.randn(pan.shape, generator=g)).clamp(-1, 1)
+    flicker = (pan + torch.tensor([0.15 * (-1) ** k for k in range(8)]).view(-1, 1, 1, 1)).clamp(-1, 1)
+    order = torch.tensor([1, 3, 7, 6, 4, 5, 2, 0])
+    return {"static": pan[:1].repeat(8, 1, 1, 1), "pan": pan, "noisy": noisy, "flicker": flicker,
+            "pan shuffled": pan[order], "noisy shuffled": noisy[order]}
+
+
+@pytest.fixture(scope="module")
+def scores(clips):
+    return {name: (fci(v), warping_error(v)) for name, v in clips.items()}
+
+
+def test_static_clip_scores_zero(scores):
+    f, w = scores["static"]
+    assert f == pytest.approx(0, abs=1e-6) and w == pytest.approx(0, abs=1e-6)
+
+
+def test_rigid_pan_scores_near_zero(scores):
+    """Measured: FCI 0.037 px, warping error 4.5e-4."""
+    f, w = scores["pan"]
+    assert f < 0.1 and w < 1e-3
+
+
+@pytest.mark.parametrize("spoiled", ["noisy", "flicker"])
+def test_noise_and_flicker_score_clearly_higher(scores, spoiled):
+    """Measured: FCI 0.20 (noise) and 10.7 (flicker) vs 0.037; warping error 3.7e-3 and 5.5e-2 vs 4.5e-4."""
+    assert scores[spoiled][0] > 3 * scores["pan"][0]
+    assert scores[spoiled][1] > 3 * scores["pan"][1]
+
+
+def test_shuffled_frames_score_higher_again(scores):
+    """Measured: FCI 2.99 (pan shuffled) and 2.99 (noisy shuffled); warping error 1.2e-3 and 4.8e-3."""
+    for ordered in ("pan", "noisy"):
+        shuffled = scores[f"{ordered} shuffled"]
+        assert shuffled[0] > 2 * scores[ordered][0], ordered
+        assert shuffled[1] > 1.2 * scores[ordered][1], ordered
+    assert scores["pan shuffled"][0] > scores["noisy"][0]
+
+
+def test_fci_follows_the_motion():
+    """An object sliding at constant speed keeps its flow (FCI small); the same frames out of order do not."""
+    frames, _ = render_clip("square", "blue", "down-right")
+    assert fci(frames) < 1.0
+    assert fci(frames[torch.tensor([0, 4, 1, 6, 2, 7, 3, 5])]) > 4 * fci(frames)
+
+
+def test_flow_metrics_need_enough_frames():
+    video = moving_texture(3, 32)
+    with pytest.raises(MetricsError, match="at least 3"):
+        fci(video[:2])
+    with pytest.raises(MetricsError, match="at least 2"):
+        warping_error(video[:1])
+    with pytest.raises(MetricsError, match=r"\(F, 3, H, W\)"):
+        fci(video[0])
+
+
+def test_local_flow_is_the_3x3_mean():
+    flow = torch.arange(2 * 4 * 5, dtype=torch.float64).view(1, 2, 4, 5) ** 2
+    local = metrics.local_flow(flow)
+    assert torch.allclose(local[0, 1, 1, 2], flow[0, 1, 0:3, 1:4].mean())
+    assert torch.allclose(local[0, 0, 0, 0], torch.stack([flow[0, 0, 0, 0]] * 4 + [flow[0, 0, 0, 1]] * 2 +
+                                                         [flow[0, 0, 1, 0]] * 2 + [flow[0, 0, 1, 1]]).mean())
+
+
+def test_fci_closed_form_on_given_flows():
+    """With the flows given: a flow that doubles from one pair to the next changes by |w| everywhere."""
+    video = torch.zeros(3, 3, 8, 8)
+    flow = torch.zeros(2, 2, 8, 8)
+    flow[0, 0], flow[1, 0] = 0.5, 1.0  # uniform: the local means are the values, the warp reads a constant
+    assert fci(video, flow) == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PSNR
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_psnr_closed_form():
+    a = torch.zeros(2, 3, 4, 4, dtype=torch.float64)
+    assert psnr(a, a) == math.inf
+    # a difference of d in [-1, 1] units is d/2 on [0, 1]: PSNR = 10 log10(1 / (d/2)^2)
+    assert psnr(a, a + 0.1) == pytest.approx(10 * math.log10(1 / 0.05**2), abs=1e-9)
+    with pytest.raises(MetricsError, match="shapes"):
+        psnr(a, a[:1])
+
+
+def test_oneshot_uses_the_package_psnr():
+    from apla.micro import oneshot
+
+    assert oneshot.psnr is metrics.psnr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLIP
+# ---------------------------------------------------------------------------------------------------------------
+
+class GivenEmbeddings:
+    """A scorer returning hand-made embeddings."""
+
+    def __init__(self, images, texts=None):
+        self.images, self.texts = images, texts
+
+    def image_features(self, video):
+        return self.images
+
+    def text_features(self, prompts):
+        return self.texts
+
+
+def test_frame_consistency_is_the_mean_over_all_pairs():
+    e = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    # pairs (0,1), (0,2), (1,2): cosines 0, 1/sqrt2, 1/sqrt2; each counted in both orders, 6 ordered pairs
+    expected = 100 * (0 + 2 / math.sqrt(2)) / 3
+    assert frame_consistency(e) == pytest.approx(expected)
+    # scale does not matter (cosines), and adjacent pairs alone would give another number
+    assert frame_consistency(e * torch.tensor([[3.0], [0.5], [2.0]])) == pytest.approx(expected)
+    assert expected != pytest.approx(100 * (0 + 1 / math.sqrt(2)) / 2)
+    video = torch.zeros(3, 3, 8, 8)
+    assert clip_frame_consistency(video, GivenEmbeddings(e)) == pytest.approx(expected)
+
+
+def test_text_alignment_by_hand():
+    images = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    text = torch.tensor([[2.0, 0.0]])
+    expected = 100 * (1 + 1 / math.sqrt(2)) / 2
+    assert clip_text_alignment(torch.zeros(2, 3, 8, 8), "a prompt", GivenEmbeddings(images, text)) == \
+        pytest.approx(expected)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A tiny random transformers CLIPModel saved as a folder (weights and config only: no tokenizer files)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, max_position_embeddings=77),
+                        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=2, num_attention_heads=4),
+                        projection_dim=16)
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    CLIPModel(config).save_pretrained(folder)
+    return folder
+
+
+def test_tiny_clip_identical_frames_score_100(tiny_clip):
+    clip = load_clip(str(tiny_clip))
+    frame = torch.rand(1, 3, 48, 40) * 2 - 1
+    assert clip_frame_consistency(frame.repeat(5, 1, 1, 1), clip) == pytest.approx(100, abs=1e-4)
+    other = torch.rand(5, 3, 48, 40) * 2 - 1
+    assert clip_frame_consistency(other, clip) < 100 - 1e-3
+
+
+def test_tiny_clip_scores_match_transformers_own_path(tiny_clip):
+    """Our written-out preprocessing and feature path give what CLIPImageProcessor + get_image_features and the
+    tokenizer + get_text_features give."""
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    from apla.sd.text import load_tokenizer
+
+    clip = load_clip(str(tiny_clip))
+    model = CLIPModel.from_pretrained(str(tiny_clip)).eval()
+    video = torch.rand(4, 3, 40, 56) * 2 - 1
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    pixels = processor(images=[Image.fromarray(a) for a in to_uint8(video)], return_tensors="pt").pixel_values
+    with torch.no_grad():
+        images = model.get_image_features(pixel_values=pixels)
+        images = images if isinstance(images, torch.Tensor) else images.pooler_output
+        tokens = load_tokenizer()(["a tiny prompt"], padding=True, return_tensors="pt")
+        text = model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+        text = text if isinstance(text, torch.Tensor) else text.pooler_output
+    assert torch.allclose(clip.image_features(video), images, atol=1e-5)
+    cos = torch.nn.functional.cosine_similarity(images, text)
+    assert clip_text_alignment(video, "a tiny prompt", clip) == pytest.approx(100 * cos.mean().item(), abs=1e-4)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (48, 80), (72, 128), (100, 60), (33, 47)])
+def test_clip_preprocess_matches_transformers_processor(size):
+    from transformers import CLIPImageProcessor
+
+    video = torch.rand(2, 3, *size) * 2 - 1
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    reference = processor(images=[Image.fromarray(a) for a in to_uint8(video)], return_tensors="pt").pixel_values
+    assert torch.allclose(clip_preprocess(video, 32), reference, atol=1e-6)
+
+
+def test_load_clip_errors_are_one_line(tmp_path):
+    for name, expect in ((str(tmp_path / "nope"), "no such folder"), (str(tmp_path), "no config.json"),
+                         ("not a model", "no such folder")):
+        with pytest.raises(MetricsError, match=expect) as e:
+            load_clip(name)
+        assert "\n" not in str(e.value)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(MetricsError, match="cannot load a CLIPModel") as e:
+        load_clip(str(tmp_path))
+    assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The shapes world
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_shapes_measures_on_known_clips():
+    source, _ = render_clip("circle", "red", "right")
+    blue, _ = render_clip("circle", "blue", "right")
+    m = shapes_measures(blue, "a blue circle moving to the right", source)
+    assert m["edited"] == ["colour"] and m["edited_right"] == 1.0 and m["kept_right"] == 1.0
+    assert m["path_error"] < 0.5 and m["object_found"] == 1.0
+    assert m["colour_flicker"] < 2.0 and m["size_flicker"] < 0.1
+    left, _ = render_clip("square", "red", "left")
+    m = shapes_measures(left, "a red square moving to the right", source)
+    assert m["edited"] == ["shape"] and m["edited_right"] == 1.0 and m["path_error"] > 10
+    growing, _ = render_clip("circle", "red", "right", grow=True)
+    assert shapes_measures(growing, "a red circle moving to the right")["size_flicker"] < 0.1  # steady growth
+
+
+def test_shapes_flicker_is_caught():
+    """Colour and size that jump from frame to frame (Fig. 1's flicker) against a steady clip."""
+    steady, _ = render_clip("circle", "blue", "right")
+    sizes = [9.0, 11.0] * 4
+    jumpy = torch.stack([render_clip("circle", "blue" if k % 2 else "purple", "right", size=s)[0][k]
+                         for k, s in enumerate(sizes)])
+    calm, jumpy_m = shapes_measures(steady, "a blue circle"), shapes_measures(jumpy, "a blue circle")
+    assert jumpy_m["colour_flicker"] > 50 > calm["colour_flicker"]
+    assert jumpy_m["size_flicker"] > 2.0 > 20 * calm["size_flicker"]
+    assert "path_error" not in calm and "edited_right" not in calm  # no source: nothing to compare with
