@@ -147,7 +147,7 @@ def test_discriminator_is_one_1x1_conv_over_frames_and_channels():
         D(seeded(1, 4, 2, 5, 5))
 
 
-def test_eq19_hand_value_and_gradient_directions():
+def test_eq19_hand_values():
     assert discriminator_adversarial_loss(torch.zeros(3), torch.zeros(3)).item() == pytest.approx(2 * math.log(2))
     d_real = torch.tensor([0.3, -1.0], requires_grad=True)
     d_fake = torch.tensor([0.5, 2.0], requires_grad=True)

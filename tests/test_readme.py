@@ -73,3 +73,66 @@ def test_readme_install_command_is_what_ci_installs():
     install = README.read_text().split("## Install", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
     command = install.split("#")[0].strip()
     assert any(line.endswith(command.removeprefix("pip ")) for line in ci.splitlines()), command
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The README as a guide: short, narrow, every link and command of it (and of the projects' READMEs) working
+# ---------------------------------------------------------------------------------------------------------------
+GUIDES = [README, *sorted((README.parent / "apla").glob("*/README.md"))]
+
+
+def prose_lines(text: str) -> list[str]:
+    """The lines outside fenced code blocks."""
+    out, fenced = [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced:
+            out.append(line)
+    return out
+
+
+def test_readme_is_a_short_guide():
+    text = README.read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 160
+    wide = [line for line in prose_lines(text) if len(line) > 120]
+    assert not wide, f"lines over 120 columns: {wide}"
+
+
+def test_every_relative_link_of_the_guides_exists():
+    for guide in GUIDES:
+        for target in re.findall(r"\]\(([^)\s]+)\)", guide.read_text(encoding="utf-8")):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            path = (guide.parent / target.split("#")[0]).resolve()
+            assert path.exists(), f"{guide.relative_to(README.parent)} links to {target}, which does not exist"
+
+
+def commands(text: str) -> list[str]:
+    """Every `python ...` command of a guide: lines of its bash blocks (continuations joined, comments dropped,
+    pipelines split) and inline code spans."""
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            found += re.split(r"\s*(?:\||&&|;)\s*", line.split(" #")[0])
+    found += re.findall(r"`(python [^`]+)`", text)
+    return sorted({c.strip() for c in found if c.strip().startswith("python ")})
+
+
+def test_commands_helper_finds_commands():
+    text = "```bash\npython a.py --x 1 \\\n  --y 2   # comment\nls | python -m b c && python d.py\n```\n`python e.py`"
+    assert commands(text) == ["python -m b c", "python a.py --x 1    --y 2", "python d.py", "python e.py"]
+
+
+def test_every_command_of_the_guides_answers_help():
+    import shlex
+    import subprocess
+    import sys
+
+    cmds = sorted({c for guide in GUIDES for c in commands(guide.read_text(encoding="utf-8"))})
+    assert any(c.startswith("python train.py") for c in cmds) and any(c.startswith("python sample.py") for c in cmds)
+    runs = {c: subprocess.Popen([sys.executable, *shlex.split(c)[1:], "--help"], cwd=README.parent, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for c in cmds}
+    for c, p in runs.items():
+        out = p.communicate(timeout=300)[0]
+        assert p.returncode == 0 and "usage:" in out, f"{c} --help: exit {p.returncode}\n{out[-2000:]}"

@@ -108,7 +108,7 @@ def _reference_attention(block, x, mask):
 
 @pytest.mark.parametrize("shape", [(6, 5, 8), (2, 4, 8)], ids=["eq7-spatial-B*F,1+N,d", "eq8-temporal-B,1+F,d"])
 @pytest.mark.parametrize("masked", [True, False])
-def test_eq7_eq8_decoder_block_matches_written_out_attention(shape, masked):
+def test_eq7_eq8_decoder_block_written_out(shape, masked):
     torch.manual_seed(0)
     block = V.DecoderBlock(8, 2).double()
     x = torch.randn(*shape, dtype=torch.float64)
