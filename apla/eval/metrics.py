@@ -183,8 +183,6 @@ def clip_preprocess(video: torch.Tensor, size: int) -> torch.Tensor:
     resized to `size` and the longer to int(size * long / short) (Pillow's bicubic, as CLIP's and transformers'
     processors do) -> centre crop size x size (offsets rounded down) -> [0, 1] -> (x - mean) / std with CLIP's
     mean and std. Returns (F, 3, size, size) float32."""
-    from apla.video import to_uint8
-
     frames = []
     for array in to_uint8(video):  # (H, W, 3) uint8 each
         h, w = array.shape[:2]
