@@ -150,14 +150,6 @@ def centroid_path(frames) -> np.ndarray:
     return np.asarray(path, dtype=np.float64).reshape(-1, 2)
 
 
-def path_distance(path_a, path_b) -> float:
-    """Mean Euclidean distance (pixels) between corresponding points of two (F, 2) paths."""
-    a, b = np.asarray(path_a, dtype=np.float64), np.asarray(path_b, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 2 or a.shape[1] != 2:
-        raise ShapesError(f"paths must both be (F, 2); got {a.shape} and {b.shape}")
-    return float(np.linalg.norm(a - b, axis=1).mean())
-
-
 def attribute_accuracy(frames, colour: str | None = None, shape: str | None = None) -> float:
     """Fraction of frames whose evaluated colour (if given) and shape (if given) both match."""
     results = [evaluate_image(f) for f in frames]
