@@ -213,7 +213,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, 
     t enters both networks, the U-Net's eps_theta(z_t, t) (`apla.sd.unet`) and VGT's phi(z_t, t) (`apla.vgt`)."""
     half = dim // 2
     # $$\omega_k = 10000^{-k/(d/2 - s)}$$
-    omega = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift))
+    k = torch.arange(half, dtype=torch.float32, device=t.device)
+    omega = torch.exp(-math.log(10000.0) * k / (half - freq_shift))
     angle = t.float()[:, None] * omega[None, :]  # (B, half)
     emb = torch.cat([angle.sin(), angle.cos()], dim=-1)  # (B, dim)
     if flip_sin_to_cos:
