@@ -110,12 +110,11 @@ def columns(measures: dict) -> dict:
     return {**METRICS, **{k: v for m in measures.values() for k, v in getattr(m, "columns", {}).items()}}
 
 
-def score_video(video: torch.Tensor, prompt: str | None = None, source: torch.Tensor | None = None,
-                source_prompt: str | None = None, clip=None, device="cpu", cfg: FlowConfig = FlowConfig(),
-                measures: dict | None = None) -> dict:
-    """Every measure of `apla.eval.metrics` that applies to one video (F, 3, H, W) in [-1, 1], and every measure a
-    project registers that applies (`measures`: `load_measures()` by default); see the module doc. The flow is
-    computed once (forward and backward, all pairs in one batch) on `device`."""
+def score_video(video: torch.Tensor, measures: dict, prompt: str | None = None, source: torch.Tensor | None = None,
+                source_prompt: str | None = None, clip=None, device="cpu", cfg: FlowConfig = FlowConfig()) -> dict:
+    """Every measure of `apla.eval.metrics` that applies to one video (F, 3, H, W) in [-1, 1], and every one of the
+    projects' `measures` (`load_measures()`) that applies; see the module doc. The flow is computed once (forward
+    and backward, all pairs in one batch) on `device`."""
     if video.shape[0] < 2:
         raise MetricsError(f"a video of {video.shape[0]} frame: frame consistency needs at least 2 frames")
     x = video.to(device)
@@ -128,7 +127,7 @@ def score_video(video: torch.Tensor, prompt: str | None = None, source: torch.Te
         if prompt:
             out["clip_text_alignment"] = clip_text_alignment(x, prompt, clip)
     edited, extra = [], {}
-    for measure in (load_measures() if measures is None else measures).values():
+    for measure in measures.values():
         found = measure(video, prompt, source)
         if found is not None:
             found = dict(found)
@@ -182,7 +181,7 @@ def score_videos(items: list[dict], source=None, source_prompt: str | None = Non
             if key not in sources:
                 sources[key] = read_source(source, key[0], key[1:], start, stride)
             src = sources[key]
-        scored = score_video(video, it.get("prompt"), src, source_prompt, scorer, device, measures=measures)
+        scored = score_video(video, measures, it.get("prompt"), src, source_prompt, scorer, device)
         rows.append({"name": it["name"], "path": it.get("path"), "prompt": it.get("prompt"),
                      "frames": int(video.shape[0]), "height": int(video.shape[-2]), "width": int(video.shape[-1]),
                      **scored})
