@@ -2,6 +2,7 @@
 
     Eq. (1)   z_t = sqrt(alpha_bar_t) z0 + sqrt(1 - alpha_bar_t) eps                         q_sample
     Eq. (4)   eps* = eps_theta(z_t, t, c) + phi(z_t, t)                                      perturbed_eps
+    Eq. (6)   L_MSE = E ||eps - eps*||_2^2                                                   perturbed_mse_loss
     Eq. (18)  L_hyper = alpha L_MSE + beta L_L1 + gamma L_per, on eps*  (Eq. 6 if beta = gamma = 0)  hyper_loss
     Eq. (20)  min_theta L_hyper + lambda L_g(D(eps*))                                        final_objective
     Eq. (19)  max_D E[log D(eps)] + E[log(1 - D(eps*))], eps* detached                       discriminator_adversarial_loss

@@ -32,6 +32,12 @@ class CheckpointError(ValueError):
     """A run directory or checkpoint that cannot be used; the message says why in one line."""
 
 
+class WeightsError(ValueError):
+    """A weights file that cannot be loaded (a Stable Diffusion checkpoint in `apla.sd.weights`, the perceptual
+    VGG16 in `apla.losses`); the message names the file and the offending key. Here, beside the other files of
+    weights, so that raising it drags in neither module."""
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -22,9 +22,9 @@ import os
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 
-from apla.vgt import perturbed_eps
-from apla.sd.weights import WeightsError
+from apla.checkpoint import WeightsError
 
 # torchvision's VGG16 `features`: channel widths, "M" = max-pool (indices of features.N follow from it)
 VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -72,8 +72,6 @@ class VGGFeatures(nn.Module):
         if not os.path.isfile(path):
             raise WeightsError(f"perceptual weights file not found: {path}")
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
             state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -125,10 +123,12 @@ def mse_loss(eps: torch.Tensor, eps_pred: torch.Tensor) -> torch.Tensor:
     return (eps.float() - eps_pred.float()).pow(2).mean()
 
 
-def perturbed_mse_loss(eps: torch.Tensor, eps_pred: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
-    """Eq. (6): L_MSE = E ||eps - eps*||_2^2 with eps* = eps_theta + phi (Eq. 4), the perturbed prediction."""
+def perturbed_mse_loss(eps: torch.Tensor, eps_star: torch.Tensor) -> torch.Tensor:
+    """Eq. (6): L_MSE = E ||eps - eps*||_2^2, Eq. 5 on the perturbed prediction eps* = eps_theta + phi (Eq. 4,
+    `apla.vgt.perturbed_eps`). It is the hyper-loss's MSE term (Eq. 18), and the whole loss of Table 3's "w/o
+    Hyper-Loss" rows (beta = gamma = 0); without VGT, phi = 0 and it is Eq. 5."""
     # $$\mathbb{E}\,\|\epsilon - \epsilon_\theta(z_t^*, t)\|_2^2$$
-    return (eps.float() - perturbed_eps(eps_pred, phi).float()).pow(2).mean()
+    return mse_loss(eps, eps_star)
 
 
 def l1_loss(eps: torch.Tensor, eps_star: torch.Tensor) -> torch.Tensor:
@@ -151,12 +151,12 @@ def hyper_loss(
     beta: float,
     gamma: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Eq. (18): L_hyper = alpha * L_MSE + beta * L_L1 + gamma * L_per, on eps* = eps_theta + phi.
+    """Eq. (18): L_hyper = alpha * L_MSE + beta * L_L1 + gamma * L_per, on eps* = eps_theta + phi; L_MSE is Eq. 6.
 
     Returns (L_hyper, {"mse", "l1", "perceptual"}). With gamma == 0 the perceptual term is skipped (and
     `features` may be None).
     """
-    parts = {"mse": mse_loss(eps, eps_star), "l1": l1_loss(eps, eps_star)}
+    parts = {"mse": perturbed_mse_loss(eps, eps_star), "l1": l1_loss(eps, eps_star)}
     if gamma:
         if features is None:
             raise ValueError("hyper_loss: gamma > 0 needs a VGGFeatures instance (features=None given)")

@@ -7,7 +7,8 @@ Implements
   Eq. (2)  z_hat_{T-1} = pi(z_T, T)       one denoising step of the sampler  -> ddim_step
   Eq. (3)  z_hat_{t-1} = pi(z_hat_t, t)   the denoising recursion            -> ddim_sample
 and the two tools APLA takes from Tune-A-Video: DDIM inversion of a clip (ddim_invert_step, ddim_invert)
-and classifier-free guidance (Ho & Salimans 2022).
+and classifier-free guidance (Ho & Salimans 2022). Also here, as the one place both networks read t from: the
+sinusoidal timestep embedding (`timestep_embedding`) of the U-Net eps_theta(z_t, t) and of VGT phi(z_t, t).
 
 Choice: the paper fixes no schedule ("The diffusion process and U-Net are represented by phi and pi respectively";
 "During inference, we employ the DDIM sampler"), so the schedule is Stable Diffusion v1.5's, whose weights it tunes: "scaled_linear" betas from 0.00085 to 0.012 over T = 1000 steps,
@@ -21,6 +22,7 @@ per-sample (B,) tensor; it returns the input's dtype and device.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Union
 
 import torch
@@ -204,3 +206,17 @@ def ddim_invert(eps_fn: EpsFn, z0: torch.Tensor, timesteps: torch.Tensor, alpha_
         z = ddim_invert_step(eps, t, t_next, z, alpha_bar)
         trajectory.append(z)
     return (z, trajectory) if return_trajectory else z
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0.0):
+    """Sinusoidal embedding of the timestep t (B,) -> (B, dim), float32 (Ho et al. 2020, Vaswani et al. 2017): how
+    t enters both networks, the U-Net's eps_theta(z_t, t) (`apla.sd.unet`) and VGT's phi(z_t, t) (`apla.vgt`)."""
+    half = dim // 2
+    # $$\omega_k = 10000^{-k/(d/2 - s)}$$
+    k = torch.arange(half, dtype=torch.float32, device=t.device)
+    omega = torch.exp(-math.log(10000.0) * k / (half - freq_shift))
+    angle = t.float()[:, None] * omega[None, :]  # (B, half)
+    emb = torch.cat([angle.sin(), angle.cos()], dim=-1)  # (B, dim)
+    if flip_sin_to_cos:
+        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)  # [cos, sin]
+    return emb

@@ -26,8 +26,8 @@ Where the paper is silent we chose as follows, once, here (the code each choice 
 
 * Input. VGT receives z_t only, plus the timestep t. Paper: "phi(z_t, t)" (Eq. 4) and "z_t is the input of
   VGT-Pure". It does not receive the text context.
-* How t enters. The U-Net's parameter-free sinusoidal embedding of t (`apla.sd.unet.timestep_embedding`, [cos | sin],
-  width d) is added to every frame's spatial class token before the spatial decoder. Paper: Eq. 4 writes
+* How t enters. The U-Net's parameter-free sinusoidal embedding of t (`apla.scheduler.timestep_embedding`,
+  [cos | sin], width d) is added to every frame's spatial class token before the spatial decoder. Paper: Eq. 4 writes
   phi(z_t, t) but never says how t is used.
 * The mask ("MMSA"). Tokens are kept in the paper's order [cls, x_1, ..., x_n] (Eqs. 9-11). Token i >= 1
   attends to tokens 1..i (causal, not to the class token); the class token attends to all tokens. So frame k
@@ -64,7 +64,7 @@ import torch.nn as nn
 import torch.nn.functional as F_
 from torch.utils.checkpoint import checkpoint
 
-from apla.sd.unet import timestep_embedding
+from apla.scheduler import timestep_embedding
 
 VARIANTS = ("pure", "hyper", "pure-en", "hyper-en")
 

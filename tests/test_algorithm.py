@@ -10,7 +10,7 @@ import torch.nn.functional as F_
 from apla.algorithm import APLA, effective_weights
 from apla.config import ABLATIONS, APLAConfig
 from apla.discriminator import Discriminator, DiscriminatorConfig, discriminator_adversarial_loss
-from apla.losses import VGGFeatures, hyper_loss, mse_loss
+from apla.losses import VGGFeatures, hyper_loss, mse_loss, perturbed_mse_loss
 from apla.scheduler import make_alpha_bar, q_sample
 from apla.sd.unet import UNet3DConditionModel, UNetConfig, is_temporal_param, mark_trainable
 from apla.vgt import VGT, VGTConfig, perturbation_ratio
@@ -116,6 +116,12 @@ def test_ablations_are_values():
     eps_pred = model.unet(q_sample(z0, t, eps, model.alpha_bar), t, context)
     assert out.loss_g.item() == pytest.approx(mse_loss(eps, eps_pred).item(), rel=1e-6)
     assert out.terms["phi_ratio"].item() == 0.0
+    # VGT, no hyper-loss: Eq. 6 on eps* = eps_theta + phi, no D
+    model = _model("w/o hyper-loss&discriminator")
+    out = model(z0, context, t, eps)
+    z_t = q_sample(z0, t, eps, model.alpha_bar)
+    eps_star = model.unet(z_t, t, context) + model.vgt(z_t, t)
+    assert out.loss_g.item() == pytest.approx(perturbed_mse_loss(eps, eps_star).item(), rel=1e-6)
     with pytest.raises(ValueError, match="lambda > 0 needs a discriminator"):
         APLA(model.unet, None, None, None, APLAConfig(vgt="none"), make_alpha_bar())
 

@@ -128,9 +128,9 @@ def test_memory_prediction_against_max_memory_allocated(variant):
 
 
 def test_bench_table_on_cuda(capsys):
-    from apla.bench import core as bench
+    from apla.bench.__main__ import main
 
-    assert bench.main(["--model", "tiny", "--frames", "2", "--size", "64", "--device", "cuda", "--steps", "2",
+    assert main(["--model", "tiny", "--frames", "2", "--size", "64", "--device", "cuda", "--steps", "2",
                        "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "APLA step, VGT-pure" in out and "peak allocated" in out and "VAE decode, 2 frames" in out

@@ -12,6 +12,7 @@ from apla import losses as L
 from apla.config import ABLATIONS, APLAConfig
 from apla.discriminator import (Discriminator, DiscriminatorConfig, discriminator_adversarial_loss,
                                 generator_adversarial_loss)
+from apla.vgt import perturbed_eps
 
 
 def seeded(*shape, seed=0, dtype=torch.float32):
@@ -32,8 +33,9 @@ def test_eq6_perturbed_mse_hand_value():
     eps = torch.tensor([1.0, 1.0])
     pred = torch.tensor([0.5, 2.0])
     phi = torch.tensor([0.5, -0.5])  # eps* = [1.0, 1.5]
-    assert L.perturbed_mse_loss(eps, pred, phi).item() == pytest.approx((0 + 0.25) / 2)
-    assert L.perturbed_mse_loss(eps, pred, torch.zeros(2)).item() == pytest.approx(L.mse_loss(eps, pred).item())
+    assert L.perturbed_mse_loss(eps, perturbed_eps(pred, phi)).item() == pytest.approx((0 + 0.25) / 2)
+    assert L.perturbed_mse_loss(eps, perturbed_eps(pred, torch.zeros(2))).item() == pytest.approx(
+        L.mse_loss(eps, pred).item())
 
 
 def test_eq18_hyper_loss_is_its_weighted_parts():
@@ -41,6 +43,7 @@ def test_eq18_hyper_loss_is_its_weighted_parts():
     eps, eps_star = seeded(1, 4, 2, 8, 8, seed=1), seeded(1, 4, 2, 8, 8, seed=2)
     total, parts = L.hyper_loss(eps, eps_star, feats, alpha=0.7, beta=0.2, gamma=0.3)
     mse, l1, per = L.mse_loss(eps, eps_star), L.l1_loss(eps, eps_star), L.perceptual_loss(eps, eps_star, feats)
+    assert L.perturbed_mse_loss(eps, eps_star).item() == mse.item()  # Eq. 18's L_MSE is Eq. 6
     assert parts["mse"].item() == pytest.approx(mse.item()) and parts["l1"].item() == pytest.approx(l1.item())
     assert parts["perceptual"].item() == pytest.approx(per.item(), rel=1e-6) and per.item() > 0
     assert total.item() == pytest.approx(0.7 * mse.item() + 0.2 * l1.item() + 0.3 * per.item(), rel=1e-6)

@@ -1,13 +1,15 @@
-"""The diffusion process and DDIM (Eqs. 1-3): parity with diffusers' DDIMScheduler in float64 and closed forms."""
+"""The diffusion process and DDIM (Eqs. 1-3): parity with diffusers' DDIMScheduler in float64 and closed forms;
+the timestep embedding both networks share."""
+import math
+
 import pytest
 import torch
 
 from apla import scheduler as S
 
-diffusers = pytest.importorskip("diffusers")
-
 
 def sd15_ddim(num_inference_steps=50):
+    diffusers = pytest.importorskip("diffusers")
     sched = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                     beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
                                     steps_offset=1, prediction_type="epsilon")
@@ -160,3 +162,12 @@ def test_bad_arguments():
         S.make_alpha_bar(schedule="cosine-ish")
     with pytest.raises(ValueError, match="num_inference_steps"):
         S.ddim_timesteps(0)
+
+
+def test_timestep_embedding_closed_form():
+    """VGT adds the U-Net's embedding at its defaults to the class token; those defaults give [cos | sin]."""
+    e = S.timestep_embedding(torch.tensor([0, 7]), 8)
+    assert torch.equal(e[0], torch.tensor([1.0] * 4 + [0.0] * 4))
+    freqs = [math.exp(-math.log(10000.0) * i / 4) for i in range(4)]
+    ref = [math.cos(7 * f) for f in freqs] + [math.sin(7 * f) for f in freqs]
+    assert torch.allclose(e[1], torch.tensor(ref), atol=1e-5)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F_
 
 from apla import vgt as V
-from apla.sd.unet import timestep_embedding
+from apla.scheduler import timestep_embedding
 from apla.vgt import VGT, VGTConfig
 from apla.sd.weights import count_parameters
 
@@ -54,15 +54,6 @@ def test_patchify_hand_value_and_round_trip():
     # batch 1, frame 2, patch (row 1, col 2) = token 1*3+2; element (channel 3, dy 1, dx 0)
     assert tok[1, 2, 5, 3 * 4 + 1 * 2 + 0] == z[1, 3, 2, 1 * 2 + 1, 2 * 2 + 0]
     assert torch.equal(V.unpatchify(tok, 2, 4, 8, 6), z)
-
-
-def test_timestep_embedding_closed_form():
-    """VGT adds the U-Net's embedding at its defaults to the class token; those defaults give [cos | sin]."""
-    e = timestep_embedding(torch.tensor([0, 7]), 8)
-    assert torch.equal(e[0], torch.tensor([1.0] * 4 + [0.0] * 4))
-    freqs = [math.exp(-math.log(10000.0) * i / 4) for i in range(4)]
-    ref = [math.cos(7 * f) for f in freqs] + [math.sin(7 * f) for f in freqs]
-    assert torch.allclose(e[1], torch.tensor(ref), atol=1e-5)
 
 
 def test_eq9_spatial_tokens_hand_value():

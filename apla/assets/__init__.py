@@ -1,8 +1,9 @@
 """What ships inside the package, by name: base models for `--pretrained` and clips for `--video`.
 
 A bundled model is a diffusers-style folder under `apla/assets/`; it may hold `apla_preset.json`, the
-`TrainConfig` fields (apla.config) that an APLA run on that model starts from (sizes tied to the model's scale).
-The paper's modules look models and clips up here and never import the code that made them (`apla.micro`).
+`TrainConfig` fields (apla.config) that an APLA run on that model starts from (sizes tied to the model's scale),
+and `CLIP_SCORERS` names the CLIP model its samples are scored with. The paper's modules look models, clips and
+scorers up here and never import the code that made them (`apla.micro`).
 """
 from __future__ import annotations
 
@@ -20,6 +21,13 @@ CLIPS = {
     "red-circle-right": ASSETS / "shapes_red_circle_right.gif",  # the shapes world: a red circle moving right, 8 frames
 }
 
+# The CLIP model a bundled model's samples are scored with when the user names none (apla.eval.score): a name that
+# a project registers in the entry-point group apla.clip_models; the micro project's "micro" is a CLIP trained on the
+# shapes world the micro SD was pretrained on, so its scores need no download.
+CLIP_SCORERS = {
+    "micro": "micro",
+}
+
 PRESET_FILE = "apla_preset.json"
 
 
@@ -35,6 +43,11 @@ def preset(pretrained) -> dict:
     if folder is None or not (folder / PRESET_FILE).is_file():
         return {}
     return json.loads((folder / PRESET_FILE).read_text())
+
+
+def clip_scorer(pretrained) -> str | None:
+    """The CLIP model a run on `pretrained` is scored with by default: a bundled model's (CLIP_SCORERS), else None."""
+    return CLIP_SCORERS.get(str(pretrained))
 
 
 def resolve_video(video) -> str:

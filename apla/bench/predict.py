@@ -3,7 +3,7 @@ GPU: the step runs on the meta device, where tensors have shapes and dtypes but 
 
 FLOPs: `APLA.train_step` (forward, backward, both optimiser steps) under torch's FlopCounterMode, attention as CUDA's
 fused kernel (`fused_attention`), which the counter counts as two matrix products forward and five backward (the
-scores recomputed), as it counts the CPU's kernel (apla.bench.FLOP_FORMULAS).
+scores recomputed), as it counts the CPU's kernel (apla.bench.core.FLOP_FORMULAS).
 
 Peak memory, as `torch.cuda.max_memory_allocated` would report it on a CUDA device:
   * `StorageTracker` adds up the bytes of every tensor storage from the moment an operation creates it until it is

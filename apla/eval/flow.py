@@ -217,8 +217,3 @@ def occlusion_mask(forward: torch.Tensor, backward: torch.Tensor) -> torch.Tenso
     lhs = (forward + wb).pow(2).sum(1, keepdim=True)
     rhs = 0.01 * (forward.pow(2).sum(1, keepdim=True) + wb.pow(2).sum(1, keepdim=True)) + 0.5
     return lhs > rhs
-
-
-def end_point_error(flow: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Per-pixel end-point error |w - w_ref| (Euclidean, pixels): (N, 2, H, W) x 2 -> (N, H, W)."""
-    return (flow - reference).pow(2).sum(1).sqrt()

@@ -5,16 +5,25 @@
     Table 2, 3   FCI, flow consistency index       fci(video)                                lower is better
     (Lai 2018)   warping error                     warping_error(video)                      lower is better
     Table 1      reconstruction PSNR               psnr(video, source)                       higher is better
-    (ours)       the shapes world's ground truth   shapes_measures(video, prompt, source)    per measure
 
 The paper names its numbers but does not define FCI beyond one paragraph; the choice made here is in `fci`'s
 docstring with the paper's sentence. The flow under FCI and the warping error is `apla.eval.flow` (Horn–Schunck, by
-hand); the CLIP model is a transformers `CLIPModel` from a folder or hub id the user names (`load_clip`), or the
-micro world's own pair (`load_clip("micro")`, `apla.micro.image_tower`), which needs no download.
+hand); the CLIP model is a transformers `CLIPModel` from a folder or hub id the user names, or one that an installed
+project registers by name (`load_clip`).
+
+Plugins. Projects extend the scoring without the library importing them, through two entry-point groups
+(pyproject.toml's [project.entry-points."GROUP"]; `registered`, `load_plugin`):
+  apla.clip_models   name -> load(device=...) returning a CLIP scorer (`image_features`, `text_features`);
+                     the micro project registers "micro", its CLIP of the shapes world (no download)
+  apla.measures      name -> measure(video, prompt, source) -> a dict of numbers, or None where it does not apply,
+                     with its table columns as the function's `columns` ({name: (title, direction, format, what)},
+                     as METRICS); the dict may name under "edited" what the prompt changes in the source (such a
+                     video is an edit: no PSNR against the source). The micro project registers "shapes".
 """
 from __future__ import annotations
 
 import math
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 import numpy as np
@@ -23,32 +32,55 @@ import torch.nn.functional as F
 from PIL import Image
 
 from apla.eval.flow import FlowConfig, occlusion_mask, optical_flow, video_flow, warp
+from apla.sd.text import load_tokenizer
+from apla.video import to_uint8
 
-# name -> (column title, direction, what it is); the order of the evaluate table
+# name -> (column title, direction, table format, what it is); the order of the evaluate table
 METRICS = {
-    "fci": ("FCI", "↓", "flow consistency index (Tables 2-3): mean change (px) of the local flow from one pair of "
-            "adjacent frames to the next"),
-    "warping_error": ("warp err", "↓", "occlusion-masked MSE of frame k vs frame k+1 warped back (Lai et al. 2018)"),
-    "clip_frame_consistency": ("CLIP frames", "↑", "100 x mean cosine of CLIP image embeddings, all frame pairs "
-                               "(Tables 2-3's CLIP score)"),
-    "clip_text_alignment": ("CLIP text", "↑", "100 x mean cosine of each frame's CLIP embedding with the prompt's"),
-    "psnr": ("PSNR dB", "↑", "PSNR against the source clip, images in [0, 1] (Table 1's reconstruction measure)"),
-    "edited_right": ("edit right", "↑", "shapes world: fraction of frames whose edited attribute is the prompt's"),
-    "kept_right": ("kept", "↑", "shapes world: fraction of frames whose unedited attribute stayed as in the source"),
-    "path_error": ("path px", "↓", "shapes world: mean distance of the object's centroid from the source's"),
-    "colour_flicker": ("colour flicker", "↓", "shapes world: mean RGB change (0-255) of the object between frames"),
-    "size_flicker": ("size flicker", "↓", "shapes world: mean |second difference| of the object's radius, px"),
+    "fci": ("FCI", "↓", "{:.3f}", "flow consistency index (Tables 2-3): mean change (px) of the local flow from one "
+            "pair of adjacent frames to the next"),
+    "warping_error": ("warp err", "↓", "{:.5f}", "occlusion-masked MSE of frame k vs frame k+1 warped back (Lai et "
+                      "al. 2018)"),
+    "clip_frame_consistency": ("CLIP frames", "↑", "{:.2f}", "100 x mean cosine of CLIP image embeddings, all frame "
+                               "pairs (Tables 2-3's CLIP score)"),
+    "clip_text_alignment": ("CLIP text", "↑", "{:.2f}", "100 x mean cosine of each frame's CLIP embedding with the "
+                            "prompt's"),
+    "psnr": ("PSNR dB", "↑", "{:.2f}", "PSNR against the source clip, images in [0, 1] (Table 1's reconstruction "
+             "measure)"),
 }
+CLIP_MODELS = "apla.clip_models"  # the entry-point groups of the plugins (module docstring)
+MEASURES = "apla.measures"
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's per-channel mean and std of [0, 1] pixels
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class MetricsError(ValueError):
-    """Input a metric cannot take (one frame, a missing CLIP model, ...); the message is one line."""
+    """Input a metric cannot take (one frame, a missing CLIP model, a plugin that does not load, ...); the message
+    is one line."""
 
 
-def _check_video(video: torch.Tensor, least: int = 2) -> None:
+def one_line(e: Exception) -> str:
+    """An exception's message as one line: its first line, or its type's name when it has none."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def registered(group: str) -> dict[str, EntryPoint]:
+    """The plugins installed packages register in an entry-point group, by name (not loaded)."""
+    return {ep.name: ep for ep in entry_points(group=group)}
+
+
+def load_plugin(ep: EntryPoint):
+    """The object a registered plugin names (its module imported now); one that does not load is a MetricsError."""
+    try:
+        return ep.load()
+    except Exception as e:  # noqa: BLE001 - any failure to import a plugin is one line
+        raise MetricsError(f"the {ep.group} plugin {ep.name!r} ({ep.value}) does not load: {one_line(e)}") from None
+
+
+def check_video(video: torch.Tensor, least: int = 2) -> None:
+    """Refuse (MetricsError) anything but a video (F, 3, H, W) of at least `least` frames."""
     if not isinstance(video, torch.Tensor) or video.ndim != 4 or video.shape[1] != 3:
         shape = tuple(video.shape) if hasattr(video, "shape") else type(video).__name__
         raise MetricsError(f"expected a video (F, 3, H, W) in [-1, 1], got {shape}")
@@ -91,7 +123,7 @@ def fci(video: torch.Tensor, flow: torch.Tensor | None = None, cfg: FlowConfig =
     smooth in space as the ordered one). FCI is in pixels of the video's own resolution (the paper's: 512x512)
     and needs 3 frames. `flow` may pass the forward flows (F-1, 2, H, W) already computed.
     """
-    _check_video(video, least=3)
+    check_video(video, least=3)
     if flow is None:
         flow = optical_flow(video[:-1], video[1:], cfg)  # (F-1, 2, H, W)
     local = local_flow(flow)
@@ -113,7 +145,7 @@ def warping_error(video: torch.Tensor, flows: tuple | None = None, cfg: FlowConf
     there is no such input). A pair where every pixel is occluded counts all its pixels. `flows` may pass the
     (forward, backward) flows of `apla.eval.flow.video_flow` already computed.
     """
-    _check_video(video)
+    check_video(video)
     forward, backward = flows if flows is not None else video_flow(video, cfg)
     x = (video + 1) / 2  # [-1, 1] -> [0, 1]
     keep = (~occlusion_mask(forward, backward)).to(x.dtype)  # (F-1, 1, H, W), 1 = not occluded
@@ -151,8 +183,6 @@ def clip_preprocess(video: torch.Tensor, size: int) -> torch.Tensor:
     resized to `size` and the longer to int(size * long / short) (Pillow's bicubic, as CLIP's and transformers'
     processors do) -> centre crop size x size (offsets rounded down) -> [0, 1] -> (x - mean) / std with CLIP's
     mean and std. Returns (F, 3, size, size) float32."""
-    from apla.video import to_uint8
-
     frames = []
     for array in to_uint8(video):  # (H, W, 3) uint8 each
         h, w = array.shape[:2]
@@ -192,30 +222,32 @@ class HFClip:
 
 
 def load_clip(name: str, device="cpu"):
-    """A CLIP scorer by name: "micro" (the micro world's pair, shipped, `apla.micro.image_tower`), a local folder
-    holding a transformers CLIPModel (config.json + weights; its tokenizer files, or CLIP's BPE vocabulary shipped
-    in apla/assets/clip_bpe), or a hub id such as openai/clip-vit-large-patch14 (downloaded because the user named
-    it). Anything else, or a folder that does not load, is a MetricsError with one line."""
-    if name == "micro":
-        from apla.micro.image_tower import load_micro_clip
-
-        return load_micro_clip(device=device)
+    """A CLIP scorer by name: one an installed project registers (entry-point group apla.clip_models, e.g. "micro"),
+    a local folder holding a transformers CLIPModel (config.json + weights; its tokenizer files, or CLIP's BPE
+    vocabulary shipped in apla/assets/clip_bpe), or a hub id such as openai/clip-vit-large-patch14 (downloaded
+    because the user named it). Anything else, or a model that does not load, is a MetricsError with one line."""
+    plugins = registered(CLIP_MODELS)
+    if name in plugins:
+        load = load_plugin(plugins[name])
+        try:
+            return load(device=device)
+        except Exception as e:  # noqa: BLE001 - any failure to load is one line
+            raise MetricsError(f"--clip-model {name}: the registered CLIP model ({plugins[name].value}) does not "
+                               f"load: {one_line(e)}") from None
     from transformers import CLIPModel, CLIPTokenizer
-
-    from apla.sd.text import load_tokenizer
 
     path = Path(name).expanduser()
     local = path.exists()
     if local and not (path / "config.json").is_file():
         raise MetricsError(f"--clip-model {name}: not a CLIP model folder (no config.json)")
     if not local and (name.count("/") != 1 or name.startswith((".", "/", "~"))):
-        raise MetricsError(f"--clip-model {name}: no such folder, and not a hub id such as "
+        raise MetricsError(f"--clip-model {name}: no such folder, not a registered CLIP model (registered: "
+                           f"{', '.join(sorted(plugins)) or 'none'}), and not a hub id such as "
                            "openai/clip-vit-large-patch14")
     try:
         model = CLIPModel.from_pretrained(str(path) if local else name, local_files_only=local)
     except Exception as e:  # noqa: BLE001 - any failure to load is one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MetricsError(f"--clip-model {name}: cannot load a CLIPModel ({first})") from None
+        raise MetricsError(f"--clip-model {name}: cannot load a CLIPModel ({one_line(e)})") from None
     has_vocab = not local or any((path / f).is_file() for f in ("tokenizer.json", "vocab.json"))
     tokenizer = None
     if has_vocab:
@@ -256,7 +288,7 @@ def clip_frame_consistency(video: torch.Tensor, clip) -> float:
     consistency with text prompt". A choice: we report both readings, this one (frames against frames) and
     `clip_text_alignment` (frames against the prompt). `clip`: `load_clip(...)`'s scorer, or anything with
     `image_features(video)` -> (F, D)."""
-    _check_video(video)
+    check_video(video)
     return frame_consistency(clip.image_features(video))
 
 
@@ -265,61 +297,7 @@ def clip_text_alignment(video: torch.Tensor, prompt: str, clip) -> float:
 
         100 / F sum_f cos(E_img(x_f), E_txt(prompt))
     """
-    _check_video(video, least=1)
+    check_video(video, least=1)
     cos = cosine_matrix(clip.image_features(video), clip.text_features([prompt]))  # (F, 1)
     # $$\frac{100}{F} \sum_f \cos(E_{img}(x_f), E_{txt}(q))$$
     return (100 * cos).mean().item()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The shapes world
-# ---------------------------------------------------------------------------------------------------------------
-
-def shapes_measures(video: torch.Tensor, prompt: str, source: torch.Tensor | None = None) -> dict:
-    """On a shapes-world video, what its evaluator reads frame by frame (`apla.micro.shapes_eval.evaluate_image`):
-
-    - edited_right: for the attributes (colour, shape) the prompt sets differently from the source clip's object
-      (read from the source's frames), the fraction of frames where all of them are as the prompt says;
-    - kept_right: for the attributes the prompt names as in the source, the fraction of frames that kept them;
-    - path_error: mean distance (px) between the object's centroid and the source's, frame by frame
-      (frames where either shows no object are skipped);
-    - colour_flicker: mean over adjacent frames of the RGB distance (0-255) between the object's median colours;
-    - size_flicker: mean over frames of |s_{k+1} - 2 s_k + s_{k-1}| of the equivalent radius s (px), so a steadily
-      growing object counts zero and a size that jumps back and forth does not (the flicker of the paper's Fig. 1);
-    - object_found: the fraction of frames where an object is found.
-    Measures that need the source are left out without one; those that need two (three) frames with an object,
-    without them. Returns a dict of floats, and `edited`: the names of the edited attributes."""
-    from collections import Counter
-
-    from apla.micro.shapes import parse_caption
-    from apla.micro.shapes_eval import evaluate_image
-
-    _check_video(video, least=1)
-    reads = [evaluate_image(frame) for frame in video]
-    found = [r for r in reads if r["colour"] is not None]
-    out = {"object_found": len(found) / len(reads)}
-    want = parse_caption(prompt or "")
-    if source is not None:
-        src_reads = [evaluate_image(frame) for frame in source]
-        src = {k: Counter(r[k] for r in src_reads if r[k] is not None).most_common(1) for k in ("colour", "shape")}
-        src = {k: v[0][0] if v else None for k, v in src.items()}
-        edited = [k for k in ("colour", "shape") if want[k] is not None and want[k] != src[k]]
-        kept = [k for k in ("colour", "shape") if want[k] is not None and k not in edited]
-        if edited:
-            out["edited_right"] = sum(all(r[k] == want[k] for k in edited) for r in reads) / len(reads)
-        if kept:
-            out["kept_right"] = sum(all(r[k] == want[k] for k in kept) for r in reads) / len(reads)
-        out["edited"] = edited
-        dists = [math.dist(r["centroid"], s["centroid"]) for r, s in zip(reads, src_reads)
-                 if r["centroid"] is not None and s["centroid"] is not None]
-        if dists:
-            out["path_error"] = sum(dists) / len(dists)
-    rgb = [r["rgb"] for r in reads if r["rgb"] is not None]
-    if len(rgb) >= 2:
-        # $$\tfrac{1}{F-1}\sum_k \|c_{k+1} - c_k\|_2$$
-        out["colour_flicker"] = sum(math.dist(a, b) for a, b in zip(rgb, rgb[1:])) / (len(rgb) - 1)
-    size = [r["size"] for r in reads if r["size"] is not None]
-    if len(size) >= 3:
-        # $$\tfrac{1}{F-2}\sum_k |s_{k+1} - 2 s_k + s_{k-1}|$$
-        out["size_flicker"] = sum(abs(a - 2 * b + c) for a, b, c in zip(size, size[1:], size[2:])) / (len(size) - 2)
-    return out

@@ -10,10 +10,13 @@ sample.py wrote) and otherwise from its GIF or MP4. In a run's samples folder th
 
 What is measured, when it applies:
   FCI, warping error              always (flow on the video itself; FCI needs 3 frames)
-  CLIP frame consistency          with a CLIP model: --clip-model, or the micro world's own on 64x64 videos
+  CLIP frame consistency          with a CLIP model: --clip-model, else the one the assets registry gives the
+                                  bundled base model (`apla.assets.CLIP_SCORERS`; see `pick_clip`)
   CLIP text alignment             with a CLIP model and a prompt
   PSNR against the source         with a source, for a video of the source's own prompt (or of an unknown one)
-  shapes-world measures           with a prompt of the shapes world ("a blue square moving to the right")
+  a project's measures            where they apply: those registered in the entry-point group apla.measures
+                                  (`apla.eval.metrics`), e.g. the micro project's shapes-world measures on a
+                                  prompt of its world ("a blue square moving to the right")
 
 sample.py calls `score_samples` on what it has just generated and writes `samples/metrics.json`, the same report
 this command prints for the samples folder. Bad input (a missing or unreadable file, a one-frame video, a CLIP
@@ -30,17 +33,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from apla.assets import resolve_video
+from apla.assets import CLIP_SCORERS, clip_scorer, preset, resolve_video
+from apla.checkpoint import atomic_write_json
+from apla.cli import DefaultsFormatter, OneLineParser, fail, pick_device
+from apla.config import TrainConfig, slug
 from apla.eval.flow import FlowConfig, video_flow
-from apla.eval.metrics import (METRICS, MetricsError, clip_frame_consistency, clip_text_alignment, fci, load_clip, psnr,
-                          shapes_measures, warping_error)
+from apla.eval.metrics import (MEASURES, METRICS, MetricsError, clip_frame_consistency, clip_text_alignment, fci,
+                               load_clip, load_plugin, psnr, registered, warping_error)
 from apla.video import AV_EXTENSIONS, GIF_EXTENSIONS, VideoError, count_frames, read_video
 
 VIDEO_EXTENSIONS = GIF_EXTENSIONS + AV_EXTENSIONS
-MICRO_SIDE = 64  # the micro world's frames: videos of this size get the micro CLIP unless told otherwise
-FORMATS = {"fci": "{:.3f}", "warping_error": "{:.5f}", "clip_frame_consistency": "{:.2f}",
-           "clip_text_alignment": "{:.2f}", "psnr": "{:.2f}", "edited_right": "{:.0%}", "kept_right": "{:.0%}",
-           "path_error": "{:.2f}", "colour_flicker": "{:.2f}", "size_flicker": "{:.3f}"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -98,20 +100,21 @@ def load(read_from: Path, video_file: Path) -> torch.Tensor:
 # Scoring
 # ---------------------------------------------------------------------------------------------------------------
 
-def is_shapes_prompt(prompt: str | None) -> bool:
-    """A caption of the shapes world: it names one of its colours and one of its shapes."""
-    if not prompt:
-        return False
-    from apla.micro.shapes import parse_caption
-
-    parsed = parse_caption(prompt)
-    return parsed["colour"] is not None and parsed["shape"] is not None
+def load_measures() -> dict:
+    """The measures installed projects register (entry-point group apla.measures), loaded: {name: function}."""
+    return {name: load_plugin(ep) for name, ep in registered(MEASURES).items()}
 
 
-def score_video(video: torch.Tensor, prompt: str | None = None, source: torch.Tensor | None = None,
+def columns(measures: dict) -> dict:
+    """The table's columns, {name: (title, direction, format, what)}: the paper's (METRICS), then each measure's."""
+    return {**METRICS, **{k: v for m in measures.values() for k, v in getattr(m, "columns", {}).items()}}
+
+
+def score_video(video: torch.Tensor, measures: dict, prompt: str | None = None, source: torch.Tensor | None = None,
                 source_prompt: str | None = None, clip=None, device="cpu", cfg: FlowConfig = FlowConfig()) -> dict:
-    """Every measure of `apla.eval.metrics` that applies to one video (F, 3, H, W) in [-1, 1]; see the module doc.
-    The flow is computed once (forward and backward, all pairs in one batch) on `device`."""
+    """Every measure of `apla.eval.metrics` that applies to one video (F, 3, H, W) in [-1, 1], and every one of the
+    projects' `measures` (`load_measures()`) that applies; see the module doc. The flow is computed once (forward
+    and backward, all pairs in one batch) on `device`."""
     if video.shape[0] < 2:
         raise MetricsError(f"a video of {video.shape[0]} frame: frame consistency needs at least 2 frames")
     x = video.to(device)
@@ -123,16 +126,18 @@ def score_video(video: torch.Tensor, prompt: str | None = None, source: torch.Te
         out["clip_frame_consistency"] = clip_frame_consistency(x, clip)
         if prompt:
             out["clip_text_alignment"] = clip_text_alignment(x, prompt, clip)
-    edited = []
-    if is_shapes_prompt(prompt):
-        shapes = shapes_measures(video, prompt, source)
-        edited = shapes.pop("edited", [])
-        out.update({k: v for k, v in shapes.items() if k in METRICS})
-        out["object_found"] = shapes["object_found"]
+    edited, extra = [], {}
+    for measure in measures.values():
+        found = measure(video, prompt, source)
+        if found is not None:
+            found = dict(found)
+            edited += found.pop("edited", [])
+            # its table columns first, in their order, then what it reports beside them
+            extra.update({k: found[k] for k in [*getattr(measure, "columns", {}), *found] if k in found})
     is_edit = bool(edited) or (prompt is not None and source_prompt is not None and prompt != source_prompt)
     if source is not None and not is_edit:
         out["psnr"] = psnr(video, source)
-    return {"metrics": {k: out[k] for k in [*METRICS, "object_found"] if k in out}, "edited": edited}
+    return {"metrics": {**{k: out[k] for k in METRICS if k in out}, **extra}, "edited": edited}
 
 
 def read_source(source, frames: int, size: tuple[int, int], start: int = 0, stride: int = 1) -> torch.Tensor:
@@ -141,20 +146,23 @@ def read_source(source, frames: int, size: tuple[int, int], start: int = 0, stri
 
 
 def pick_clip(clip_model: str | None, videos: list[torch.Tensor], device):
-    """(scorer, name) of the CLIP model to score with: the named one ("none": (None, None)); by default the micro
-    world's pair when every video is at its 64x64 size, else none (the user names a CLIP model with --clip-model;
-    nothing is downloaded unless named)."""
+    """(scorer, name) of the CLIP model to score with: the named one ("none": (None, None)); by default, when every
+    video has the frame size of a bundled model's runs (its preset's `size`: 64x64 for the micro SD), the CLIP model
+    the assets registry gives that model's samples (`apla.assets.CLIP_SCORERS`), else none (the user names a CLIP
+    model with --clip-model; nothing is downloaded unless named)."""
     if clip_model is None:
-        small = videos and all(v.shape[-2:] == (MICRO_SIDE, MICRO_SIDE) for v in videos)
-        clip_model = "micro" if small else "none"
+        sides = {tuple(v.shape[-2:]) for v in videos}
+        clip_model = next((scorer for model, scorer in CLIP_SCORERS.items()
+                           if sides == {(preset(model).get("size"),) * 2}), "none")
     return (None, None) if clip_model == "none" else (load_clip(clip_model, device), clip_model)
 
 
 def run_clip(cfg, clip_model: str | None, device):
-    """(scorer, name) for a run's samples (sample.py): the named model, else the micro pair on a micro run, else
-    none. Loaded before sampling, so that a CLIP model that does not load stops sample.py before any work."""
+    """(scorer, name) for a run's samples (sample.py): the named model, else the one the assets registry gives the
+    run's base model (`apla.assets.clip_scorer`), else none. Loaded before sampling, so that a CLIP model that does
+    not load stops sample.py before any work."""
     if clip_model is None:
-        clip_model = "micro" if cfg.pretrained == "micro" else "none"
+        clip_model = clip_scorer(cfg.pretrained) or "none"
     return pick_clip(clip_model, [], device)
 
 
@@ -163,6 +171,7 @@ def score_videos(items: list[dict], source=None, source_prompt: str | None = Non
     """Score a list of {"name", "video", "prompt"?, "path"?}; clip = (scorer, name) of `pick_clip`. Returns the
     report (JSON-ready)."""
     scorer, clip_name = clip
+    measures = load_measures()
     rows, sources = [], {}
     for it in items:
         video = it["video"]
@@ -172,13 +181,13 @@ def score_videos(items: list[dict], source=None, source_prompt: str | None = Non
             if key not in sources:
                 sources[key] = read_source(source, key[0], key[1:], start, stride)
             src = sources[key]
-        scored = score_video(video, it.get("prompt"), src, source_prompt, scorer, device)
+        scored = score_video(video, measures, it.get("prompt"), src, source_prompt, scorer, device)
         rows.append({"name": it["name"], "path": it.get("path"), "prompt": it.get("prompt"),
                      "frames": int(video.shape[0]), "height": int(video.shape[-2]), "width": int(video.shape[-1]),
                      **scored})
     return {"videos": rows, "source": None if source is None else str(source), "source_prompt": source_prompt,
             "clip_model": clip_name, "flow": asdict(FlowConfig()),
-            "directions": {k: v[1] for k, v in METRICS.items()}}
+            "directions": {k: v[1] for k, v in columns(measures).items()}}
 
 
 def score_samples(videos: list[tuple[str, torch.Tensor]], cfg, out: Path | None = None, clip: tuple = (None, None),
@@ -186,9 +195,6 @@ def score_samples(videos: list[tuple[str, torch.Tensor]], cfg, out: Path | None 
     """What sample.py calls: score its (prompt, frames) against the run's source clip (cfg: the run's TrainConfig),
     frames quantized to 8 bits as its files hold them; clip = `run_clip(...)`; with `out`, write the report there
     (atomically)."""
-    from apla.checkpoint import atomic_write_json
-    from apla.config import slug
-
     items = [{"name": slug(p), "prompt": p, "video": quantize(f.cpu())} for p, f in videos]
     report = score_videos(items, cfg.video, cfg.prompt, cfg.start, cfg.stride, clip, device)
     if out is not None:
@@ -199,8 +205,6 @@ def score_samples(videos: list[tuple[str, torch.Tensor]], cfg, out: Path | None 
 def run_prompts(folder: Path) -> tuple[dict, object]:
     """For a run's samples folder: {stem: prompt} from the metrics.json sample.py wrote and the run's config, and
     the run's TrainConfig (None when the folder is not inside a run)."""
-    from apla.config import TrainConfig, slug
-
     prompts, cfg = {}, None
     config = folder.parent / "config.json"
     if config.is_file():
@@ -222,32 +226,31 @@ def run_prompts(folder: Path) -> tuple[dict, object]:
 # Output
 # ---------------------------------------------------------------------------------------------------------------
 
-def format_table(report: dict) -> str:
-    """A markdown table: one row per video, a column per measure that any video has, its direction in the title."""
-    names = [k for k in METRICS if any(k in r["metrics"] for r in report["videos"])]
-    head = ["video", "frames"] + [f"{METRICS[k][0]} {METRICS[k][1]}" for k in names]
+def format_table(report: dict, measures: dict | None = None) -> str:
+    """A markdown table: one row per video, a column per measure that any video has, its direction in the title;
+    the columns of `measures` (`load_measures()` by default) beside the paper's."""
+    table = columns(load_measures() if measures is None else measures)
+    names = [k for k in table if any(k in r["metrics"] for r in report["videos"])]
+    head = ["video", "frames"] + [f"{table[k][0]} {table[k][1]}" for k in names]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in report["videos"]:
         cells = [r["prompt"] or r["name"], f"{r['frames']} x {r['height']}x{r['width']}"]
-        cells += [FORMATS[k].format(r["metrics"][k]) if k in r["metrics"] else "–" for k in names]
+        cells += [table[k][2].format(r["metrics"][k]) if k in r["metrics"] else "–" for k in names]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    from apla.checkpoint import atomic_write_json
-    from apla.cli import DefaultsFormatter, OneLineParser, fail, pick_device
-
     p = OneLineParser(prog="python -m apla.eval", formatter_class=DefaultsFormatter,
                       description="Score videos as APLA's tables do: FCI, warping error, CLIP frame consistency and "
-                                  "text alignment, PSNR against the source, and the shapes world's measures.")
+                                  "text alignment, PSNR against the source, and the measures projects register.")
     p.add_argument("video", help="a GIF, an MP4/WebM/MOV, a folder of frames, or a folder of videos (a run's samples/)")
     p.add_argument("--prompt", default=None, help="the prompt of VIDEO (default: a run's own prompts, else none)")
     p.add_argument("--source", default=None,
                    help="the source clip, a path or a bundled clip's name (default: a run's own clip, else none)")
     p.add_argument("--clip-model", default=None,
-                   help="'micro', a local CLIPModel folder or a hub id (downloads), or 'none' (default: 'micro' for "
-                        "64x64 videos, else none)")
+                   help="a registered name ('micro'), a local CLIPModel folder or a hub id (downloads), or 'none' "
+                        "(default: the bundled base model's, e.g. 'micro' for 64x64 videos, else none)")
     p.add_argument("--json", default=None, help="write the report here (default: only the table is printed)")
     p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
     args = p.parse_args(argv)

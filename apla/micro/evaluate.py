@@ -9,8 +9,9 @@ Not part of APLA (AAAI 2024); it checks the pretrained model that APLA's recipe 
 
 Held-out sets come from seeds no pretraining batch uses (apla.micro.pretrain's seed namespaces). `--split val`
 evaluates on validation prompts instead, for choosing the guidance scale without touching the held-out set.
-Writes `README.md` (figures, settings, the command) and `samples.png` (a grid of samples, captions in the
-markdown) to --out-dir.
+Writes `samples.png` (a grid of samples) and its part of `README.md` (figures, settings, the command, the grid's
+captions) to --out-dir: the text between the markers GENERATED and HAND_WRITTEN; the README's hand-written head
+(what the project is for, how to run it) and tail (notes, other commands' tables) are kept as they are.
 
     python -m apla.micro.evaluate                      # the shipped model, writes apla/micro/README.md
     python -m apla.micro.evaluate --split val --guidance 3 --no-write
@@ -31,11 +32,11 @@ import torch
 from PIL import Image
 
 from apla.checkpoint import atomic_write, atomic_write_bytes
-from apla.micro import shapes
+from apla.micro import GUIDANCE_SCALE, MICRO_DIR, NUM_INFERENCE_STEPS, shapes
 from apla.micro.shapes_eval import score_images
-from apla.micro import GUIDANCE_SCALE, MICRO_DIR, NUM_INFERENCE_STEPS
 from apla.scheduler import classifier_free_guidance, ddim_sample, ddim_timesteps
 from apla.sd.text import encode_prompt
+from apla.sd.unet import is_temporal_param
 from apla.sd.weights import count_parameters, load_stable_diffusion
 
 # Seeds of the evaluation sets (pretraining uses 1_000_000 and up, see apla.micro.pretrain).
@@ -97,15 +98,18 @@ def save_grid(images: torch.Tensor, path: Path, columns: int = 8, scale: int = 2
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
+GENERATED = "<!-- Written by `python -m apla.micro.evaluate` below this line, up to the hand-written part. -->"
 HAND_WRITTEN = "<!-- Written by hand below this line; `python -m apla.micro.evaluate` keeps it. -->"
 
 
 def write_results(path: Path, r: dict) -> None:
+    """Write the figures of `r` into the README at `path`, after GENERATED, keeping what is above that marker and
+    from HAND_WRITTEN on (an absent marker: nothing kept on its side)."""
     def mark(ok):
         return "yes" if ok else "**no**"
 
     lines = [
-        "# The micro Stable Diffusion: evaluation",
+        "## The shipped model on held-out scenes",
         "",
         f"Model: `{r['source']}` ({r['params']['vae']:,} VAE, {r['params']['unet']:,} U-Net, "
         f"{r['params']['text_encoder']:,} text-encoder parameters; {r['weights_mib']:.1f} MiB of files).",
@@ -156,10 +160,12 @@ def write_results(path: Path, r: dict) -> None:
             f"- In all {(rec['vae_train_s'] + rec['text_train_s'] + rec['unet_train_s']) / 60:.0f} min of training "
             "steps (measuring the latent scale and encoding the pool are not counted).",
         ]
-    # Sections under HAND_WRITTEN (the one-shot table, notes) come from other commands: keep them.
+    # The head (what the project is for) and the sections under HAND_WRITTEN (the one-shot table, notes): kept.
     old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    head = old[:old.index(GENERATED)] if GENERATED in old else ""
     tail = old[old.index(HAND_WRITTEN):] if HAND_WRITTEN in old else ""
-    atomic_write_bytes(path, ("\n".join(lines) + "\n" + ("\n" + tail if tail else "")).encode("utf-8"))
+    text = head + GENERATED + "\n\n" + "\n".join(lines) + "\n" + ("\n" + tail if tail else "")
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def main(argv=None) -> dict:
@@ -186,8 +192,6 @@ def main(argv=None) -> dict:
     _, prompts, _ = shapes.sample_dataset(args.prompts, seed=prompt_seed)
     images = text_to_image(sd, prompts, args.steps, args.guidance, args.seed)
     scores = score_images(images, prompts)
-
-    from apla.sd.unet import is_temporal_param
 
     folder = MICRO_DIR if args.model == "micro" else Path(args.model)
     r = dict(psnr=psnr, colour=scores["colour"], shape=scores["shape"], position=scores["position"],

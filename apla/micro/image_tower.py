@@ -34,11 +34,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save
 from torch import nn
 
+from apla.checkpoint import atomic_write_bytes, atomic_write_json
 from apla.micro import MICRO_DIR, shapes
 from apla.micro.contrastive import LatentImageTower, caption_features, contrastive_loss
 from apla.micro.pretrain import clip_frames, lr_at
+from apla.sd.text import tokenize
+from apla.sd.weights import load_stable_diffusion
 
 TOWER_DIR = MICRO_DIR / "clip_image"
 TRAIN_SEED = 5_000_000  # + chunk index; other seed namespaces: pretrain.py's 1e6..3e6, evaluations 7000-8001
@@ -111,8 +115,6 @@ class MicroCLIP(nn.Module):
     @torch.no_grad()
     def encode_captions(self, prompts: list[str]) -> torch.Tensor:
         """The frozen text encoder's caption features (P, D), before the text head."""
-        from apla.sd.text import tokenize
-
         ids = tokenize(self.tokenizer, prompts).to(self.text_head.weight.device)  # (P, 77)
         return caption_features(self.text_encoder, ids, self.eos_id)
 
@@ -127,12 +129,9 @@ class MicroCLIP(nn.Module):
 def load_micro_clip(folder: str | Path = TOWER_DIR, device="cpu") -> MicroCLIP:
     """The shipped micro CLIP: the micro SD's text encoder and tokenizer plus clip_image/ (config.json,
     model.safetensors). float32, eval mode."""
-    import apla
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     cfg = TowerConfig(**json.loads((folder / "config.json").read_text())["tower"])
-    sd = apla.load_stable_diffusion("micro", components=("text_encoder",))
+    sd = load_stable_diffusion("micro", components=("text_encoder",))
     model = MicroCLIP(cfg, sd.text_encoder, sd.tokenizer)
     state = {k: v.float() for k, v in load_file(str(folder / "model.safetensors")).items()}
     missing = set(model.trainable_state()) - set(state)
@@ -181,10 +180,8 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 def train(cfg: TowerConfig, log_every: int = 100) -> tuple[MicroCLIP, float]:
     """Train the tower, the text head and the temperature against the frozen micro text encoder; returns the
     model and the training seconds."""
-    import apla
-
     torch.manual_seed(cfg.seed)
-    sd = apla.load_stable_diffusion("micro", components=("text_encoder",))
+    sd = load_stable_diffusion("micro", components=("text_encoder",))
     model = MicroCLIP(cfg, sd.text_encoder, sd.tokenizer)
     images, captions = render_pool(cfg.pool_size, TRAIN_SEED + cfg.seed * 100_000)
     vocabulary = sorted(set(captions))
@@ -257,9 +254,6 @@ def to_markdown(r: dict) -> str:
 
 def export(model: MicroCLIP, out: Path, record: dict) -> None:
     """clip_image/: config.json (sizes, training run, held-out retrieval) and model.safetensors (float16)."""
-    from apla.checkpoint import atomic_write_bytes, atomic_write_json
-    from safetensors.torch import save
-
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.trainable_state().items()}
     atomic_write_bytes(out / "model.safetensors", save(state, metadata={"format": "pt"}))

@@ -9,8 +9,9 @@ For the run's source clip and every GIF that sample.py wrote for it, it reports
   - the mean distance (pixels) between the object's centroid path and the source clip's path;
   - for the source prompt itself: the PSNR of the generated frames against the clip's frames.
 No APLA equation lives here: this is the measurement behind the project's one-shot figures, a view of
-`apla.eval.metrics.shapes_measures` and `apla.eval.metrics.psnr`; `python -m apla.eval RUN/samples` gives these and the
-paper's own numbers (FCI, warping error, CLIP scores).
+`apla.micro.shapes_eval.shapes_measures` and `apla.eval.metrics.psnr`; `python -m apla.eval RUN/samples` gives these
+and the paper's own numbers (FCI, warping error, CLIP scores). Prompts that are not captions of the shapes world
+have nothing to be measured against and are left out.
 """
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ import sys
 from pathlib import Path
 
 from apla.assets import resolve_video
+from apla.checkpoint import atomic_write_json
 from apla.config import TrainConfig, slug
-from apla.eval.metrics import psnr, shapes_measures
-from apla.micro.shapes_eval import evaluate_image
+from apla.eval.metrics import psnr
+from apla.micro.shapes_eval import evaluate_image, shapes_measures
 from apla.video import VideoError, count_frames, read_video
 
 
@@ -38,7 +40,9 @@ def evaluate_run(run_dir, samples_dir=None) -> dict:
         if not gif.is_file():
             continue
         frames = read_video(str(gif), min(cfg.frames, count_frames(str(gif))), size=size)  # (F, 3, H, W)
-        measured = shapes_measures(frames, prompt, source[: frames.shape[0]])  # apla.eval.metrics: the same measures
+        measured = shapes_measures(frames, prompt, source[: frames.shape[0]])  # what python -m apla.eval reports
+        if measured is None:  # not a caption of the shapes world
+            continue
         row = {"prompt": prompt, "frames": int(frames.shape[0]), "edited": measured["edited"],
                "object_found": measured["object_found"],
                "path_distance_px": measured.get("path_error", float("nan"))}
@@ -82,12 +86,12 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not report["results"]:
-        print(f"error: no samples of the run's prompts in {args.samples or Path(args.run) / 'samples'}; "
+        print(f"error: no samples of the run's shapes-world prompts in {args.samples or Path(args.run) / 'samples'}; "
               f"run sample.py first", file=sys.stderr)
         return 2
     print(to_markdown(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_json(args.json, report)
     return 0
 
 

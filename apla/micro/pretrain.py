@@ -21,7 +21,7 @@ SD's recipe (Rombach et al. 2022) in three stages, then an export:
 
 Every batch is drawn from a seed that depends on the step, and checkpoints (model, EMA, optimiser) are written
 every `checkpoint_every` steps to --work-dir, so a stage can be stopped (--max-minutes) and resumed and still
-reproduce the same weights. `export` writes the float16 diffusers folder.
+reproduce the same weights. `export` writes the float16 diffusers folder (`export_trained`).
 
     python -m apla.micro.pretrain --stage vae --work-dir ~/.cache/apla-micro
     python -m apla.micro.pretrain --stage text --work-dir ~/.cache/apla-micro
@@ -45,6 +45,7 @@ from torch import nn
 from apla.checkpoint import atomic_torch_save, atomic_write_json
 from apla.micro import MICRO_DIR, TEXT_ENCODER_CONFIG, UNET_CONFIG, VAE_CONFIG, shapes
 from apla.micro.contrastive import LatentImageTower, caption_features, contrastive_loss
+from apla.micro.export import export
 from apla.scheduler import make_alpha_bar, q_sample
 from apla.sd.text import build_text_encoder, load_tokenizer, tokenize
 from apla.sd.unet import UNet3DConditionModel, UNetConfig, is_temporal_param
@@ -394,6 +395,33 @@ def train_unet(cfg: PretrainConfig, work: Path, deadline: float) -> bool:
     return step >= cfg.unet_steps
 
 
+# ---- Export ---------------------------------------------------------------------------------------------------
+
+def stage_seconds(work: Path, stage: str) -> float:
+    """Training seconds of a stage over all its runs (kept in its checkpoint; else estimated from the log)."""
+    ck = load_ckpt(work / f"{stage}.pt")
+    if "train_s" in ck:
+        return float(ck["train_s"])
+    records = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
+    last = [r for r in records if r["stage"] == stage and "s_per_step" in r][-1]
+    return last["s_per_step"] * int(ck["step"])
+
+
+def export_trained(work: Path, out: Path) -> None:
+    """The `export` stage: the trained networks from the stages' checkpoints in `work` (the U-Net's EMA weights)
+    written as the diffusers folder `out` (`apla.micro.export`), with the record of their training."""
+    vae, ck = load_trained_vae(work), load_ckpt(work / "unet.pt")
+    if ck is None:
+        raise FileNotFoundError(f"{work / 'unet.pt'}: run --stage unet first")
+    scaling_factor = json.loads((work / "latent_stats.json").read_text())["scaling_factor"]
+    record = {
+        "vae_steps": int(load_ckpt(work / "vae.pt")["step"]), "vae_train_s": round(stage_seconds(work, "vae")),
+        "text_steps": int(load_ckpt(work / "text.pt")["step"]), "text_train_s": round(stage_seconds(work, "text")),
+        "unet_steps": int(ck["step"]), "unet_train_s": round(stage_seconds(work, "unet")),
+        "scaling_factor": scaling_factor, "pretrain_config": json.loads((work / "pretrain_config.json").read_text())}
+    export(out, vae, ck["ema"]["unet"], load_trained_text_encoder(work), scaling_factor, record)
+
+
 # ---- Command line ---------------------------------------------------------------------------------------------
 
 def check_config(cfg: PretrainConfig, work: Path) -> None:
@@ -435,9 +463,7 @@ def main(argv=None) -> None:
                 return
             log(work, stage, dict(done=True, wall_s=round(time.time() - t0)))
     if args.stage in ("export", "all"):
-        from apla.micro.export import export  # the folder writer reads this module's checkpoints
-
-        export(work, Path(args.out))
+        export_trained(work, Path(args.out))
 
 
 if __name__ == "__main__":

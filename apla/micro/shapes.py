@@ -45,6 +45,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from apla.video import write_gif
+
 IMAGE_SIZE = 64  # pixels per side of every scene
 SUPERSAMPLE = 4  # coverage is computed on a SUPERSAMPLE-times finer grid, then averaged (antialiasing)
 
@@ -325,8 +327,6 @@ def clip_caption(shape: str, colour: str, path: str, grow: bool = False) -> str:
 def write_default_clip(path: str | os.PathLike) -> str:
     """Write the project's default source clip, DEFAULT_CLIP ('a red circle moving to the right', 8 frames),
     as a GIF at `path`; returns its caption. The shipped copy is apla/assets/shapes_red_circle_right.gif."""
-    from apla.video import write_gif
-
     frames, _ = render_clip(**DEFAULT_CLIP)
     write_gif(frames, path, fps=10)
     return clip_caption(DEFAULT_CLIP["shape"], DEFAULT_CLIP["colour"], DEFAULT_CLIP["path"])

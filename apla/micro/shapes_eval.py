@@ -1,6 +1,8 @@
 """The shapes world's evaluator: what a picture shows, read back in the world's terms (colour, shape, centroid,
-size), and the accuracies of pictures against their captions. No part of the APLA paper; it is what lets the
-project measure a generated video against a known ground truth (`apla.eval.metrics.shapes_measures`).
+size), the accuracies of pictures against their captions, and the measures of a generated video against its
+known ground truth (`shapes_measures`). No part of the APLA paper. `shapes_measures` is registered as the measure
+"shapes" of `python -m apla.eval` (entry-point group apla.measures in pyproject.toml): the library scores
+shapes-world videos with it without importing this project.
 
 The evaluator knows the renderer: it takes the median border pixel as the background, marks as object the pixels
 whose colour is more than half-way from the background to the object (the connected blob around the strongest
@@ -11,11 +13,13 @@ template (same area, same centroid) whose coverage has the best soft IoU with th
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import numpy as np
 import torch
 from PIL import Image
 
+from apla.eval.metrics import check_video
 from apla.micro.shapes import PALETTE, SHAPES, Scene, ShapesError, coverage, parse_caption, position_word
 
 # Evaluator thresholds (Euclidean RGB distance from the background, 0-255 units).
@@ -146,14 +150,6 @@ def centroid_path(frames) -> np.ndarray:
     return np.asarray(path, dtype=np.float64).reshape(-1, 2)
 
 
-def path_distance(path_a, path_b) -> float:
-    """Mean Euclidean distance (pixels) between corresponding points of two (F, 2) paths."""
-    a, b = np.asarray(path_a, dtype=np.float64), np.asarray(path_b, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 2 or a.shape[1] != 2:
-        raise ShapesError(f"paths must both be (F, 2); got {a.shape} and {b.shape}")
-    return float(np.linalg.norm(a - b, axis=1).mean())
-
-
 def attribute_accuracy(frames, colour: str | None = None, shape: str | None = None) -> float:
     """Fraction of frames whose evaluated colour (if given) and shape (if given) both match."""
     results = [evaluate_image(f) for f in frames]
@@ -180,3 +176,73 @@ def score_images(images, targets) -> dict:
     out = {k: float(np.mean(v)) for k, v in hits.items()}
     out["centroid_error"] = float(np.mean(errors)) if errors else math.nan
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A generated video against the known ground truth (the measure "shapes" of python -m apla.eval)
+# ---------------------------------------------------------------------------------------------------------------
+
+def is_shapes_prompt(prompt: str | None) -> bool:
+    """A caption of the shapes world: it names one of its colours and one of its shapes."""
+    if not prompt:
+        return False
+    parsed = parse_caption(prompt)
+    return parsed["colour"] is not None and parsed["shape"] is not None
+
+
+def shapes_measures(video: torch.Tensor, prompt: str | None, source: torch.Tensor | None = None) -> dict | None:
+    """On a shapes-world video (F, 3, H, W) in [-1, 1], what `evaluate_image` reads frame by frame; None when the
+    prompt is not a caption of the world (`is_shapes_prompt`):
+
+    - edited_right: for the attributes (colour, shape) the prompt sets differently from the source clip's object
+      (read from the source's frames), the fraction of frames where all of them are as the prompt says;
+    - kept_right: for the attributes the prompt names as in the source, the fraction of frames that kept them;
+    - path_error: mean distance (px) between the object's centroid and the source's, frame by frame
+      (frames where either shows no object are skipped);
+    - colour_flicker: mean over adjacent frames of the RGB distance (0-255) between the object's median colours;
+    - size_flicker: mean over frames of |s_{k+1} - 2 s_k + s_{k-1}| of the equivalent radius s (px), so a steadily
+      growing object counts zero and a size that jumps back and forth does not (the flicker of the paper's Fig. 1);
+    - object_found: the fraction of frames where an object is found.
+    Measures that need the source are left out without one; those that need two (three) frames with an object,
+    without them. Returns a dict of floats, and `edited`: the names of the edited attributes (with a source)."""
+    if not is_shapes_prompt(prompt):
+        return None
+    check_video(video, least=1)
+    reads = [evaluate_image(frame) for frame in video]
+    found = [r for r in reads if r["colour"] is not None]
+    out = {"object_found": len(found) / len(reads)}
+    want = parse_caption(prompt)
+    if source is not None:
+        src_reads = [evaluate_image(frame) for frame in source]
+        src = {k: Counter(r[k] for r in src_reads if r[k] is not None).most_common(1) for k in ("colour", "shape")}
+        src = {k: v[0][0] if v else None for k, v in src.items()}
+        edited = [k for k in ("colour", "shape") if want[k] is not None and want[k] != src[k]]
+        kept = [k for k in ("colour", "shape") if want[k] is not None and k not in edited]
+        if edited:
+            out["edited_right"] = sum(all(r[k] == want[k] for k in edited) for r in reads) / len(reads)
+        if kept:
+            out["kept_right"] = sum(all(r[k] == want[k] for k in kept) for r in reads) / len(reads)
+        out["edited"] = edited
+        dists = [math.dist(r["centroid"], s["centroid"]) for r, s in zip(reads, src_reads)
+                 if r["centroid"] is not None and s["centroid"] is not None]
+        if dists:
+            out["path_error"] = sum(dists) / len(dists)
+    rgb = [r["rgb"] for r in reads if r["rgb"] is not None]
+    if len(rgb) >= 2:
+        # $$\tfrac{1}{F-1}\sum_k \|c_{k+1} - c_k\|_2$$
+        out["colour_flicker"] = sum(math.dist(a, b) for a, b in zip(rgb, rgb[1:])) / (len(rgb) - 1)
+    size = [r["size"] for r in reads if r["size"] is not None]
+    if len(size) >= 3:
+        # $$\tfrac{1}{F-2}\sum_k |s_{k+1} - 2 s_k + s_{k-1}|$$
+        out["size_flicker"] = sum(abs(a - 2 * b + c) for a, b, c in zip(size, size[1:], size[2:])) / (len(size) - 2)
+    return out
+
+
+# python -m apla.eval's table columns of these measures: name -> (title, direction, format, what it is)
+shapes_measures.columns = {
+    "edited_right": ("edit right", "↑", "{:.0%}", "fraction of frames whose edited attribute is the prompt's"),
+    "kept_right": ("kept", "↑", "{:.0%}", "fraction of frames whose unedited attribute stayed as in the source"),
+    "path_error": ("path px", "↓", "{:.2f}", "mean distance of the object's centroid from the source's"),
+    "colour_flicker": ("colour flicker", "↓", "{:.2f}", "mean RGB change (0-255) of the object between frames"),
+    "size_flicker": ("size flicker", "↓", "{:.3f}", "mean |second difference| of the object's radius, px"),
+}

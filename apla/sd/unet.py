@@ -14,7 +14,7 @@ Inflation (Tune-A-Video, Sec. 4.2 of Wu et al.):
     with its own LayerNorm `norm_temp`), no positional encoding; its output projection starts at zero;
   * the cross-attention to the text runs per frame.
 
-The attention kinds live in `apla/attention.py` (`TransformerBlock`); every attention is one call of
+The attention kinds live in `apla/sd/attention.py` (`TransformerBlock`); every attention is one call of
 `torch.nn.functional.scaled_dot_product_attention`. Module names equal diffusers' `UNet2DConditionModel` names, plus `attn_temp`/`norm_temp` in each
 transformer block, so a diffusers `unet/diffusion_pytorch_model.safetensors` loads by identity and a single-file
 checkpoint through `apla.sd.weights.unet_key_from_ldm`.
@@ -25,7 +25,6 @@ attention layers (and, optionally, GroupNorm, see `UNetConfig.norm_over_frames`)
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -33,8 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from apla.scheduler import timestep_embedding
 from apla.sd.attention import TransformerBlock
-from apla.sd.vae import Upsample  # nearest 2x then a 3x3 conv: the same module in SD's VAE decoder and U-Net
+# SD's upsampler is one module in the VAE's decoder and the U-Net: the U-Net takes the VAE's (read first, in
+# notebook 02) rather than a second copy; vae.py imports nothing of the U-Net, so the tie runs one way.
+from apla.sd.vae import Upsample
 
 
 class UNetConfigError(ValueError):
@@ -99,20 +101,8 @@ class UNetConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Time embedding
+# Time embedding: the sinusoidal features of t (`apla.scheduler.timestep_embedding`, shared with VGT), then an MLP
 # ---------------------------------------------------------------------------------------------------------------
-
-def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0.0):
-    """Sinusoidal embedding of the timestep t (B,) -> (B, dim), float32 (Ho et al. 2020, Vaswani et al. 2017)."""
-    half = dim // 2
-    # $$\omega_k = 10000^{-k/(d/2 - s)}$$
-    omega = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift))
-    angle = t.float()[:, None] * omega[None, :]  # (B, half)
-    emb = torch.cat([angle.sin(), angle.cos()], dim=-1)  # (B, dim)
-    if flip_sin_to_cos:
-        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)  # [cos, sin]
-    return emb
-
 
 class TimestepEmbedding(nn.Module):
     def __init__(self, in_dim: int, dim: int):

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 try:  # transformers >= 5
@@ -34,8 +35,10 @@ except ImportError:  # transformers 4
     from transformers.modeling_utils import no_init_weights
 
 from apla.assets import model_path
+from apla.checkpoint import WeightsError
 from apla.scheduler import make_alpha_bar
 from apla.sd.text import build_text_encoder, load_tokenizer
+from apla.sd.unet import UNet3DConditionModel, UNetConfig, is_temporal_param
 from apla.sd.vae import VAE_LDM_PREFIX, AutoencoderKL, VAEConfig, vae_key_from_ldm
 
 COMPONENTS = ("vae", "text_encoder", "unet")
@@ -59,11 +62,6 @@ FOLDER_FILES = {
     "text_encoder": (("model.safetensors", "pytorch_model.bin"), "config.json"),
     "unet": (("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"), "config.json"),
 }
-
-
-class WeightsError(ValueError):
-    """A weights file that cannot be loaded (an SD checkpoint here, the perceptual VGG16 in `apla.losses`); the
-    message names the file and the offending key."""
 
 
 def count_parameters(module: nn.Module, skip: Callable[[str], bool] = lambda name: False) -> int:
@@ -94,8 +92,6 @@ class TensorFile:
         if not self.path.is_file():
             raise WeightsError(f"{self.path}: no such file")
         if self.path.suffix == ".safetensors":
-            from safetensors import safe_open
-
             try:
                 self._file = safe_open(str(self.path), framework="pt", device="cpu")
                 self._keys = list(self._file.keys())
@@ -268,12 +264,6 @@ def unet_key_from_ldm(key: str, layers_per_block: int = 2) -> str:
     return f"{level}.{kind}.{layer}.{rest}"
 
 
-def _unet_module():
-    import apla.sd.unet  # written alongside; imported only when a U-Net is asked for
-
-    return apla.sd.unet
-
-
 def _load_single_file(path: Path, components, device, dtype) -> StableDiffusion:
     file = TensorFile(path)
     _check_sd1(file)
@@ -288,10 +278,9 @@ def _load_single_file(path: Path, components, device, dtype) -> StableDiffusion:
         names = _text_names(model, keys, LDM_PREFIX["text_encoder"])
         sd.text_encoder = load_into(model, file, names, device=device, dtype=dtype).eval()
     if "unet" in components:
-        unet = _unet_module()
         names = {k: _mapped(unet_key_from_ldm, k, file) for k in keys if k.startswith(LDM_PREFIX["unet"])}
-        model = unet.UNet3DConditionModel(unet.UNetConfig())
-        sd.unet = load_into(model, file, names, device=device, dtype=dtype, keep_fresh=unet.is_temporal_param).eval()
+        model = UNet3DConditionModel(UNetConfig())
+        sd.unet = load_into(model, file, names, device=device, dtype=dtype, keep_fresh=is_temporal_param).eval()
     return sd
 
 
@@ -325,11 +314,10 @@ def _load_folder(folder: Path, components, device, dtype) -> StableDiffusion:
         names = _text_names(model, file.keys())
         sd.text_encoder = load_into(model, file, names, device=device, dtype=dtype).eval()
     if "unet" in components:
-        unet = _unet_module()
         file, cfg = _component_file(folder, "unet")
-        model = unet.UNet3DConditionModel(unet.UNetConfig.from_diffusers(cfg))
+        model = UNet3DConditionModel(UNetConfig.from_diffusers(cfg))
         names = {k: k for k in file.keys()}
-        sd.unet = load_into(model, file, names, device=device, dtype=dtype, keep_fresh=unet.is_temporal_param).eval()
+        sd.unet = load_into(model, file, names, device=device, dtype=dtype, keep_fresh=is_temporal_param).eval()
     return sd
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from apla import run
-from apla.bench import core as bench
+from apla.bench.__main__ import main
 from apla.bench.core import FLOP_FORMULAS, bench_model, build, count_flops, latent_shape, run_config
 from apla.bench.predict import StorageTracker, predict_memory, step_flops
 
@@ -42,7 +42,7 @@ def test_flop_count_equals_hand_count_on_a_linear_and_on_cpu_attention():
 def test_table_structure_and_append(tmp_path, capsys):
     log = tmp_path / "PERF.md"
     log.write_text("# log\n")
-    assert bench.main(SMALL + ["--vgt", "pure,hyper", "--steps", "2", "--append", str(log)]) == 0
+    assert main(SMALL + ["--vgt", "pure,hyper", "--steps", "2", "--append", str(log)]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| measurement")]
     rows = [r for r in rows if not r.startswith("| ---")]
@@ -138,7 +138,7 @@ def test_compare_diffusers_flops_differ_by_the_text_projections_diffusers_repeat
     (["--repeats", "0"], "--repeats"), (["--model", "sd21"], "--model"), (["--size", "72"], "multiple of 16")])
 def test_bad_flags_one_line_exit_2(argv, words, capsys):
     with pytest.raises(SystemExit) as e:
-        bench.main(argv)
+        main(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and words in err[0], err

@@ -6,12 +6,17 @@ import pytest
 import torch
 
 from apla.assets import resolve_video
-from apla.eval.flow import (FlowConfig, end_point_error, neighbour_average, occlusion_mask, optical_flow,
-                       spatial_gradients, video_flow, warp)
+from apla.eval.flow import (FlowConfig, neighbour_average, occlusion_mask, optical_flow, spatial_gradients,
+                            video_flow, warp)
 from apla.video import read_video
 from tests.helpers.synthetic import grid, texture
 
 BORDER = 8  # pixels left out at each edge when measuring accuracy
+
+
+def end_point_error(flow: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per-pixel end-point error |w - w_ref| (Euclidean, pixels): (N, 2, H, W) x 2 -> (N, H, W)."""
+    return (flow - reference).pow(2).sum(1).sqrt()
 
 
 def interior_epe(flow, reference) -> float:

@@ -1,6 +1,7 @@
 """apla.eval.metrics: FCI and the warping error on clips whose consistency is known, PSNR's closed form, the CLIP scores
-with a tiny random CLIPModel and hand-made embeddings, the shapes world's measures."""
+with a tiny random CLIPModel and hand-made embeddings, CLIP models and measures registered as plugins."""
 import math
+from importlib.metadata import EntryPoint
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from PIL import Image
 
 from apla.eval import metrics
 from apla.eval.metrics import (MetricsError, clip_frame_consistency, clip_preprocess, clip_text_alignment, fci,
-                          frame_consistency, load_clip, psnr, shapes_measures, warping_error)
+                               frame_consistency, load_clip, psnr, warping_error)
 from apla.micro.shapes import render_clip
 from apla.video import to_uint8
 from tests.helpers.synthetic import moving_texture
@@ -106,12 +107,6 @@ def test_psnr_closed_form():
     assert psnr(a, a + 0.1) == pytest.approx(10 * math.log10(1 / 0.05**2), abs=1e-9)
     with pytest.raises(MetricsError, match="shapes"):
         psnr(a, a[:1])
-
-
-def test_oneshot_uses_the_package_psnr():
-    from apla.micro import oneshot
-
-    assert oneshot.psnr is metrics.psnr
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,30 +216,36 @@ def test_load_clip_errors_are_one_line(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The shapes world
+# Plugins
 # ---------------------------------------------------------------------------------------------------------------
 
-def test_shapes_measures_on_known_clips():
-    source, _ = render_clip("circle", "red", "right")
-    blue, _ = render_clip("circle", "blue", "right")
-    m = shapes_measures(blue, "a blue circle moving to the right", source)
-    assert m["edited"] == ["colour"] and m["edited_right"] == 1.0 and m["kept_right"] == 1.0
-    assert m["path_error"] < 0.5 and m["object_found"] == 1.0
-    assert m["colour_flicker"] < 2.0 and m["size_flicker"] < 0.1
-    left, _ = render_clip("square", "red", "left")
-    m = shapes_measures(left, "a red square moving to the right", source)
-    assert m["edited"] == ["shape"] and m["edited_right"] == 1.0 and m["path_error"] > 10
-    growing, _ = render_clip("circle", "red", "right", grow=True)
-    assert shapes_measures(growing, "a red circle moving to the right")["size_flicker"] < 0.1  # steady growth
+def fake_entry_points(monkeypatch, group, **names):
+    """Pretend that installed packages register `names` (name -> "module:object") in `group`, and nothing else."""
+    eps = [EntryPoint(name, value, group) for name, value in names.items()]
+    monkeypatch.setattr(metrics, "entry_points", lambda group: [ep for ep in eps if ep.group == group])
 
 
-def test_shapes_flicker_is_caught():
-    """Colour and size that jump from frame to frame (Fig. 1's flicker) against a steady clip."""
-    steady, _ = render_clip("circle", "blue", "right")
-    sizes = [9.0, 11.0] * 4
-    jumpy = torch.stack([render_clip("circle", "blue" if k % 2 else "purple", "right", size=s)[0][k]
-                         for k, s in enumerate(sizes)])
-    calm, jumpy_m = shapes_measures(steady, "a blue circle"), shapes_measures(jumpy, "a blue circle")
-    assert jumpy_m["colour_flicker"] > 50 > calm["colour_flicker"]
-    assert jumpy_m["size_flicker"] > 2.0 > 20 * calm["size_flicker"]
-    assert "path_error" not in calm and "edited_right" not in calm  # no source: nothing to compare with
+def test_registered_clip_model_loads_by_name(monkeypatch):
+    fake_entry_points(monkeypatch, metrics.CLIP_MODELS, given="tests.eval.test_metrics:given_clip")
+    clip = load_clip("given", device="cpu")
+    assert clip_frame_consistency(torch.zeros(3, 3, 8, 8), clip) == pytest.approx(100.0)
+
+
+def given_clip(device="cpu"):
+    """A registered CLIP model's loader (for the test above): every frame has the same embedding."""
+    return GivenEmbeddings(torch.ones(3, 4))
+
+
+def failing_clip(device="cpu"):
+    raise FileNotFoundError("clip_image/model.safetensors: no such file\nsecond line")
+
+
+@pytest.mark.parametrize("value, expect", [("tests.eval.not_a_module:load", "does not load: No module named"),
+                                           ("tests.eval.test_metrics:failing_clip", "does not load: clip_image")])
+def test_registered_clip_model_that_does_not_load_is_one_line(monkeypatch, value, expect):
+    fake_entry_points(monkeypatch, metrics.CLIP_MODELS, broken=value)
+    with pytest.raises(MetricsError, match=expect) as e:
+        load_clip("broken")
+    assert "\n" not in str(e.value) and "broken" in str(e.value)
+    with pytest.raises(MetricsError, match=r"not a registered CLIP model \(registered: broken\)"):
+        load_clip("other")

@@ -5,10 +5,12 @@ import json
 import pytest
 import torch
 
-from apla.eval import score as evaluate
 from apla.config import TrainConfig, slug
+from apla.eval import metrics
+from apla.eval import score as evaluate
 from apla.micro.shapes import render_clip
 from apla.video import read_video, write_gif, write_png_strip
+from tests.eval.test_metrics import fake_entry_points
 
 SOURCE = "a red circle moving to the right"
 EDITS = ("a blue circle moving to the right", "a red square moving to the right")
@@ -111,3 +113,37 @@ def test_bad_input_is_one_line_and_exit_2(run, tmp_path, capsys, case):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and expect in err[0], err
     assert not out.exists()
+
+
+def redness(video, prompt, source):
+    """A registered measure (for the tests below): the mean red level (0-255), on prompts that ask for red."""
+    if not prompt or "red" not in prompt.split():
+        return None
+    return {"redness": ((video[:, 0].mean().item() + 1) * 127.5), "frames_seen": video.shape[0]}
+
+
+redness.columns = {"redness": ("red", "↑", "{:.0f}", "mean red level, 0-255")}
+
+
+def test_registered_measures_are_the_only_extra_columns(run, tmp_path, capsys, monkeypatch):
+    """The scoring knows a project's measures only through the entry-point group: with another measure registered
+    in place of the shapes world's, its column shows, where it applies, and the shapes world's do not."""
+    root = run[0]
+    fake_entry_points(monkeypatch, metrics.MEASURES, red="tests.eval.test_score:redness")
+    out = tmp_path / "report.json"
+    assert evaluate.main([str(root / "samples"), "--clip-model", "none", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| red ↑ |" in table and "path px" not in table and "edit right" not in table
+    rows = {r["prompt"]: r for r in json.loads(out.read_text())["videos"]}
+    assert rows[SOURCE]["metrics"]["frames_seen"] == 8 and "redness" in rows[EDITS[1]]["metrics"]
+    assert "redness" not in rows[EDITS[0]]["metrics"]  # "a blue circle ...": the measure does not apply
+    assert json.loads(out.read_text())["directions"]["redness"] == "↑"
+
+
+def test_registered_measure_that_does_not_load_is_one_line_and_exit_2(run, capsys, monkeypatch):
+    fake_entry_points(monkeypatch, metrics.MEASURES, broken="tests.eval.not_a_module:measure")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(run[0] / "samples"), "--clip-model", "none"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "apla.measures plugin 'broken'" in err[0] and "does not load" in err[0], err

@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 import apla
+import apla.micro
 import apla.sd.text
 from apla import assets as bundled
 from apla.micro import MICRO_DIR, MICRO_PRESET, TEXT_ENCODER_CONFIG
@@ -204,7 +205,6 @@ def test_pretraining_stages_resume_and_export_a_loadable_folder(tmp_path):
     """All stages on a tiny fake pool: text and U-Net stages stopped after one step and resumed end with the
     weights of uninterrupted runs; the export loads through apla.load_stable_diffusion and samples."""
     from apla.micro import pretrain
-    from apla.micro.export import export
 
     cfg = pretrain.PretrainConfig(vae_steps=1, vae_batch=2, text_steps=2, text_batch=4, unet_steps=2, unet_batch=2,
                                   checkpoint_every=1, log_every=1, warmup=1)
@@ -231,7 +231,7 @@ def test_pretraining_stages_resume_and_export_a_loadable_folder(tmp_path):
         a, b = (x["unet"] if key == "ema" else x for x in (a, b))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (file, key)
     out = tmp_path / "model"
-    export(runs["whole"], out)
+    pretrain.export_trained(runs["whole"], out)
     sd = apla.load_stable_diffusion(out)
     assert sd.vae.scaling_factor == 0.5
     text = pretrain.load_trained_text_encoder(runs["whole"]).state_dict()
@@ -243,13 +243,15 @@ def test_pretraining_stages_resume_and_export_a_loadable_folder(tmp_path):
     assert torch.isfinite(z).all()
 
 
-def test_results_file_rewrite_keeps_the_hand_written_tail(tmp_path):
-    from apla.micro.evaluate import HAND_WRITTEN, write_results
+def test_readme_rewrite_keeps_the_hand_written_head_and_tail(tmp_path):
+    """python -m apla.micro.evaluate rewrites only its part of the project's README: between the markers, the head
+    (what the project is for, how to run it) and the hand-written tail kept as they are."""
+    from apla.micro.evaluate import GENERATED, HAND_WRITTEN, write_results
 
     r = dict(source="micro", params={"vae": 1, "unet": 2, "text_encoder": 3}, weights_mib=1.0, command="cmd",
              wall_s=1.0, threads=2, vae_scenes=4, vae_seed=1, psnr=30.0, prompts=4, prompt_seed=2,
              colour=1.0, shape=0.5, position=0.9, steps=2, guidance=3.0, seed=0, grid=1, grid_prompts=["a red circle"])
-    path = tmp_path / "RESULTS.md"
+    path = tmp_path / "README.md"
     write_results(path, r)
     first = path.read_text()
     assert "| 50.0% | >= 75% | **no** |" in first and HAND_WRITTEN not in first
@@ -258,3 +260,21 @@ def test_results_file_rewrite_keeps_the_hand_written_tail(tmp_path):
     text = path.read_text()
     assert text.startswith(first.replace("| 50.0% | >= 75% | **no** |", "| 80.0% | >= 75% | yes |"))
     assert text.endswith(HAND_WRITTEN + "\n\n## One-shot\n\nkept\n") and text.count(HAND_WRITTEN) == 1
+    head = "# The project\n\nWhat it is for.\n\n"
+    path.write_text(head + text)
+    write_results(path, r)
+    again = path.read_text()
+    assert again.startswith(head + first) and again.count(GENERATED) == 1
+    assert again.endswith(HAND_WRITTEN + "\n\n## One-shot\n\nkept\n")
+
+
+def test_project_readme_opens_with_its_purpose_and_commands_then_the_generated_results():
+    from apla.micro.evaluate import GENERATED, HAND_WRITTEN
+
+    text = (Path(apla.micro.__file__).parent / "README.md").read_text()
+    head, rest = text.split(GENERATED)
+    assert head.startswith("# ") and HAND_WRITTEN in rest
+    assert rest.index("## The shipped model") < rest.index(HAND_WRITTEN)
+    for command in ("python -m apla.micro.pretrain", "python -m apla.micro.evaluate", "python -m apla.micro.oneshot",
+                    "python -m apla.micro.image_tower", "python -m apla.micro.shapes", "python -m apla.eval"):
+        assert command in head, command

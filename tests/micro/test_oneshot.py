@@ -3,6 +3,7 @@ import json
 import math
 
 from apla.config import TrainConfig, slug
+from apla.eval import metrics
 from apla.micro import oneshot
 from apla.micro.shapes import render_clip
 from apla.video import write_gif
@@ -37,3 +38,7 @@ def test_oneshot_figures_on_known_samples(tmp_path, capsys):
     assert "a blue circle moving to the right | colour | 100%" in table
     assert json.loads((tmp_path / "r.json").read_text())["source_prompt"] == cfg.prompt
     assert oneshot.main(["--run", str(tmp_path / "nope")]) == 2
+
+
+def test_oneshot_uses_the_package_psnr():
+    assert oneshot.psnr is metrics.psnr
