@@ -18,12 +18,12 @@ from typing import NoReturn, Optional
 
 import torch
 
-from apla.config import (CHECKPOINTING, DDIM_STEPS, GROUPNORM, NON_NEGATIVE, PRECISIONS, SEED, TrainConfig, merge,
-                         preset, problem)
+from apla.config import (CHECKPOINTING, DDIM_STEPS, GROUPNORM, NON_NEGATIVE, PRECISIONS, SEED, TrainConfig, integer,
+                         merge, preset, problem)
 from apla.vgt import VARIANTS
 
 SD_WIDTH = 320  # channels of SD v1.5's first U-Net level; 'auto' checkpoints U-Nets this wide on CUDA
-FPS = (lambda v: 1 <= v <= 100, "an integer in [1, 100]")  # a GIF counts its delays in hundredths of a second
+FPS = (lambda v: integer(v) and 1 <= v <= 100, "an integer in [1, 100]")  # a GIF counts its delays in hundredths of a second
 
 
 def pick_device(name: str) -> torch.device:
@@ -79,12 +79,12 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 def in_range(kind, allowed: tuple):
     """An argparse `type` that reads a flag's value with `kind` (int or float) and checks it against `allowed`, a
-    (predicate, words) pair of apla.config."""
+    (predicate, words) pair of apla.config; text that `kind` cannot read fails the predicate as it is."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {allowed[1]}, got {text!r}") from None
+            value = text
         wrong = problem(allowed, value)
         if wrong:
             raise argparse.ArgumentTypeError(wrong)

@@ -56,7 +56,7 @@ POSITIVE = (lambda v: number(v) and v > 0, "a number > 0")
 AT_LEAST_ONE = (lambda v: integer(v) and v >= 1, "an integer >= 1")
 AT_LEAST_ZERO = (lambda v: integer(v) and v >= 0, "an integer >= 0")
 BETA = (lambda v: number(v) and 0 <= v < 1, "a number in [0, 1)")  # Adam's beta1, beta2
-SEED = (lambda v: integer(v) and 0 <= v < 2**63, f"an integer in [0, {2**63 - 1}]")  # apla.run adds 2 to it
+SEED = (lambda v: integer(v) and 0 <= v < 2**63, f"an integer in [0, {2**63 - 1}]")  # torch's < 2**64; apla.run adds 2
 SIZE = (lambda v: integer(v) and v > 0 and v % VAE_DOWNSAMPLE == 0,
         f"a positive multiple of {VAE_DOWNSAMPLE} (the VAE downsamples by {VAE_DOWNSAMPLE})")
 DDIM_STEPS = (lambda v: integer(v) and 1 <= v <= NUM_TRAIN_TIMESTEPS, f"an integer in [1, {NUM_TRAIN_TIMESTEPS}]")
