@@ -23,7 +23,7 @@ from apla.config import (CHECKPOINTING, DDIM_STEPS, GROUPNORM, NON_NEGATIVE, PRE
 from apla.vgt import VARIANTS
 
 SD_WIDTH = 320  # channels of SD v1.5's first U-Net level; 'auto' checkpoints U-Nets this wide on CUDA
-FPS = (lambda v: integer(v) and 1 <= v <= 100, "an integer in [1, 100]")  # a GIF counts its delays in hundredths of a second
+FPS = (lambda v: integer(v) and 1 <= v <= 100, "an integer in [1, 100]")  # a GIF's delays are in 1/100 s
 
 
 def pick_device(name: str) -> torch.device:
@@ -205,7 +205,7 @@ def read_config_file(path: str) -> dict:
         fail(f"--config {path}: expected a .toml or .json file")
     try:
         values = tomllib.loads(p.read_text()) if p.suffix == ".toml" else json.loads(p.read_text())
-    except (ValueError, UnicodeDecodeError) as e:  # tomllib.TOMLDecodeError and json's errors are ValueErrors
+    except ValueError as e:  # TOMLDecodeError, JSONDecodeError and UnicodeDecodeError are ValueErrors
         fail(f"--config {path}: cannot parse: {e}")
     if not isinstance(values, dict):
         fail(f"--config {path}: expected a table of TrainConfig fields, got {type(values).__name__}")

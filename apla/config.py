@@ -173,7 +173,8 @@ class TrainConfig:
                                                          spatial_depth=2, temporal_depth=2, heads=4, mlp_hidden=256))
     edit_prompts: Tuple[str, ...] = ("a blue circle moving to the right", "a red square moving to the right")
     sample_steps: int = 50               # sample.py's DDIM steps unless --steps is given [50]
-    guidance: float = 3.0                # sample.py's guidance unless --guidance is given [12.5]; apla.micro's choice
+    guidance: float = 3.0                # sample.py's unless --guidance is given [12.5]; the best of 3, 5, 7.5 on the
+                                         # micro model's validation captions (apla.micro.evaluate)
 
     RANGES = {
         "max_steps": AT_LEAST_ONE, "frames": AT_LEAST_ONE, "start": AT_LEAST_ZERO, "stride": AT_LEAST_ONE,
