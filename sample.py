@@ -1,6 +1,6 @@
 """Generate videos from a run of train.py: DDIM-invert the source clip, then guided DDIM sampling with new prompts.
 
-    python sample.py                                  # the default run, its prompt and its preset's edits
+    python sample.py                                  # the default run, its prompt and its edit prompts
     python sample.py --run runs/apla --prompt "a blue square moving to the right" --steps 50 --guidance 12.5
 
 Algorithm 1's second loop, "Sampling z_{t-1} using DDIM inversion", is read as Tune-A-Video does it: DDIM inversion

@@ -1,25 +1,29 @@
 """Command lines of train.py and sample.py: flags, config files (TOML or JSON) and one-line errors.
 
-A training run's configuration is resolved in this order, later wins:
-  TrainConfig's defaults (SD v1.5 and the paper) <- the preset of the base model (e.g. "micro")
-  <- a --config file (.toml or .json, keys as in config.json) <- command-line flags.
-The resolved configuration is saved as config.json in the run directory.
+A training run's configuration is resolved in one order, later wins (`parse_train_args`):
+  TrainConfig's defaults (the micro run) <- the base model's preset (apla.config.SD_V15 unless it is bundled)
+  <- a --config file (.toml or .json, keys as in config.json) <- the flags given.
+--resume starts from the run's saved config.json instead of the defaults and preset. The resolved configuration is
+saved as config.json in the run directory.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import tomllib
 from contextlib import nullcontext
 from pathlib import Path
 from typing import NoReturn, Optional
 
 import torch
 
-from apla.assets import preset
-from apla.config import CHECKPOINTING, GROUPNORM, PRECISIONS, SEED, Range, TrainConfig, default_config
+from apla.config import (CHECKPOINTING, DDIM_STEPS, GROUPNORM, NON_NEGATIVE, PRECISIONS, SEED, TrainConfig, integer,
+                         merge, preset, problem)
+from apla.vgt import VARIANTS
 
 SD_WIDTH = 320  # channels of SD v1.5's first U-Net level; 'auto' checkpoints U-Nets this wide on CUDA
+FPS = (lambda v: integer(v) and 1 <= v <= 100, "an integer in [1, 100]")  # a GIF's delays are in 1/100 s
 
 
 def pick_device(name: str) -> torch.device:
@@ -73,16 +77,17 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise SystemExit(code)
 
 
-def in_range(kind, allowed: Range):
-    """An argparse `type` that reads a flag's value with `kind` (int or float) and checks it against `allowed`."""
+def in_range(kind, allowed: tuple):
+    """An argparse `type` that reads a flag's value with `kind` (int or float) and checks it against `allowed`, a
+    (predicate, words) pair of apla.config; text that `kind` cannot read fails the predicate as it is."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
-        problem = allowed.problem(value)
-        if problem:
-            raise argparse.ArgumentTypeError(problem)
+            value = text
+        wrong = problem(allowed, value)
+        if wrong:
+            raise argparse.ArgumentTypeError(wrong)
         return value
     return parse
 
@@ -103,134 +108,123 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _load_file(path: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        fail(f"--config {path}: no such file")
-    try:
-        if p.suffix == ".toml":
-            import tomllib
-            return tomllib.loads(p.read_text())
-        if p.suffix == ".json":
-            return json.loads(p.read_text())
-    except Exception as e:  # noqa: BLE001 - one line for any parse error
-        fail(f"--config {path}: cannot parse: {e}")
-    fail(f"--config {path}: expected a .toml or .json file")
-
-
+# ---------------------------------------------------------------------------------------------------------------
+# train.py: every flag of a TrainConfig field defaults to None (not given), its dest the field ("apla.vgt": nested)
+# ---------------------------------------------------------------------------------------------------------------
 def train_parser() -> argparse.ArgumentParser:
-    d = default_config()
+    d = TrainConfig()
     p = OneLineParser(prog="train.py", formatter_class=DefaultsFormatter,
                       description="Tune Stable Diffusion (inflated to video) on one clip with APLA. The defaults "
-                                  "shown are the micro model's preset; with another --pretrained (an SD v1.5 file, "
-                                  "folder or hub id) the SD-size defaults of apla.config.TrainConfig apply: 24 "
-                                  "frames at 512 px, 750 steps, lr 3e-5, the bigbuckbunny clip.")
+                                  "shown are the micro run (apla.config.TrainConfig). A --pretrained that is not a "
+                                  "bundled name (an SD v1.5 file, folder or hub id) starts from the preset "
+                                  "apla.config.SD_V15 instead: the paper's 24 frames at 512 px, 750 steps, lr 3e-5, "
+                                  "the bigbuckbunny clip, the paper-size VGT, guidance 12.5. A --config file "
+                                  "overrides the preset, flags override both; --resume starts from the run's saved "
+                                  "config.json.")
     a = p.add_argument
-    a("--config", default=None,
-      help="a .toml or .json file of TrainConfig fields; flags override it (default: none)")
-    a("--pretrained", default=d.pretrained,
-      help="base model: a single .safetensors file, a diffusers-style folder, a hub id, or 'micro'")
-    a("--video", default=d.video, help="the clip: a folder of frames, a GIF, an MP4/WebM/MOV (needs PyAV), or a bundled clip's name "
-           "(bigbuckbunny, red-circle-right)")
-    a("--prompt", default=d.prompt, help="the clip's caption")
-    a("--output-dir", default=d.output_dir, help="the run directory")
-    a("--max-steps", type=int, default=d.max_steps, help="training steps (the paper: 750 or 1500)")
-    a("--frames", type=int, default=d.frames, help="frames taken from the clip")
-    a("--start", type=int, default=d.start, help="first frame taken")
-    a("--stride", type=int, default=d.stride, help="take every n-th frame")
-    a("--size", type=int, default=d.size, help="training resolution (square, a multiple of 8)")
-    a("--seed", type=int, default=d.seed,
-      help="seed of every random draw: noise, timesteps and the initial weights of VGT, D and random VGG features")
-    a("--lr", type=float, default=d.lr, help="AdamW learning rate of the U-Net's trainable set and VGT")
-    a("--disc-lr", type=float, default=d.disc_lr, help="AdamW learning rate of the discriminator")
-    a("--vgt", choices=["pure", "hyper", "pure-en", "hyper-en", "none"], default=d.apla.vgt,
-      help="VGT variant (Table 1); 'none' is the 'w/o VGT' ablation")
-    a("--no-discriminator", action="store_true", help="ablation: no adversarial term (Table 3)")
-    a("--no-hyper-loss", action="store_true", help="ablation: plain MSE instead of the hyper-loss (Table 3)")
-    a("--groupnorm", choices=list(GROUPNORM), default=d.groupnorm,
+    a("--config", help="a .toml or .json file of TrainConfig fields (default: none)")
+    a("--pretrained", help="base model: a single .safetensors file, a diffusers-style folder, a hub id, or 'micro' "
+                           f"(default: {d.pretrained})")
+    a("--video", help="the clip: a folder of frames, a GIF, an MP4/WebM/MOV (needs PyAV), or a bundled clip's name "
+                      f"(bigbuckbunny, red-circle-right) (default: {d.video})")
+    a("--prompt", help=f"the clip's caption (default: {d.prompt})")
+    a("--output-dir", help=f"the run directory (default: {d.output_dir})")
+    a("--max-steps", type=int, help=f"training steps (the paper: 750 or 1500) (default: {d.max_steps})")
+    a("--frames", type=int, help=f"frames taken from the clip (default: {d.frames})")
+    a("--start", type=int, help=f"first frame taken (default: {d.start})")
+    a("--stride", type=int, help=f"take every n-th frame (default: {d.stride})")
+    a("--size", type=int, help=f"training resolution (square, a multiple of 8) (default: {d.size})")
+    a("--seed", type=int, help="seed of every random draw: noise, timesteps and the initial weights of VGT, D and "
+                               f"random VGG features (default: {d.seed})")
+    a("--lr", type=float, help=f"AdamW learning rate of the U-Net's trainable set and VGT (default: {d.lr})")
+    a("--disc-lr", type=float, help=f"AdamW learning rate of the discriminator (default: {d.disc_lr})")
+    a("--vgt", dest="apla.vgt", choices=VARIANTS + ("none",),
+      help=f"VGT variant (Table 1); 'none' is the 'w/o VGT' ablation (default: {d.apla.vgt})")
+    a("--no-discriminator", dest="apla.use_discriminator", action="store_const", const=False,
+      help="ablation: no adversarial term (Table 3) (default: with it)")
+    a("--no-hyper-loss", dest="apla.use_hyper_loss", action="store_const", const=False,
+      help="ablation: plain MSE instead of the hyper-loss (Table 3) (default: the hyper-loss)")
+    a("--groupnorm", choices=GROUPNORM,
       help="U-Net GroupNorm: 'frames' pools statistics over the clip's frames (Tune-A-Video's network), "
-           "'per-frame' normalises each frame alone (SD per image)")
-    a("--perceptual-weights", default=d.apla.perceptual_weights,
+           f"'per-frame' normalises each frame alone (SD per image) (default: {d.groupnorm})")
+    a("--perceptual-weights", dest="apla.perceptual_weights", metavar="PATH",
       help="VGG16 weights of the perceptual term (torchvision layout, .pth or .safetensors), or 'random' (default: "
            "torchvision's vgg16-397923af.pth from the torch hub cache if present, else random features)")
-    a("--mixed-precision", choices=list(PRECISIONS), default=d.mixed_precision,
+    a("--mixed-precision", choices=PRECISIONS,
       help="autocast dtype; auto: bf16 on a CUDA device with native bfloat16, fp16 with the gradient scaler on an "
-           "older one, no (float32) on a CPU; config.json records the resolved value")
-    a("--gradient-checkpointing", nargs="?", const="on", choices=list(CHECKPOINTING), default=d.gradient_checkpointing,
+           f"older one, no (float32) on a CPU; config.json records the resolved value (default: {d.mixed_precision})")
+    a("--gradient-checkpointing", nargs="?", const=True, type=on_off, metavar="{" + ",".join(CHECKPOINTING) + "}",
       help="recompute each U-Net block and VGT block in backward instead of storing its activations (the bare flag "
-           "means on); auto: on for an SD-size U-Net on CUDA, off otherwise; config.json records true or false")
-    a("--compile", action="store_true", help="torch.compile the U-Net and VGT (the first steps compile; no gain "
-                                             "measured on a CPU)")
-    a("--checkpoint-every", type=int, default=d.checkpoint_every, help="save a checkpoint every n steps")
-    a("--device", default=d.device, help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
+           "means on); auto: on for an SD-size U-Net on CUDA, off otherwise; config.json records true or false "
+           f"(default: {d.gradient_checkpointing})")
+    a("--compile", action="store_const", const=True,
+      help="torch.compile the U-Net and VGT (the first steps compile; no gain measured on a CPU) (default: off)")
+    a("--checkpoint-every", type=int, help=f"save a checkpoint every n steps (default: {d.checkpoint_every})")
+    a("--device", help=f"'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ... (default: {d.device})")
     a("--resume", action="store_true", help="continue the run in --output-dir from its latest checkpoint")
-    a("--no-progress", action="store_true", help="no progress bar")
+    a("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar (default: shown)")
     return p
 
 
+def on_off(text: str):
+    """--gradient-checkpointing's value as TrainConfig holds it: "auto", True (on) or False (off)."""
+    if text not in CHECKPOINTING:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(CHECKPOINTING)}, got {text!r}")
+    return {"on": True, "off": False}.get(text, text)
+
+
 def parse_train_args(argv: Optional[list] = None):
-    """Resolve the training configuration; returns (TrainConfig, resume)."""
-    args = train_parser().parse_args(argv)
-    quiet = train_parser()              # the same parser with no defaults tells which flags were given
-    for action in quiet._actions:
-        action.default = argparse.SUPPRESS
-    given = set(vars(quiet.parse_args(argv)))
-    file_values = _load_file(args.config) if args.config else {}
-    saved = {}
-    if args.resume:  # a resumed run starts from its own saved configuration
-        output_dir = args.output_dir if "output_dir" in given else file_values.get("output_dir", args.output_dir)
-        saved_path = Path(output_dir) / "config.json"
-        if saved_path.is_file():
-            saved = json.loads(saved_path.read_text())
-    pretrained = (args.pretrained if "pretrained" in given else
-                  file_values.get("pretrained", saved.get("pretrained", TrainConfig().pretrained)))
-    values = saved or {**preset(pretrained), "pretrained": pretrained}
-    values = _merge(values, file_values)
+    """train.py's configuration, resolved in one order (later wins): TrainConfig's defaults <- the preset of the
+    base model (apla.config.preset) <- a --config file <- the flags given; with --resume, the run's saved
+    config.json replaces defaults and preset. Returns (TrainConfig, resume)."""
+    args = vars(train_parser().parse_args(argv))
+    config_file, resume = args.pop("config"), args.pop("resume")
     flags = {}
-    for dest in given - {"config", "resume", "help"}:
-        v = getattr(args, dest)
-        if dest == "vgt":
-            flags.setdefault("apla", {})["vgt"] = v
-        elif dest == "no_discriminator":
-            flags.setdefault("apla", {})["use_discriminator"] = not v
-        elif dest == "no_hyper_loss":
-            flags.setdefault("apla", {})["use_hyper_loss"] = not v
-        elif dest == "perceptual_weights":
-            flags.setdefault("apla", {})["perceptual_weights"] = v
-        elif dest == "no_progress":
-            flags["progress"] = not v
-        elif dest == "gradient_checkpointing":
-            flags[dest] = {"on": True, "off": False}.get(v, v)
-        else:
-            flags[dest] = v
-    values = _merge(values, flags)
+    for dest, value in args.items():  # "apla.vgt" -> {"apla": {"vgt": ...}}
+        table, _, name = dest.rpartition(".")
+        if value is not None:
+            (flags.setdefault(table, {}) if table else flags)[name] = value
+    given = merge(read_config_file(config_file) if config_file else {}, flags)
     try:
-        cfg = TrainConfig.from_dict(values)
+        saved = Path(given.get("output_dir", TrainConfig.output_dir)) / "config.json"
+        if resume and saved.is_file():
+            base = json.loads(saved.read_text())
+        else:
+            base = preset(given.get("pretrained", TrainConfig.pretrained))
+        return TrainConfig.from_dict(merge(base, given)), resume
     except (TypeError, ValueError) as e:
         fail(f"bad configuration: {e}")
-    return cfg, args.resume
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+def read_config_file(path: str) -> dict:
+    """The values of a --config file: TOML (.toml) or JSON (.json), keys as in config.json; one line on an error."""
+    p = Path(path)
+    if not p.is_file():
+        fail(f"--config {path}: no such file")
+    if p.suffix not in (".toml", ".json"):
+        fail(f"--config {path}: expected a .toml or .json file")
+    try:
+        values = tomllib.loads(p.read_text()) if p.suffix == ".toml" else json.loads(p.read_text())
+    except ValueError as e:  # TOMLDecodeError, JSONDecodeError and UnicodeDecodeError are ValueErrors
+        fail(f"--config {path}: cannot parse: {e}")
+    if not isinstance(values, dict):
+        fail(f"--config {path}: expected a table of TrainConfig fields, got {type(values).__name__}")
+    return values
 
 
-FPS = Range(1, 100, integer=True)  # a GIF counts its delays in hundredths of a second
-
-
+# ---------------------------------------------------------------------------------------------------------------
+# sample.py
+# ---------------------------------------------------------------------------------------------------------------
 def sample_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="sample.py", description="Generate videos from a run of train.py.",
                       formatter_class=DefaultsFormatter)
     a = p.add_argument
-    a("--run", default=TrainConfig().output_dir, help="the run directory written by train.py")
+    a("--run", default=TrainConfig.output_dir, help="the run directory written by train.py")
     a("--prompt", action="append", default=None,
       help="a prompt (repeatable) (default: the run's own prompt plus its edit_prompts)")
-    a("--steps", type=in_range(int, TrainConfig.RANGES["sample_steps"]), default=None,
+    a("--steps", type=in_range(int, DDIM_STEPS), default=None,
       help="DDIM steps (default: the run's sample_steps, 50 at SD size)")
-    a("--guidance", type=in_range(float, TrainConfig.RANGES["guidance"]), default=None,
+    a("--guidance", type=in_range(float, NON_NEGATIVE), default=None,
       help="classifier-free guidance scale (default: the run's guidance, 12.5 at SD size as Tune-A-Video)")
     a("--seed", type=in_range(int, SEED), default=33, help="seed of the starting noise (with --no-inversion)")
     a("--no-inversion", action="store_true", help="start from seeded noise instead of the inverted clip")

@@ -1,19 +1,20 @@
 """Run configuration of APLA (Yao et al., AAAI 2024): the loss weights of Eqs. 18 and 20, the VGT variant
-(Table 1), the ablation switches of Table 3, and the configuration of a training run with its presets.
+(Table 1), the ablation switches of Table 3, and a training run: `TrainConfig`, whose defaults are the micro run,
+and `SD_V15`, the preset of a run on Stable Diffusion v1.5 at the paper's settings.
 
-The paper gives no values for alpha, beta, gamma or lambda; ours are documented below.
+The paper gives no values for alpha, beta, gamma or lambda; ours are documented below. Every value is checked by
+the tables of plain predicates `RANGES` (one line naming the key), whether it came from a flag, a file or a saved run.
 """
 
 import dataclasses
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Tuple
 
-from apla.assets import preset
-from apla.scheduler import NUM_TRAIN_TIMESTEPS
-from apla.sd.unet import DEFAULT_TRAINABLE
-from apla.video import VAE_DOWNSAMPLE
+from apla.assets import model_path
+from apla.scheduler import NUM_TRAIN_TIMESTEPS  # T bounds the DDIM steps; it stays with the schedule it belongs to
 from apla.vgt import VARIANTS, VGTConfig
 
 # Table 3's rows -> (vgt on, discriminator on, hyper-loss on)
@@ -25,62 +26,59 @@ ABLATIONS = {
     "w/o vgt&hyper-loss": (False, True, False),
 }
 
-
-@dataclass(frozen=True)
-class Range:
-    """The values a numeric setting may take: a finite number (an integer if `integer`, a multiple of `multiple`)
-    from `low` to `high`, each end allowed unless `open_low` / `open_high`; `why` is said after it. Config files,
-    train.py's flags (both through `validate`) and sample.py's flags are checked against the same ranges, so they
-    get the same message."""
-
-    low: float | None = None
-    high: float | None = None
-    open_low: bool = False
-    open_high: bool = False
-    integer: bool = False
-    multiple: int = 1
-    why: str = ""
-
-    def __str__(self) -> str:
-        return f"{self._values()} ({self.why})" if self.why else self._values()
-
-    def _values(self) -> str:
-        if self.multiple > 1 and self.low == 0 and self.open_low and self.high is None:
-            return f"a positive multiple of {self.multiple}"
-        what = f"a multiple of {self.multiple}" if self.multiple > 1 else "an integer" if self.integer else "a number"
-        if self.low is not None and self.high is not None:
-            return f"{what} in {'(' if self.open_low else '['}{self.low}, {self.high}{')' if self.open_high else ']'}"
-        if self.low is not None:
-            return f"{what} {'>' if self.open_low else '>='} {self.low}"
-        if self.high is not None:
-            return f"{what} {'<' if self.open_high else '<='} {self.high}"
-        return what
-
-    def problem(self, value) -> str | None:
-        """None if `value` is in the range, else what is wrong with it ("must be a number > 0, got -1.0")."""
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        ok = (number and math.isfinite(value) and (isinstance(value, int) or not (self.integer or self.multiple > 1))
-              and (self.low is None or (value > self.low if self.open_low else value >= self.low))
-              and (self.high is None or (value < self.high if self.open_high else value <= self.high))
-              and (self.multiple == 1 or value % self.multiple == 0))
-        return None if ok else f"must be {self}, got {value!r}"
-
-    def check(self, name: str, value) -> None:
-        """ValueError naming the setting unless `value` is in the range."""
-        problem = self.problem(value)
-        if problem:
-            raise ValueError(f"{name} {problem}")
-
-
-NON_NEGATIVE = Range(0)
-POSITIVE = Range(0, open_low=True)
-AT_LEAST_ONE = Range(1, integer=True)
-SEED = Range(0, 2**63 - 1, integer=True)  # torch.Generator.manual_seed takes up to 2**64 - 1; apla.run adds 2
+# Tune-A-Video's trainable set of the U-Net: the queries of the sparse-causal and cross attentions and the whole
+# temporal attention, plus the temporal attention's LayerNorm (Tune-A-Video's configs leave norm_temp at its identity
+# init; we train it with the layer it feeds, 24,960 more parameters at full size). apla.sd.unet.mark_trainable.
+DEFAULT_TRAINABLE = ("attn1.to_q", "attn2.to_q", "attn_temp", "norm_temp")
+VAE_DOWNSAMPLE = 8  # SD v1.5's VAE divides height and width by 8: a frame side must be a multiple of it (apla.video)
 GROUPNORM = ("frames", "per-frame")  # TrainConfig.groupnorm
 PRECISIONS = ("auto", "no", "bf16", "fp16")  # TrainConfig.mixed_precision, sample.py's --mixed-precision
 CHECKPOINTING = ("auto", "on", "off")  # train.py's --gradient-checkpointing (TrainConfig: "auto", true, false)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# What a setting may be: (predicate, the words after "must be"), so a flag, a file and a saved run get one message
+# ---------------------------------------------------------------------------------------------------------------
+def number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def one_of(options) -> tuple:
+    return lambda v: v in options, f"one of {options}"
+
+
+NON_NEGATIVE = (lambda v: number(v) and v >= 0, "a number >= 0")
+POSITIVE = (lambda v: number(v) and v > 0, "a number > 0")
+AT_LEAST_ONE = (lambda v: integer(v) and v >= 1, "an integer >= 1")
+AT_LEAST_ZERO = (lambda v: integer(v) and v >= 0, "an integer >= 0")
+BETA = (lambda v: number(v) and 0 <= v < 1, "a number in [0, 1)")  # Adam's beta1, beta2
+SEED = (lambda v: integer(v) and 0 <= v < 2**63, f"an integer in [0, {2**63 - 1}]")  # torch's < 2**64; apla.run adds 2
+SIZE = (lambda v: integer(v) and v > 0 and v % VAE_DOWNSAMPLE == 0,
+        f"a positive multiple of {VAE_DOWNSAMPLE} (the VAE downsamples by {VAE_DOWNSAMPLE})")
+DDIM_STEPS = (lambda v: integer(v) and 1 <= v <= NUM_TRAIN_TIMESTEPS, f"an integer in [1, {NUM_TRAIN_TIMESTEPS}]")
+
+
+def problem(allowed: tuple, value) -> str | None:
+    """None if `value` passes `allowed` (predicate, words), else "must be <words>, got <value>"."""
+    ok, words = allowed
+    return None if ok(value) else f"must be {words}, got {value!r}"
+
+
+def check(config, prefix: str = "") -> None:
+    """ValueError naming the first field of `config` that fails its entry in `config.RANGES` (as prefix + name)."""
+    for name, allowed in config.RANGES.items():
+        wrong = problem(allowed, getattr(config, name))
+        if wrong:
+            raise ValueError(f"{prefix}{name} {wrong}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# APLA's objective
+# ---------------------------------------------------------------------------------------------------------------
 @dataclass
 class APLAConfig:
     """Weights and switches of APLA's objective (Eqs. 4-6, 16-20)."""
@@ -97,17 +95,15 @@ class APLAConfig:
     # torchvision's file from the torch hub cache if there, else "random" (apla.run.resolve_perceptual_weights)
     perceptual_weights: str | None = None
 
-    RANGES = {"alpha": NON_NEGATIVE, "beta": NON_NEGATIVE, "gamma": NON_NEGATIVE, "lam": NON_NEGATIVE}
+    RANGES = {"alpha": NON_NEGATIVE, "beta": NON_NEGATIVE, "gamma": NON_NEGATIVE, "lam": NON_NEGATIVE,
+              "vgt": one_of(VARIANTS + ("none",))}
 
     def __post_init__(self):
         self.validate()
 
     def validate(self):
-        """ValueError naming the first field out of its range (`RANGES`), as "apla.<field>" (its config key)."""
-        if self.vgt not in VARIANTS + ("none",):
-            raise ValueError(f"apla.vgt must be one of {VARIANTS + ('none',)}, got {self.vgt!r}")
-        for name, allowed in self.RANGES.items():
-            allowed.check(f"apla.{name}", getattr(self, name))
+        """ValueError naming the first field out of `RANGES`, as "apla.<field>" (its config key)."""
+        check(self, "apla.")
 
     @property
     def use_vgt(self) -> bool:
@@ -123,46 +119,46 @@ class APLAConfig:
         return cls(vgt=vgt if with_vgt else "none", use_discriminator=with_d, use_hyper_loss=with_hyper, **overrides)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return dataclasses.asdict(self)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A training run (train.py) and its presets
+# A training run (train.py): the micro run by default, SD v1.5's as a preset
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
     """Everything a run of train.py needs; saved as config.json beside its outputs.
 
-    Defaults follow the paper ("24 frames at a resolution of 512 x 512 ... 750 steps and 1500 steps with a
-    learning rate of 3e-5 and a batch size of 1") and Tune-A-Video (AdamW, betas (0.9, 0.999), weight decay 1e-2,
-    gradient clipping at 1.0, its trainable set of the U-Net).
+    The defaults are a whole run that a CPU finishes: the micro SD shipped in apla/assets/micro (apla.micro) tuned on
+    the shapes world's red circle, sized to that model (SD v1.5's values, the preset `SD_V15`, in brackets). The
+    optimiser is Tune-A-Video's at any size: AdamW, betas (0.9, 0.999), weight decay 1e-2, gradient clipping at 1.
     """
     pretrained: str = "micro"            # file, diffusers folder, hub id ("runwayml/stable-diffusion-v1-5"), "micro"
-    video: str = "bigbuckbunny"          # a path, or the name of a bundled clip (apla.assets.CLIPS)
-    prompt: str = "a white rabbit stretching on a grassy hillside"
+    video: str = "red-circle-right"      # a path, or the name of a bundled clip (apla.assets.CLIPS)
+    prompt: str = "a red circle moving to the right"
     output_dir: str = "runs/apla"
-    max_steps: int = 750                 # the paper trains 750 (default) or 1500 steps
-    frames: int = 24                     # "we uniformly sample 24 frames"
+    max_steps: int = 300                 # [750]
+    frames: int = 8                      # [24]; the clip's frame count
     start: int = 0
     stride: int = 1
-    size: int = 512                      # "at a resolution of 512 x 512"
+    size: int = 64                       # [512]; the micro model's training resolution, latents 16 x 16
     seed: int = 33                       # seeds the noise, the timesteps and (unless init_seed) the new weights
     init_seed: int | None = None         # seed of VGT's, D's and the VGG features' initialisation; None: seed
-    lr: float = 3e-5                     # "a learning rate of 3e-5"
-    disc_lr: float = 3e-5                # D's AdamW (the paper names one learning rate; we give D the same)
+    lr: float = 3e-4                     # [3e-5]; a model pretrained from scratch at toy size takes a larger step
+    disc_lr: float = 3e-4                # [3e-5]; D's AdamW, the same learning rate
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0           # 0: no clipping
     # "auto" (resolved by train.py, the resolved value saved): bf16 on CUDA with native bfloat16, fp16 on older
     # CUDA devices, "no" (float32) on a CPU (apla.cli.resolve_mixed_precision)
     mixed_precision: str = "auto"
     # "auto" (resolved by train.py): on for an SD-size U-Net on CUDA (apla.cli.resolve_gradient_checkpointing)
     gradient_checkpointing: bool | str = "auto"
     compile: bool = False                # torch.compile the U-Net and VGT (APLA.compile_networks)
-    checkpoint_every: int = 250
-    keep_checkpoints: int = 2
+    checkpoint_every: int = 100          # [250]
+    keep_checkpoints: int = 2            # 0: keep all
     device: str = "auto"
     progress: bool = True
     trainable: Tuple[str, ...] = DEFAULT_TRAINABLE
@@ -171,74 +167,96 @@ class TrainConfig:
     # frame alone, as SD does per image (apla.sd.unet.UNet3DConditionModel.set_norm_over_frames)
     groupnorm: str = "frames"
     apla: APLAConfig = field(default_factory=APLAConfig)
-    vgt_model: VGTConfig = field(default_factory=VGTConfig)  # VGT sizes; its variant comes from apla.vgt
-    edit_prompts: Tuple[str, ...] = ()   # prompts sample.py uses by default besides the run's own
-    sample_steps: int = 50               # sample.py's DDIM steps unless --steps is given
-    guidance: float = 12.5               # sample.py's guidance scale unless --guidance is given (Tune-A-Video: 12.5)
+    # VGT's sizes (its variant comes from apla.vgt, its input size from the clip): for the micro model's 16 x 16
+    # latents and 8 frames, width 64, 2 + 2 decoder blocks, 4 heads, MLP hidden 256 [the paper's, VGTConfig()]
+    vgt_model: VGTConfig = field(default_factory=partial(VGTConfig, sample_size=16, max_frames=8, width=64,
+                                                         spatial_depth=2, temporal_depth=2, heads=4, mlp_hidden=256))
+    edit_prompts: Tuple[str, ...] = ("a blue circle moving to the right", "a red square moving to the right")
+    sample_steps: int = 50               # sample.py's DDIM steps unless --steps is given [50]
+    guidance: float = 3.0                # sample.py's unless --guidance is given [12.5]; the best of 3, 5, 7.5 on the
+                                         # micro model's validation captions (apla.micro.evaluate)
+
+    RANGES = {
+        "max_steps": AT_LEAST_ONE, "frames": AT_LEAST_ONE, "start": AT_LEAST_ZERO, "stride": AT_LEAST_ONE,
+        "size": SIZE, "seed": SEED, "init_seed": (lambda v: v is None or SEED[0](v), SEED[1]),
+        "lr": POSITIVE, "disc_lr": POSITIVE, "adam_beta1": BETA, "adam_beta2": BETA, "weight_decay": NON_NEGATIVE,
+        "adam_epsilon": POSITIVE, "max_grad_norm": NON_NEGATIVE, "mixed_precision": one_of(PRECISIONS),
+        "gradient_checkpointing": (lambda v: isinstance(v, bool) or v == "auto", 'true, false or "auto"'),
+        "checkpoint_every": AT_LEAST_ONE, "keep_checkpoints": AT_LEAST_ZERO, "groupnorm": one_of(GROUPNORM),
+        "sample_steps": DDIM_STEPS, "guidance": NON_NEGATIVE,
+    }
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        """ValueError naming the first field out of `RANGES` (or of APLAConfig's, as "apla.<field>")."""
+        check(self)
+        self.apla.validate()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown configuration keys: {sorted(unknown)}")
-        values = dict(values)
+        """A TrainConfig from config.json's keys; a field not given, or a field of a table (apla, vgt_model) not
+        given, keeps its default. ValueError naming an unknown key or a value out of range."""
+        values = merge(cls().to_dict(), values)
         for key, kind in (("apla", APLAConfig), ("vgt_model", VGTConfig)):
-            if isinstance(values.get(key), dict):
-                values[key] = dataclass_from_dict(kind, values[key], key)
-            elif key in values and not isinstance(values[key], kind):
+            if not isinstance(values.get(key), dict):
                 raise ValueError(f"{key} must be a table of {kind.__name__} fields, got {values[key]!r}")
-        for key in ("trainable", "edit_prompts"):
-            if key in values:
-                values[key] = tuple(values[key])
-        cfg = cls(**values)
-        cfg.validate()
-        return cfg
-
-    RANGES = {
-        "max_steps": AT_LEAST_ONE, "frames": AT_LEAST_ONE, "start": Range(0, integer=True), "stride": AT_LEAST_ONE,
-        "size": Range(0, open_low=True, multiple=VAE_DOWNSAMPLE, why=f"the VAE downsamples by {VAE_DOWNSAMPLE}"),
-        "seed": SEED, "lr": POSITIVE, "disc_lr": POSITIVE,
-        "adam_beta1": Range(0, 1, open_high=True), "adam_beta2": Range(0, 1, open_high=True),
-        "weight_decay": NON_NEGATIVE, "adam_epsilon": POSITIVE,
-        "max_grad_norm": NON_NEGATIVE,              # 0: no clipping
-        "checkpoint_every": AT_LEAST_ONE, "keep_checkpoints": Range(0, integer=True),  # 0: keep all
-        "sample_steps": Range(1, NUM_TRAIN_TIMESTEPS, integer=True), "guidance": NON_NEGATIVE,
-    }
-
-    def validate(self):
-        """ValueError naming the first field out of its range (`RANGES`, and `APLAConfig.RANGES` as "apla.<field>");
-        the one place where config files, saved runs and train.py's flags are checked."""
-        if self.groupnorm not in GROUPNORM:
-            raise ValueError(f"groupnorm must be one of {GROUPNORM}, got {self.groupnorm!r}")
-        if self.mixed_precision not in PRECISIONS:
-            raise ValueError(f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
-        if self.gradient_checkpointing not in (True, False, "auto"):
-            raise ValueError(f"gradient_checkpointing must be true, false or \"auto\", got {self.gradient_checkpointing!r}")
-        for name, allowed in self.RANGES.items():
-            allowed.check(name, getattr(self, name))
-        if self.init_seed is not None:
-            SEED.check("init_seed", self.init_seed)
-        self.apla.validate()
+            values[key] = kind(**known(kind, values[key], f"keys in {key}"))
+        values = known(cls, values, "configuration keys")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
-def dataclass_from_dict(cls, values: dict, where: str):
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(values) - set(known)
+# The preset of a run on SD v1.5, which any base model that is not bundled gets (an SD file, folder or hub id):
+# the paper's settings ("we uniformly sample 24 frames at a resolution of 512 x 512 ... 750 steps and 1500 steps with
+# a learning rate of 3e-5 and a batch size of 1") and Tune-A-Video's sampling (50 DDIM steps, guidance 12.5).
+SD_V15 = {
+    "pretrained": "runwayml/stable-diffusion-v1-5",
+    "video": "bigbuckbunny",             # 24 frames of Big Buck Bunny, bundled (apla.assets.CLIPS)
+    "prompt": "a white rabbit stretching on a grassy hillside",
+    "edit_prompts": [],
+    "frames": 24,                        # "we uniformly sample 24 frames"
+    "size": 512,                         # "at a resolution of 512 x 512"
+    "max_steps": 750,                    # "750 steps and 1500 steps"
+    "lr": 3e-5,                          # "with a learning rate of 3e-5"
+    "disc_lr": 3e-5,                     # D's (the paper names one learning rate; we give D the same)
+    "checkpoint_every": 250,
+    "sample_steps": 50,
+    "guidance": 12.5,                    # Tune-A-Video's
+    "vgt_model": dataclasses.asdict(VGTConfig()),  # the paper's VGT (Table 1) at SD's 64 x 64 latents, 24 frames
+}
+
+
+def preset(pretrained: str) -> dict:
+    """The TrainConfig values a run on `pretrained` starts from: none for a bundled model (the defaults are the
+    micro run), SD_V15 for anything else."""
+    return {} if model_path(pretrained) else SD_V15
+
+
+def merge(*layers: dict) -> dict:
+    """The layers' keys, later layers winning; a table (apla, vgt_model) is merged field by field."""
+    out = {}
+    for layer in layers:
+        for k, v in layer.items():
+            out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def known(cls, values: dict, what: str) -> dict:
+    """`values`, or ValueError naming the keys that are no field of the dataclass `cls`."""
+    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
-        raise ValueError(f"unknown keys in {where}: {sorted(unknown)}")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return cls(**values)
+        raise ValueError(f"unknown {what}: {sorted(unknown)}")
+    return values
 
 
-def default_config(pretrained: str = None) -> "TrainConfig":
-    """The configuration a run gets before any file or flag: the dataclass defaults under the base model's preset
-    (a bundled model's apla_preset.json, apla.assets)."""
-    pretrained = TrainConfig.pretrained if pretrained is None else pretrained
-    return TrainConfig.from_dict({**preset(pretrained), "pretrained": pretrained})
+def default_config(pretrained: str | None = None) -> TrainConfig:
+    """The configuration a run on `pretrained` gets before any file or flag: the defaults under its preset."""
+    pretrained = pretrained or TrainConfig.pretrained
+    return TrainConfig.from_dict(merge(preset(pretrained), {"pretrained": pretrained}))
 
 
 def vgt_config_for(cfg: TrainConfig, latent_shape) -> VGTConfig:

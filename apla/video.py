@@ -37,11 +37,11 @@ import torch
 from PIL import Image, ImageSequence
 
 from apla.checkpoint import atomic_write
+from apla.config import VAE_DOWNSAMPLE
 
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png")  # frames of a folder clip (DAVIS ships 00000.jpg, 00001.jpg, ...)
 GIF_EXTENSIONS = (".gif",)
 AV_EXTENSIONS = (".mp4", ".mov", ".webm", ".mkv")  # decoded by PyAV
-VAE_DOWNSAMPLE = 8  # SD v1.5's VAE divides height and width by 8: H and W must be multiples of it
 RESAMPLE = Image.Resampling.BICUBIC  # filter for resizing frames (antialiased when shrinking)
 MP4_CODEC = "libx264"  # H.264, plays in browsers and notebooks
 MP4_PIX_FMT = "yuv420p"  # the pixel format every H.264 player understands (needs even H and W)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F_
 
 from apla.algorithm import APLA, effective_weights
-from apla.config import ABLATIONS, APLAConfig
+from apla.config import ABLATIONS, DEFAULT_TRAINABLE, APLAConfig
 from apla.discriminator import Discriminator, DiscriminatorConfig, discriminator_adversarial_loss
 from apla.losses import VGGFeatures, hyper_loss, mse_loss, perturbed_mse_loss
 from apla.scheduler import make_alpha_bar, q_sample
@@ -38,7 +38,7 @@ def _models(variant="pure"):
 def _model(row="full", **overrides):
     cfg = APLAConfig.ablation(row, **overrides)
     unet, vgt, disc = _models()
-    mark_trainable(unet)
+    mark_trainable(unet, DEFAULT_TRAINABLE)
     w = effective_weights(cfg)
     return APLA(unet, vgt if cfg.use_vgt else None, disc if cfg.use_discriminator else None,
                 VGGFeatures(seed=0) if w["gamma"] > 0 else None, cfg, make_alpha_bar())

@@ -1,13 +1,11 @@
 """What ships inside the package, by name: base models for `--pretrained` and clips for `--video`.
 
-A bundled model is a diffusers-style folder under `apla/assets/`; it may hold `apla_preset.json`, the
-`TrainConfig` fields (apla.config) that an APLA run on that model starts from (sizes tied to the model's scale),
-and `CLIP_SCORERS` names the CLIP model its samples are scored with. The paper's modules look models, clips and
-scorers up here and never import the code that made them (`apla.micro`).
+A bundled model is a diffusers-style folder under `apla/assets/`; a run on it starts from `TrainConfig`'s defaults,
+which are sized to the micro model (apla.config.preset), and `CLIP_SCORERS` names the CLIP model its samples are
+scored with. The library looks models, clips and scorers up here and never imports the code that made them.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent
@@ -28,21 +26,9 @@ CLIP_SCORERS = {
     "micro": "micro",
 }
 
-PRESET_FILE = "apla_preset.json"
-
-
 def model_path(name) -> Path | None:
     """The folder of a bundled model's name, or None for anything else (a file, a folder, a hub id)."""
     return MODELS.get(str(name))
-
-
-def preset(pretrained) -> dict:
-    """The TrainConfig fields a run on `pretrained` starts from: a bundled model's `apla_preset.json`, else {}
-    (the dataclass defaults are SD v1.5's)."""
-    folder = model_path(pretrained)
-    if folder is None or not (folder / PRESET_FILE).is_file():
-        return {}
-    return json.loads((folder / PRESET_FILE).read_text())
 
 
 def clip_scorer(pretrained) -> str | None:

@@ -5,7 +5,7 @@ Three networks take part: diffusers' 2D U-Net on the F frames as a batch of imag
 image, as a 2D pipeline would); ours with the inflation switched off (`UNet3DConditionModel.set_inflation(False)`:
 per-frame self-attention, no temporal attention, GroupNorm per frame -- SD frame by frame, the same arithmetic as
 theirs); and ours inflated as an APLA run trains it (sparse-causal and temporal attention, GroupNorm over the
-clip's frames). Backward trains what a run trains: our trainable set (`apla.sd.unet.DEFAULT_TRAINABLE`), and for
+clip's frames). Backward trains what a run trains: our trainable set (`apla.config.DEFAULT_TRAINABLE`), and for
 diffusers the same queries `attn1.to_q`, `attn2.to_q` (it has no temporal layers). The timed runs of the three
 alternate in a shuffled order each round, so a machine whose load changes slows them alike; each time is a median.
 
@@ -22,7 +22,8 @@ import torch
 
 from apla.bench.core import BenchModel, count_flops, machine, synchronize
 from apla.cli import autocast_for, fail
-from apla.sd.unet import DEFAULT_TRAINABLE, UNet3DConditionModel, is_temporal_param, mark_trainable
+from apla.config import DEFAULT_TRAINABLE
+from apla.sd.unet import UNet3DConditionModel, is_temporal_param, mark_trainable
 
 # UNetConfig fields that are diffusers' UNet2DConditionModel arguments of the same name
 DIFFUSERS_ARGS = ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "attention_head_dim",

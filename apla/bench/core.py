@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from apla import run
 from apla.assets import model_path
 from apla.cli import autocast_for
-from apla.config import TrainConfig, default_config
+from apla.config import SD_V15, TrainConfig, default_config
 from apla.scheduler import ddim_invert, ddim_sample, ddim_timesteps, make_alpha_bar
 from apla.sd.unet import UNet3DConditionModel, UNetConfig
 from apla.sd.vae import AutoencoderKL, VAEConfig
@@ -66,7 +66,7 @@ def bench_model(name: str) -> BenchModel:
     of its widths with SD's head widths (80/160/320/320 channels, 2 heads: heads of 40/80/160 as SD's), 8 frames at
     256 px (32x32 latents), the micro run's VGT."""
     if name == "sd15":
-        return BenchModel(UNetConfig(), VAEConfig(), 768, TrainConfig())
+        return BenchModel(UNetConfig(), VAEConfig(), 768, TrainConfig.from_dict(SD_V15))
     micro = default_config("micro")
     if name == "micro":
         folder = model_path("micro")
@@ -76,7 +76,7 @@ def bench_model(name: str) -> BenchModel:
     if name == "tiny":
         unet = UNetConfig(block_out_channels=(80, 160, 320, 320), attention_head_dim=2, norm_num_groups=16)
         vae = VAEConfig(block_out_channels=(32, 64, 128, 128), layers_per_block=1, norm_num_groups=16)
-        return BenchModel(unet, vae, 768, dataclasses.replace(TrainConfig(), frames=8, size=256,
+        return BenchModel(unet, vae, 768, dataclasses.replace(TrainConfig.from_dict(SD_V15), frames=8, size=256,
                                                               vgt_model=micro.vgt_model))
     raise ValueError(f"unknown model {name!r}: sd15, micro or tiny")
 

@@ -16,15 +16,16 @@ here; the pretraining (`apla.micro.pretrain`: VAE, a contrastive text encoder as
 SD's epsilon-prediction objective) makes it, the evaluation (`apla.micro.evaluate`) measures it with the shapes
 world's evaluator.
 
-`MICRO_PRESET` sizes an APLA run to this model (frames, resolution, steps, learning rate, guidance, VGT). The shapes
+`MICRO_PRESET` is the APLA run sized to this model (frames, resolution, steps, learning rate, guidance, VGT). The shapes
 world the model is trained on and measured with is `apla.micro.shapes`.
 """
 
 from __future__ import annotations
 
-import json
 from importlib import resources
 from pathlib import Path
+
+from apla.config import TrainConfig
 
 # Where the shipped weights live (a diffusers-style folder inside the package).
 MICRO_DIR = Path(str(resources.files("apla"))) / "assets" / "micro"
@@ -118,12 +119,9 @@ MODEL_INDEX = {
     "vae": ["diffusers", "AutoencoderKL"],
 }
 
-# An APLA run sized to the micro model: the TrainConfig fields (apla.config) that override its SD-sized defaults,
-# stored beside the weights as apla_preset.json (apla.assets reads it for `--pretrained micro`). Against SD v1.5's
-# defaults: 8 frames (SD: 24), 64 px (512), 300 steps (750), lr and disc_lr 3e-4 (3e-5: a from-scratch toy tolerates
-# a larger step), checkpoints every 100 steps (250), guidance 3 (12.5, Tune-A-Video's), and VGT at latent side 16
-# (64), 8 frames (24), width 64 (768), 2 + 2 decoder blocks (12 + 12), 4 heads (12), MLP hidden 256 (3072).
-MICRO_PRESET = json.loads((MICRO_DIR / "apla_preset.json").read_text())
+# An APLA run sized to the micro model: TrainConfig's defaults (apla.config), what `python train.py` runs with no
+# arguments, as config.json's keys; SD v1.5's values are the preset apla.config.SD_V15.
+MICRO_PRESET = TrainConfig().to_dict()
 
 # Sampling settings the micro model is evaluated with (apla.micro.evaluate), the preset's.
 NUM_INFERENCE_STEPS = MICRO_PRESET["sample_steps"]  # SD v1.5 default: 50 DDIM steps

@@ -345,10 +345,6 @@ class UNet3DConditionModel(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 TEMPORAL_MODULES = ("attn_temp", "norm_temp")
-# Tune-A-Video's trainable set: the queries of the sparse-causal and cross attentions and the whole temporal
-# attention, plus the temporal attention's LayerNorm (Tune-A-Video's configs leave norm_temp at its identity init;
-# we train it with the layer it feeds, 24,960 more parameters at full size).
-DEFAULT_TRAINABLE = ("attn1.to_q", "attn2.to_q", "attn_temp", "norm_temp")
 
 
 def _has_module(name: str, pattern: str) -> bool:
@@ -361,8 +357,9 @@ def is_temporal_param(name: str) -> bool:
     return any(_has_module(name, m) for m in TEMPORAL_MODULES)
 
 
-def mark_trainable(unet: nn.Module, patterns=DEFAULT_TRAINABLE) -> int:
-    """Freeze every parameter except those inside a module named by `patterns`; return how many scalars train."""
+def mark_trainable(unet: nn.Module, patterns) -> int:
+    """Freeze every parameter except those inside a module named by `patterns` (a run's: TrainConfig.trainable,
+    Tune-A-Video's set by default, apla.config.DEFAULT_TRAINABLE); return how many scalars train."""
     n = 0
     for name, p in unet.named_parameters():
         p.requires_grad_(any(_has_module(name, pat) for pat in patterns))

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from apla.config import DEFAULT_TRAINABLE
 from apla.sd.attention import Attention, sparse_causal_kv
-from apla.sd.unet import (DEFAULT_TRAINABLE, UNet3DConditionModel, UNetConfig, UNetConfigError, is_temporal_param,
+from apla.sd.unet import (UNet3DConditionModel, UNetConfig, UNetConfigError, is_temporal_param,
                        load_trainable_state, mark_trainable, trainable_state)
 from apla.sd.weights import unet_key_from_ldm
 
@@ -158,7 +159,7 @@ def test_full_size_parameter_counts_on_meta():
     # attn_temp: q, k, v, out (d² each) + out bias d; norm_temp: 2d
     assert n_temporal == sum(4 * d * d + d + 2 * d for d in dims)
     assert round(n_sd / 1e6, 3) == manifest["param_counts_millions"]["unet"]  # 859.521 M
-    n_train = mark_trainable(unet)
+    n_train = mark_trainable(unet, DEFAULT_TRAINABLE)
     # attn1.to_q, attn2.to_q: d² each; attn_temp: 4d² + d; norm_temp: 2d
     assert n_train == sum(6 * d * d + d + 2 * d for d in dims)
     n_tav = mark_trainable(unet, ("attn1.to_q", "attn2.to_q", "attn_temp"))  # Tune-A-Video's configs
@@ -271,7 +272,7 @@ def test_bf16_autocast_close_to_float32():
 def test_gradient_checkpointing_same_output_and_grads():
     unet = _tiny_unet()
     _randomise(((n, p) for n, p in unet.named_parameters() if is_temporal_param(n)), seed=9)
-    mark_trainable(unet)
+    mark_trainable(unet, DEFAULT_TRAINABLE)
     z, t, context = _inputs(Fr=2)
     results = []
     for flag in (False, True):
@@ -288,7 +289,7 @@ def test_gradient_checkpointing_same_output_and_grads():
 
 def test_mark_trainable_and_trainable_state_roundtrip():
     unet = _tiny_unet()
-    n = mark_trainable(unet)
+    n = mark_trainable(unet, DEFAULT_TRAINABLE)
     names = {k for k, p in unet.named_parameters() if p.requires_grad}
     expected = {k for k in dict(unet.named_parameters())
                 if ".attn1.to_q." in k or ".attn2.to_q." in k or ".attn_temp." in k or ".norm_temp." in k}

@@ -1,0 +1,56 @@
+"""apla/config.py and train.py's configuration (apla.cli.parse_train_args): TrainConfig() alone is the micro run, a
+base model that is not bundled gets SD v1.5's preset, and defaults <- preset <- --config file <- flags, later wins,
+a table (vgt_model, apla) merged field by field; --resume starts from the run's saved config.json."""
+import json
+
+from apla.cli import parse_train_args, train_parser
+from apla.config import SD_V15, TrainConfig, default_config
+from apla.vgt import VGTConfig
+
+
+def test_the_defaults_are_the_micro_run():
+    cfg = TrainConfig()
+    assert cfg == default_config() == default_config("micro")
+    assert (cfg.pretrained, cfg.video, cfg.frames, cfg.size) == ("micro", "red-circle-right", 8, 64)
+    assert cfg.vgt_model.sample_size * 4 == cfg.size  # the micro VAE's 4x: its latents are 16 x 16
+
+
+def test_a_base_model_that_is_not_bundled_gets_sd_v15s_preset():
+    cfg = default_config("path/to/v1-5-pruned-emaonly.safetensors")
+    assert cfg.pretrained == "path/to/v1-5-pruned-emaonly.safetensors"
+    assert (cfg.video, cfg.frames, cfg.size, cfg.max_steps, cfg.lr, cfg.disc_lr) == ("bigbuckbunny", 24, 512, 750,
+                                                                                      3e-5, 3e-5)
+    assert (cfg.checkpoint_every, cfg.sample_steps, cfg.guidance, cfg.edit_prompts) == (250, 50, 12.5, ())
+    assert cfg.vgt_model == VGTConfig()  # the paper's VGT
+    assert TrainConfig.from_dict(SD_V15).pretrained == "runwayml/stable-diffusion-v1-5"
+    assert "SD_V15" in train_parser().description  # --help says how the preset is chosen
+
+
+def test_file_then_flags_override_the_preset_and_tables_merge_field_by_field(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('max_steps = 20\nprompt = "a cat"\n[vgt_model]\nheads = 2\n[apla]\nbeta = 0.5\n')
+    cfg, resume = parse_train_args(["--config", str(path), "--max-steps", "7", "--vgt", "hyper"])
+    assert not resume and (cfg.max_steps, cfg.prompt, cfg.frames) == (7, "a cat", 8)  # flag > file > defaults
+    assert (cfg.vgt_model.heads, cfg.vgt_model.width) == (2, 64)  # the file's field over the micro VGT
+    assert (cfg.apla.beta, cfg.apla.vgt, cfg.apla.gamma) == (0.5, "hyper", 0.1)
+    cfg, _ = parse_train_args(["--config", str(path), "--pretrained", "some-org/sd-v1-5"])
+    assert (cfg.max_steps, cfg.frames, cfg.vgt_model.heads, cfg.vgt_model.width) == (20, 24, 2, 768)  # over SD's
+
+
+def test_flags_left_out_change_nothing_and_switches_set_their_field(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"progress": False, "compile": True, "gradient_checkpointing": True}))
+    cfg, _ = parse_train_args(["--config", str(path)])
+    assert (cfg.progress, cfg.compile, cfg.gradient_checkpointing) == (False, True, True)
+    cfg, _ = parse_train_args(["--no-progress", "--no-discriminator", "--no-hyper-loss",
+                               "--gradient-checkpointing", "off"])
+    assert (cfg.progress, cfg.apla.use_discriminator, cfg.apla.use_hyper_loss) == (False, False, False)
+    assert cfg.gradient_checkpointing is False
+    assert parse_train_args(["--gradient-checkpointing"])[0].gradient_checkpointing is True
+
+
+def test_resume_starts_from_the_saved_configuration(tmp_path):
+    saved = default_config("some-org/sd-v1-5").to_dict() | {"frames": 4, "output_dir": str(tmp_path)}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    cfg, resume = parse_train_args(["--output-dir", str(tmp_path), "--resume", "--max-steps", "900"])
+    assert resume and cfg.to_dict() == TrainConfig.from_dict(saved | {"max_steps": 900}).to_dict()
