@@ -1,6 +1,6 @@
 """The consistency benchmark of the ablation study (`python -m apla.study`): a fixed, seeded set of shapes-world
-source clips, each with its caption and two edits (another colour, another shape), and the rule that picks the
-clips the study uses.
+source clips, each with its caption and two edits (another colour, another shape), the rule that picks the clips
+the study uses, and the record of that choice (clips.json beside this file).
 
 No APLA equation lives here. The default clip of the project (a red circle moving right on grey) is too easy to
 tell variants apart: every variant gets it right in every frame. The candidates below make one-shot tuning harder
@@ -27,14 +27,14 @@ study's default budget and on a seed the study does not use (SELECTION_SEED). A 
      an edited attribute wrong in some frame, an unedited attribute lost in some frame, a centroid path more than
      HEADROOM_PATH_PX from the clip's, colour or size flicker above HEADROOM_FLICKER's bound over the VAE round
      trip's own flicker, or the source prompt reconstructed below HEADROOM_PSNR_DB.
-The first NUM_CLIPS kept candidates, in candidate order, are the benchmark. `python -m apla.study.clips select`
-runs it and writes `clips.json` beside this file: every candidate, its measures, whether it was kept and why.
+The first NUM_CLIPS kept candidates, in candidate order, are the benchmark. `python -m apla.study select` runs it
+(`apla.study.selection`) and writes `clips.json` beside this file: every candidate, its measures, whether it was kept
+and why.
 """
 from __future__ import annotations
 
-import argparse
+import json
 import math
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,8 +42,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from apla.checkpoint import atomic_write
+from apla.cli import fail
 from apla.micro.shapes import (EDGE_MARGIN, PALETTE, PATHS, SHAPES, Scene, clip_caption, random_background,
                                render_tensor, shape_extent)
+from apla.video import to_uint8
 
 BENCH_SEED = 2024  # the candidates' seed
 NUM_CANDIDATES = 18  # every (motion, size change, background) combination once
@@ -127,9 +130,6 @@ def render(spec: ClipSpec) -> torch.Tensor:
 
 def write_frames(spec: ClipSpec, folder) -> Path:
     """The clip as a folder of PNG frames (000.png, 001.png, ...; lossless, read back by apla.video.read_video)."""
-    from apla.checkpoint import atomic_write
-    from apla.video import to_uint8
-
     folder = Path(folder)
     for i, frame in enumerate(to_uint8(render(spec))):
         atomic_write(folder / f"{i:03d}.png", lambda tmp, a=frame: Image.fromarray(a).save(tmp, format="PNG"))
@@ -193,8 +193,9 @@ def candidates(seed: int = BENCH_SEED, n: int = NUM_CANDIDATES) -> list[ClipSpec
 # The selection rule (Tune-A-Video's results only)
 # ---------------------------------------------------------------------------------------------------------------
 def representable(vae: dict, tav: dict) -> list[str]:
-    """Why the micro model cannot represent a candidate (empty: it can). vae: `apla.eval.metrics.shapes_measures` of the
-    VAE's round trip of the clip against the clip; tav: Tune-A-Video's measures per prompt kind."""
+    """Why the micro model cannot represent a candidate (empty: it can). vae: the shapes measures of the VAE's round
+    trip of the clip against the clip (`apla.study.selection.vae_check`); tav: Tune-A-Video's measures per prompt
+    kind."""
     why = []
     if vae["kept_right"] < 1.0:
         why.append(f"VAE round trip: colour and shape right in {100 * vae['kept_right']:.0f}% of frames")
@@ -245,12 +246,8 @@ def select(records: list[dict], keep: int = NUM_CLIPS) -> list[dict]:
 
 def read_record(record=RECORD) -> dict:
     """The committed selection record (clips.json); one-line exit when it is missing."""
-    import json
-
     if not Path(record).is_file():
-        from apla.cli import fail
-
-        fail(f"{record}: no selection record; make it with python -m apla.study.clips select")
+        fail(f"{record}: no selection record; make it with python -m apla.study select")
     return json.loads(Path(record).read_text())
 
 
@@ -258,75 +255,3 @@ def benchmark_clips(record: dict) -> list[ClipSpec]:
     """The study's clips: the kept candidates of a selection record, regenerated from code."""
     specs = {s.name: s for s in candidates(record["seed"], record["num_candidates"])}
     return [specs[r["name"]] for r in record["candidates"] if r["kept"]]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Making the record: python -m apla.study.clips select
-# ---------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def vae_check(spec: ClipSpec, sd) -> dict:
-    """`apla.eval.metrics.shapes_measures` of the VAE's round trip (posterior mean, 8-bit as a file holds it) of the
-    clip, against the clip and its caption."""
-    from apla.eval.metrics import shapes_measures
-    from apla.run import decode_latents, encode_clip
-
-    frames = render(spec)
-    back = decode_latents(sd.vae, encode_clip(sd.vae, frames, "cpu")[0])  # (F, 3, H, W)
-    back = ((back + 1) * 127.5).round() / 127.5 - 1
-    m = shapes_measures(back, spec.caption, frames)
-    return {k: m[k] for k in ("kept_right", "path_error", "colour_flicker", "size_flicker", "object_found")}
-
-
-def main(argv=None) -> int:
-    import json
-    import os
-    import shlex
-    import time
-
-    import apla
-    from apla.study import ablate
-    from apla.checkpoint import atomic_write_json
-
-    p = argparse.ArgumentParser(prog="python -m apla.study.clips", description=__doc__.splitlines()[0])
-    p.add_argument("action", choices=["list", "select"], help="list the candidates, or run the selection")
-    p.add_argument("--steps", type=int, default=100, help="Tune-A-Video's training steps: the study's budget N")
-    p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of sampling")
-    p.add_argument("--jobs", type=int, default=2, help="runs at once (one torch thread each)")
-    p.add_argument("--out", default="runs/benchmark-selection", help="folder of the selection's runs")
-    p.add_argument("--record", default=str(RECORD), help="where the record is written")
-    args = p.parse_args(argv)
-    specs = candidates()
-    if args.action == "list":
-        for s in specs:
-            print(f"{s.name}: {s.caption} | edits: {'; '.join(s.edits)} | background {s.background}")
-        return 0
-    started = time.time()
-    out = Path(args.out)
-    clips = ablate.shapes_clips(out, specs)
-    jobs = ablate.plan(out, clips, [SELECTION_SEED], [ablate.BASELINE], "micro", args.steps, args.sample_steps,
-                       double=False)
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    errors, _ = ablate.run_all([j for j in jobs if not ablate.finished(j)], ["auto"], args.jobs, threads)
-    if errors:
-        print("\n".join(f"error: {e}" for e in errors), file=sys.stderr)
-        return 1
-    sd = apla.load_stable_diffusion("micro")
-    records = []
-    for spec, job in zip(specs, jobs):
-        m = json.loads((job.dir / "measures.json").read_text())
-        tav = {s["kind"]: s["measures"] for s in m["samples"] if s["step"] == args.steps}
-        records.append({**spec.to_dict(), "vae_check": vae_check(spec, sd), "tav": tav})
-    atomic_write_json(args.record, {
-        "command": "python -m apla.study.clips " + shlex.join(argv if argv is not None else sys.argv[1:]),
-        "wall_min": round((time.time() - started) / 60, 1), "seed": BENCH_SEED, "num_candidates": len(specs),
-        "selection_seed": SELECTION_SEED, "steps": args.steps, "sample_steps": args.sample_steps,
-        "rule": {"keep": NUM_CLIPS, "represent_path_px": REPRESENT_PATH_PX, "headroom_path_px": HEADROOM_PATH_PX,
-                 "headroom_psnr_db": HEADROOM_PSNR_DB, "headroom_flicker": HEADROOM_FLICKER},
-        "candidates": select(records)})
-    kept = [r["name"] for r in select(records) if r["kept"]]
-    print(f"kept {len(kept)} of {len(specs)}: {', '.join(kept)} -> {args.record}", file=sys.stderr)
-    return 0 if len(kept) == NUM_CLIPS else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

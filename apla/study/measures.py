@@ -1,13 +1,20 @@
-"""What one finished run of the ablation study measured (`python -m apla.study`): the measures sample.py wrote for
-each prompt, the discriminator's diagnostics at each checkpoint and ||phi|| / ||eps_theta|| over training, gathered
-into RUN/measures.json, the one file the report (`apla.study.report`) reads."""
+"""What one finished run of the ablation study measured (`python -m apla.study measure RUN`, the last command of
+the run's line in the plan): the measures sample.py wrote for each prompt, the discriminator's diagnostics at each
+checkpoint and ||phi|| / ||eps_theta|| over training, gathered into RUN/measures.json, the one file the report
+(`apla.study.report`) reads. A run is finished when its measures.json exists."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
 import apla
 from apla import checkpoint as ckpt
+from apla import run
+from apla.cli import fail
+from apla.discriminator import generator_adversarial_loss
 
 DIAG_SEED = 12345  # the fresh batches of `diagnostics`, the same for every run and checkpoint
 DIAG_BATCHES = 4
@@ -37,12 +44,6 @@ def diagnostics(run_dir: Path, device: str, batches: int = DIAG_BATCHES) -> tupl
       d_accuracy = (P[D(eps) > 0] + P[D(eps*) < 0]) / 2         per pixel: real noise called real, eps* called fake
     lambda L_g is computed from the step's own eps* with the step's own functions, and L_hyper's gradient as that
     of loss_g - lambda L_g. Returns (one record per checkpoint, none without D; VGT's parameter count)."""
-    import torch
-    from safetensors.torch import load_file
-
-    from apla import run
-    from apla.discriminator import generator_adversarial_loss
-
     cfg = run.read_config(run_dir)
     dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     sd = apla.load_stable_diffusion(cfg.pretrained, device=dev)
@@ -84,13 +85,20 @@ def diagnostics(run_dir: Path, device: str, batches: int = DIAG_BATCHES) -> tupl
     return records, vgt_params
 
 
-def measure_run(run_dir, device: str = "cpu", batches: int = DIAG_BATCHES) -> dict:
-    """Everything the report needs from one finished run -> RUN/measures.json (written atomically)."""
+def measure_run(run_dir, device: str = "cpu") -> dict:
+    """Everything the report needs from one trained and sampled run (RUN/study.json says what was planned for it)
+    -> RUN/measures.json (written atomically); one-line exit when the run is not one of a study or not sampled."""
     run_dir = Path(run_dir)
+    if not (run_dir / "study.json").is_file():
+        fail(f"{run_dir}: no study.json; not a run of a study's plan (python -m apla.study plan)")
     study = json.loads((run_dir / "study.json").read_text())
+    missing = [step for step in study["sample_at"] if not (samples_dir(run_dir, step) / "metrics.json").is_file()]
+    if missing:
+        fail(f"{run_dir}: not sampled at step {missing[0]} (no {samples_dir(run_dir, missing[0]) / 'metrics.json'}); "
+             "run the rest of its line first")
     samples = [row for step in study["sample_at"]
                for row in sample_measures(run_dir, step, study["prompts"], study["shapes"])]
-    diag, vgt_params = diagnostics(run_dir, device, batches)
+    diag, vgt_params = diagnostics(run_dir, device, study["diag_batches"])
     log = [json.loads(ln) for ln in (run_dir / "log.jsonl").read_text().splitlines() if ln.strip()]
     result = {**study, "samples": samples, "diagnostics": diag, "vgt_params": vgt_params,
               "phi_ratio": [[r["step"], r["phi_ratio"]] for r in log], "step_time": [r["step_time"] for r in log]}

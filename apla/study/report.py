@@ -1,5 +1,6 @@
-"""The report of the ablation study (`python -m apla.study`): statistics over clips x seeds, one table per question,
-a grid of frames and the plot of ||phi|| / ||eps_theta|| over training (the paper's Fig. 5b).
+"""The report of the ablation study (`python -m apla.study report`, and the end of `run`): statistics over clips x
+seeds, one table per question, a grid of frames and the plot of ||phi|| / ||eps_theta|| over training (the paper's
+Fig. 5b), from the measures.json of every finished run, whatever executed the plan's lines.
 
 Statistics. A *unit* is one clip and one seed; a variant's value on a unit is its measure averaged over the prompts
 it applies to (the edits for the attribute measures, the source prompt for PSNR, every prompt otherwise). Over the
@@ -13,13 +14,17 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from apla import checkpoint as ckpt
+from apla.assets import resolve_video
 from apla.config import slug
+from apla.study.measures import samples_dir
+from apla.video import read_video
 
 HAND_MARK = "<!-- Written by hand below this line; python -m apla.study keeps it. -->"
 ALL = ("source", "colour", "shape", "edit")
@@ -274,43 +279,44 @@ def ordering(runs: list[dict], names: list[str], step: int, key: str, kinds, dir
     return sorted([v for v in ms if math.isfinite(ms[v])], key=lambda v: -direction * ms[v])
 
 
-def load_runs(jobs) -> list[dict]:
-    return [json.loads((j.dir / "measures.json").read_text()) for j in jobs if (j.dir / "measures.json").is_file()]
+def load_runs(planned) -> list[dict]:
+    """The measures.json of every finished run of the plan (apla.study.plan.Run)."""
+    return [json.loads((p.dir / "measures.json").read_text()) for p in planned if (p.dir / "measures.json").is_file()]
 
 
-def grid_rows(jobs, runs: list[dict], step: int) -> tuple[str, list]:
+def grid_rows(planned, runs: list[dict], step: int) -> tuple[str, list]:
     """The grid's rows for the first clip and seed at `step`: the source clip, then each variant's sample of the
     shape edit (the first edit on clips that are not from the shapes world)."""
-    from apla.video import read_video
-
-    first = jobs[0]
-    mine = [j for j in jobs if j.clip.name == first.clip.name and j.seed == first.seed and step in j.sample_at]
-    shape_edit = first.clip.edits[1] if first.clip.shapes and len(first.clip.edits) > 1 else first.clip.edits[0]
+    first = planned[0]
+    mine = [p for p in planned if p.clip.name == first.clip.name and p.seed == first.seed and step in p.sample_at]
+    shape_edit = first.clip.edits[1] if first.clip.spec and len(first.clip.edits) > 1 else first.clip.edits[0]
     n = first.config["frames"]
-    source = read_video(first.clip.video, n, start=first.config["start"], stride=first.config["stride"],
+    source = read_video(resolve_video(first.clip.video), n, start=first.config["start"], stride=first.config["stride"],
                         size=first.config["size"])
     rows = [("source clip", ((source.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())]
-    for j in mine:
-        png = j.dir / "samples" / f"step-{step:06d}" / f"{slug(shape_edit)}.png"
+    for p in mine:
+        png = samples_dir(p.dir, step) / f"{slug(shape_edit)}.png"
         if png.is_file():
-            rows.append((j.variant, strip_frames(png, n)))
+            rows.append((p.variant, strip_frames(png, n)))
     return f"{first.clip.name}, seed {first.seed}, step {step}: \"{shape_edit}\"", rows
 
 
-def write_report(jobs, path, stages: list[dict], plots: bool = True) -> int:
-    """Write the markdown report (and its PNGs beside it) from every finished run of `jobs`; keeps a hand-written
-    tail below HAND_MARK. Returns 2 when the plot could not be made (no matplotlib), else 0."""
+def write_report(planned, path, stages: list[dict], command: str, plots: bool = True) -> int:
+    """Write the markdown report (and its PNGs beside it) from every finished run of `planned`; keeps a hand-written
+    tail below HAND_MARK. `stages`: what each `python -m apla.study run` recorded (OUT/stages.json); runs finished by
+    another executor are counted apart, with `command`, the one writing the report. Returns 2 when the plot could not
+    be made (no matplotlib), else 0."""
     path = Path(path)
-    runs = load_runs(jobs)
-    names = list(dict.fromkeys(j.variant for j in jobs))
+    runs = load_runs(planned)
+    names = list(dict.fromkeys(p.variant for p in planned))
     baseline = names[0]
-    n = min(min(j.sample_at) for j in jobs)
-    long_names = [v for v in names if any(2 * n in j.sample_at for j in jobs if j.variant == v)]
+    n = min(min(p.sample_at) for p in planned)
+    long_names = [v for v in names if any(2 * n in p.sample_at for p in planned if p.variant == v)]
     table1 = [v for v in names if v == "full" or v.startswith("VGT-")]
-    cfg = jobs[0].config
+    cfg = planned[0].config
     ran = [s for s in stages if s["runs"]] or stages[-1:]
-    clips = list(dict.fromkeys(j.clip.name for j in jobs))
-    seeds = sorted({j.seed for j in jobs})
+    clips = list(dict.fromkeys(p.clip.name for p in planned))
+    seeds = sorted({p.seed for p in planned})
     code = 0
     L = [f"# Does APLA beat Tune-A-Video? Tables 1 and 3 on {len(clips)} clip(s) × {len(seeds)} seed(s)", ""]
     for s in ran:  # every invocation that ran runs (one, unless the study was run in stages)
@@ -321,6 +327,10 @@ def write_report(jobs, path, stages: list[dict], plots: bool = True) -> int:
               f"(finished {s['finished_at']}).", ""]
     if len(ran) > 1:
         L += [f"In all {sum(s['wall_s'] for s in ran) / 60:.1f} min over {len(ran)} stages.", ""]
+    outside = len(runs) - (stages[-1]["finished"] if stages else 0)
+    if outside > 0:
+        L += [f"{outside} run(s) finished by another executor of the lines of `python -m apla.study plan`, which "
+              f"records no wall time or load; reported by `{command}`.", ""]
     train_min = sum(sum(r["step_time"]) for r in runs) / 60
     L += ["## Setup", "",
           f"- Base model `{cfg['pretrained']}`; {cfg['frames']} frames at {cfg['size']}×{cfg['size']}; AdamW lr "
@@ -329,26 +339,26 @@ def write_report(jobs, path, stages: list[dict], plots: bool = True) -> int:
           f"`{cfg['groupnorm']}` for every variant.",
           f"- Budget: N = {n} steps (the default column) and 2N = {2 * n} (Table 3's second column, the same runs "
           f"continued: constant learning rate, same random stream). Sampling: DDIM inversion of the clip, then "
-          f"{jobs[0].sample_steps} guided DDIM steps (guidance {cfg['guidance']:g}) for the source prompt and each "
+          f"{planned[0].sample_steps} guided DDIM steps (guidance {cfg['guidance']:g}) for the source prompt and each "
           f"edit.",
           f"- Seeds {', '.join(map(str, seeds))}: each run's seed sets its noise, timesteps and the initial weights "
           f"of VGT, D and the random VGG features; every variant sees the same clip, seed and budget.",
-          f"- Runs: {len(runs)} of {len(jobs)} finished; {train_min:.1f} min of training steps in all.",
+          f"- Runs: {len(runs)} of {len(planned)} finished; {train_min:.1f} min of training steps in all.",
           "- Variants: Tune-A-Video = no VGT (φ = 0), no D (λ = 0), MSE only; Table 3's rows by "
           "`APLAConfig.ablation`; Table 1's VGT versions in full APLA (`full` is VGT-Pure).",
           "- Statistics: mean ± 95% t-interval over clips × seeds; Δ = the paired difference from Tune-A-Video on "
           "the same clip and seed, with its interval; * marks an interval that excludes 0.", "",
           "## Clips", "", "| clip | source caption | edits |", "| --- | --- | --- |"]
     seen = {}
-    for j in jobs:
-        seen.setdefault(j.clip.name, j.clip)
+    for p in planned:
+        seen.setdefault(p.clip.name, p.clip)
     L += [f"| {c.name} | {c.prompt} | {'; '.join(c.edits)} |" for c in seen.values()]
     sig_all = []
     for title, vs, step in ((f"Table 3 at the default budget ({n} steps)", long_names, n),
                             (f"Table 3 at twice the budget ({2 * n} steps)", long_names, 2 * n),
                             (f"Table 1: VGT versions in full APLA ({n} steps)",
                              list(dict.fromkeys([baseline] + table1)), n)):
-        if len(vs) < 1 or not any(step in j.sample_at for j in jobs if j.variant in vs):
+        if len(vs) < 1 or not any(step in p.sample_at for p in planned if p.variant in vs):
             continue
         lines, found = measure_table(runs, vs, step, baseline)
         sig_all += [(title, *f) for f in found]
@@ -361,9 +371,9 @@ def write_report(jobs, path, stages: list[dict], plots: bool = True) -> int:
         ours = ordering(runs, [v for v in paper if v in names], budget * n, key, kinds, d)
         L.append(f"| {question} | {' > '.join(paper)} | {' > '.join(ours) or '– (not measured)'} |")
     L += ["", "## Does the discriminator do anything?", "",
-          "Measured after training from the saved checkpoints (`apla.study.measures.diagnostics`): APLA.forward on fresh "
-          "seeded batches, D's per-pixel accuracy on real noise ε and on ε*, D's mean outputs, and the share of the "
-          "generator's gradient norm (over U-Net trainable set + VGT) that λ·L_g carries against the hyper-loss.",
+          "Measured after training from the saved checkpoints (`apla.study.measures.diagnostics`): APLA.forward on "
+          "fresh seeded batches, D's per-pixel accuracy on real noise ε and on ε*, D's mean outputs, and the share of "
+          "the generator's gradient norm (over U-Net trainable set + VGT) that λ·L_g carries against the hyper-loss.",
           "", *diagnostics_table(runs, names), "", "## ‖φ‖ / ‖ε_θ‖ over training (Fig. 5b)", "",
           *phi_table(runs, names)]
     curves = phi_curves(runs, [v for v in names if v in table1] or names)
@@ -373,9 +383,9 @@ def write_report(jobs, path, stages: list[dict], plots: bool = True) -> int:
             L += ["", "![‖φ‖/‖ε_θ‖ over training](phi_ratio.png)"]
         except ImportError:
             print("error: the plot of ||phi|| / ||eps_theta|| needs matplotlib (pip install matplotlib, or the "
-                  "extra apla[plots]); the rest of the report is written", file=__import__("sys").stderr)
+                  "extra apla[plots]); the rest of the report is written", file=sys.stderr)
             code = 2
-    caption, rows = grid_rows(jobs, runs, n)
+    caption, rows = grid_rows(planned, runs, n)
     if len(rows) > 1:
         write_grid(rows, path.parent / "grid.png")
         L += ["", "## Frames", "", f"{caption} (rows: the source clip, then each variant; columns: frames).", "",
