@@ -5,16 +5,16 @@ Reading order: the paper, then what the two scripts share, then the measures.
 
   file                      equations                                   notebook
   scheduler.py              Eqs. 1-3: alpha_bar, q_sample, DDIM step,   01_diffusion_and_ddim
-                            loop and inversion, guidance
+                            loop and inversion, guidance; the timestep embedding
   sd/                       the network eps_theta of Eqs. 2-6:          02_stable_diffusion_by_hand
-    unet.py                   the U-Net inflated to video
-    attention.py              sparse-causal, cross and temporal attention
-    vae.py                    the autoencoder: frames <-> latents z0
-    text.py                   the prompt's condition c (CLIP, transformers)
-    weights.py                load_stable_diffusion: SD v1.5 files and folders
-  vgt.py                    Eq. 4 and Eqs. 7-15: VGT's perturbation phi  03_vgt
+    sd/unet.py                the U-Net inflated to video
+    sd/attention.py           sparse-causal, cross and temporal attention
+    sd/vae.py                 the autoencoder: frames <-> latents z0
+    sd/text.py                the prompt's condition c (CLIP, transformers)
+    sd/weights.py             load_stable_diffusion: SD v1.5 files and folders
+  vgt.py                    Eqs. 4, 7-15: VGT's perturbation phi        03_vgt
   discriminator.py          Eq. 19 and L_g: the 1x1-convolution D       04_losses_and_discriminator
-  losses.py                 Eqs. 5-6, 16-18, 20: the hyper-loss        04_losses_and_discriminator
+  losses.py                 Eqs. 5-6, 16-18, 20: the hyper-loss         04_losses_and_discriminator
   algorithm.py              Algorithm 1: APLA.forward, one step         05_algorithm1_end_to_end
   config.py                 a run's settings (TrainConfig), Table 3's ablations as values
   run.py                    a run's models, clip encoding, checkpoints (what train.py and sample.py share)
@@ -22,11 +22,12 @@ Reading order: the paper, then what the two scripts share, then the measures.
   video.py                  reading clips, writing GIF / MP4 / PNG strips
   cli.py                    command lines and one-line errors
   eval/                     the paper's measures                        05_algorithm1_end_to_end
-    flow.py                   optical flow by hand (Horn-Schunck)
-    metrics.py                FCI, warping error, CLIP scores, PSNR
-    score.py, __main__.py     python -m apla.eval VIDEO: a table and JSON
-  assets/                   shipped weights and clips; __init__.py is the registry of bundled names,
-                            make_clips.py cuts the test clip
+    eval/flow.py              optical flow by hand (Horn-Schunck)
+    eval/metrics.py           FCI, warping error, CLIP scores, PSNR
+    eval/score.py             python -m apla.eval VIDEO (eval/__main__.py): a table and JSON
+  assets/                   shipped weights and clips
+    assets/__init__.py        the registry of bundled names: models, clips, their CLIP scorers
+    assets/make_clips.py      cuts the test clip from a longer video
 
 Projects that use the library and that it never imports, each with a README:
   micro/   the shapes world and the micro Stable Diffusion pretrained on it (the CPU demo's base model)

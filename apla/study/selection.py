@@ -12,7 +12,7 @@ import torch
 
 import apla
 from apla.checkpoint import atomic_write_json
-from apla.eval.metrics import shapes_measures
+from apla.micro.shapes_eval import shapes_measures
 from apla.run import decode_latents, encode_clip
 from apla.study.clips import (BENCH_SEED, HEADROOM_FLICKER, HEADROOM_PATH_PX, HEADROOM_PSNR_DB, NUM_CLIPS,
                               REPRESENT_PATH_PX, SELECTION_SEED, ClipSpec, candidates, render, select)
