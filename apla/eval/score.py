@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from apla.assets import CLIP_SCORERS, clip_scorer, preset, resolve_video
+from apla.assets import CLIP_SCORERS, clip_scorer, resolve_video
 from apla.checkpoint import atomic_write_json
 from apla.cli import DefaultsFormatter, OneLineParser, fail, pick_device
-from apla.config import TrainConfig, slug
+from apla.config import TrainConfig, default_config, slug
 from apla.eval.flow import FlowConfig, video_flow
 from apla.eval.metrics import (MEASURES, METRICS, MetricsError, clip_frame_consistency, clip_text_alignment, fci,
                                load_clip, load_plugin, psnr, registered, warping_error)
@@ -147,13 +147,13 @@ def read_source(source, frames: int, size: tuple[int, int], start: int = 0, stri
 
 def pick_clip(clip_model: str | None, videos: list[torch.Tensor], device):
     """(scorer, name) of the CLIP model to score with: the named one ("none": (None, None)); by default, when every
-    video has the frame size of a bundled model's runs (its preset's `size`: 64x64 for the micro SD), the CLIP model
+    video has the frame size of a bundled model's runs (its default `size`: 64x64 for the micro SD), the CLIP model
     the assets registry gives that model's samples (`apla.assets.CLIP_SCORERS`), else none (the user names a CLIP
     model with --clip-model; nothing is downloaded unless named)."""
     if clip_model is None:
         sides = {tuple(v.shape[-2:]) for v in videos}
         clip_model = next((scorer for model, scorer in CLIP_SCORERS.items()
-                           if sides == {(preset(model).get("size"),) * 2}), "none")
+                           if sides == {(default_config(model).size,) * 2}), "none")
     return (None, None) if clip_model == "none" else (load_clip(clip_model, device), clip_model)
 
 
