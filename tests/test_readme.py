@@ -114,13 +114,13 @@ def commands(text: str) -> list[str]:
     found = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
-            found += re.split(r"\s*(?:\||&&|;)\s*", line.split(" #")[0])
+            found += [re.sub(r"\s+\d?>.*$", "", c) for c in re.split(r"\s*(?:\||&&|;)\s*", line.split(" #")[0])]
     found += re.findall(r"`(python [^`]+)`", text)
     return sorted({c.strip() for c in found if c.strip().startswith("python ")})
 
 
 def test_commands_helper_finds_commands():
-    text = "```bash\npython a.py --x 1 \\\n  --y 2   # comment\nls | python -m b c && python d.py\n```\n`python e.py`"
+    text = "```bash\npython a.py --x 1 \\\n  --y 2   # comment\nls | python -m b c && python d.py > out.txt\n```\n`python e.py`"
     assert commands(text) == ["python -m b c", "python a.py --x 1    --y 2", "python d.py", "python e.py"]
 
 
@@ -136,3 +136,12 @@ def test_every_command_of_the_guides_answers_help():
     for c, p in runs.items():
         out = p.communicate(timeout=300)[0]
         assert p.returncode == 0 and "usage:" in out, f"{c} --help: exit {p.returncode}\n{out[-2000:]}"
+
+
+def test_every_code_name_the_readme_points_to_exists():
+    """Each `apla.x.y` the README names resolves, and each path of ours it names (`apla/...`, `*.py`) exists."""
+    text = README.read_text(encoding="utf-8")
+    for name in re.findall(r"`(apla(?:\.\w+)+)`", text):
+        resolve(name)
+    for path in re.findall(r"`((?:apla|tests|notebooks)/[\w/.]*|\w+\.py)`", text):
+        assert (README.parent / path).exists() or (README.parent / "apla" / path).exists(), path

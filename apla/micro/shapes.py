@@ -37,6 +37,7 @@ Example
 from __future__ import annotations
 
 import math
+import argparse
 import os
 import re
 from dataclasses import dataclass
@@ -332,6 +333,8 @@ def write_default_clip(path: str | os.PathLike) -> str:
     return clip_caption(DEFAULT_CLIP["shape"], DEFAULT_CLIP["colour"], DEFAULT_CLIP["path"])
 
 
-if __name__ == "__main__":  # regenerate the shipped clip: python -m apla.micro.shapes
+if __name__ == "__main__":
+    argparse.ArgumentParser(prog="python -m apla.micro.shapes",
+                            description="Regenerate apla/assets/shapes_red_circle_right.gif.").parse_args()
     target = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "shapes_red_circle_right.gif")
     print(write_default_clip(target), "->", target)
