@@ -1,7 +1,12 @@
 """The README: its equation index (every function exists, cites its equation and names an existing test), its
-install and test commands (what CI runs) and the package metadata beside requirements.txt."""
+install and test commands (what CI runs), the package metadata beside requirements.txt, and the README and the
+projects' READMEs as guides (short, every link, code name, command and flag of theirs working)."""
 import importlib
+import itertools
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -124,24 +129,32 @@ def test_commands_helper_finds_commands():
     assert commands(text) == ["python -m b c", "python a.py --x 1    --y 2", "python d.py", "python e.py"]
 
 
-def test_every_command_of_the_guides_answers_help():
-    import shlex
-    import subprocess
-    import sys
+def program(command: str) -> tuple[str, ...]:
+    """What a command runs: the script or `-m module`, and its subcommands (lower-case words before any flag)."""
+    words = shlex.split(command)[1:]
+    head = words[:2] if words[0] == "-m" else words[:1]
+    rest = words[len(head):]
+    subs = [w for w in itertools.takewhile(lambda w: re.fullmatch(r"[a-z][a-z-]*", w), rest)]
+    return (*head, *subs)
 
-    cmds = sorted({c for guide in GUIDES for c in commands(guide.read_text(encoding="utf-8"))})
-    assert any(c.startswith("python train.py") for c in cmds) and any(c.startswith("python sample.py") for c in cmds)
-    runs = {c: subprocess.Popen([sys.executable, *shlex.split(c)[1:], "--help"], cwd=README.parent, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for c in cmds}
-    for c, p in runs.items():
+
+def test_program_and_flags_of_a_command():
+    assert program("python -m apla.study plan --quick --out D") == ("-m", "apla.study", "plan")
+    assert program("python -m apla.eval runs/apla/samples --source red-circle-right") == ("-m", "apla.eval")
+    assert program("python train.py --max-steps 3") == ("train.py",)
+
+
+def test_every_command_of_the_guides_answers_help_and_knows_its_flags():
+    """Each program the guides run answers --help, and every flag a guide gives it is one its help lists."""
+    flags = {}
+    for guide in GUIDES:
+        for command in commands(guide.read_text(encoding="utf-8")):
+            flags.setdefault(program(command), set()).update(re.findall(r"(?<!\S)(--[a-z][\w-]*)", command))
+    assert ("train.py",) in flags and ("sample.py",) in flags
+    runs = {prog: subprocess.Popen([sys.executable, *prog, "--help"], cwd=README.parent, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for prog in flags}
+    for prog, p in runs.items():
         out = p.communicate(timeout=300)[0]
-        assert p.returncode == 0 and "usage:" in out, f"{c} --help: exit {p.returncode}\n{out[-2000:]}"
-
-
-def test_every_code_name_the_readme_points_to_exists():
-    """Each `apla.x.y` the README names resolves, and each path of ours it names (`apla/...`, `*.py`) exists."""
-    text = README.read_text(encoding="utf-8")
-    for name in re.findall(r"`(apla(?:\.\w+)+)`", text):
-        resolve(name)
-    for path in re.findall(r"`((?:apla|tests|notebooks)/[\w/.]*|\w+\.py)`", text):
-        assert (README.parent / path).exists() or (README.parent / "apla" / path).exists(), path
+        assert p.returncode == 0 and "usage:" in out, f"{' '.join(prog)} --help: exit {p.returncode}\n{out[-2000:]}"
+        unknown = sorted(f for f in flags[prog] if f not in out)
+        assert not unknown, f"the guides give {' '.join(prog)} flags its --help does not list: {unknown}"
