@@ -1,6 +1,5 @@
 """train.py and sample.py end to end on a tiny random SD-layout model: outputs, exact resume, NaN stop, atomic
 checkpoints, and one clear line with exit status 2 for each bad input."""
-import importlib.util
 import json
 import os
 import re
@@ -16,50 +15,15 @@ from safetensors.torch import load_file
 from apla import checkpoint as ckpt
 from apla.algorithm import APLA
 from apla import cli
-from tests.helpers.tiny_sd import TINY_RUN, make_tiny_sd
-
-ROOT = Path(__file__).resolve().parents[1]
-BBB = ROOT / "tests" / "data" / "bigbuckbunny_cut.mp4"
-SHAPES_GIF = ROOT / "apla" / "assets" / "shapes_red_circle_right.gif"
+from tests.helpers.runs import (BBB, ROOT, SHAPES_GIF, make_tiny, run_exit, sample, train,  # noqa: F401 (test_cuda)
+                                train_args, trained_weights)
 
 pytest.importorskip("diffusers")
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"apla_script_{name}", ROOT / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-train = _script("train")
-sample = _script("sample")
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    model = make_tiny_sd(root / "sd")
-    other = make_tiny_sd(root / "sd_other", seed=1)
-    cfg = root / "tiny.json"
-    cfg.write_text(json.dumps(TINY_RUN))
-    return {"model": str(model), "other": str(other), "config": str(cfg)}
-
-
-def train_args(tiny, out, steps=3, video=SHAPES_GIF, frames=4, *extra):
-    return ["--config", tiny["config"], "--pretrained", tiny["model"], "--video", str(video), "--prompt",
-            "a red circle moving to the right", "--output-dir", str(out), "--max-steps", str(steps), "--frames",
-            str(frames), "--size", "64", "--seed", "0", "--no-progress", "--device", "cpu", *extra]
-
-
-def run_exit(fn, argv):
-    with pytest.raises(SystemExit) as e:
-        fn(argv)
-    return e.value.code
-
-
-def trained_weights(run):
-    return load_file(str(ckpt.latest_checkpoint(run) / "weights.safetensors"))
+    return make_tiny(tmp_path_factory.mktemp("tiny"), other=True)
 
 
 def test_train_then_sample_writes_outputs(tiny, tmp_path):
