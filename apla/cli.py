@@ -181,7 +181,10 @@ def parse_train_args(argv: Optional[list] = None):
         output_dir = args.output_dir if "output_dir" in given else file_values.get("output_dir", args.output_dir)
         saved_path = Path(output_dir) / "config.json"
         if saved_path.is_file():
-            saved = json.loads(saved_path.read_text())
+            try:
+                saved = json.loads(saved_path.read_text())
+            except (OSError, ValueError) as e:
+                fail(f"--resume: cannot read {saved_path}: {e}")
     pretrained = (args.pretrained if "pretrained" in given else
                   file_values.get("pretrained", saved.get("pretrained", TrainConfig().pretrained)))
     values = saved or {**preset(pretrained), "pretrained": pretrained}

@@ -15,6 +15,7 @@ from PIL import Image
 from apla import cli
 from apla import assets as bundled
 from apla.config import TrainConfig, default_config
+from apla.eval.score import sample_stem
 from apla.micro import oneshot
 from apla.video import PyAVMissing, VideoError, count_frames, read_video
 
@@ -262,5 +263,4 @@ def test_bundled_bigbuckbunny_trains_and_samples_without_pyav(capsys, tmp_path, 
     notes = [line for line in err if "PyAV" in line]
     assert notes == [f"note: MP4s skipped, GIFs and PNGs written: writing MP4 {INSTALL_PYAV}"], err
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [f"{stem}.{ext}" for stem in ("a_red_circle_moving_to_the_right", "a_blue_square_moving_to_the_right")
-         for ext in ("gif", "png")] + ["metrics.json"])
+        [f"{sample_stem(prompt)}.{ext}" for prompt in prompts for ext in ("gif", "png")] + ["metrics.json"])

@@ -44,11 +44,24 @@ def args(tiny, out, steps=STEPS, *extra):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny, tmp_path_factory):
+def reference_at(tiny, tmp_path_factory):
+    """reference_at(n): the weights of an uninterrupted run of n steps (each length run once)."""
+    cache = {}
+
+    def weights(n):
+        if n not in cache:
+            run = tmp_path_factory.mktemp("reference") / "run"
+            assert train.main(args(tiny, run, n)) == 0
+            cache[n] = trained_weights(run)
+        return cache[n]
+
+    return weights
+
+
+@pytest.fixture(scope="module")
+def reference(reference_at):
     """The weights of an uninterrupted run of STEPS steps."""
-    run = tmp_path_factory.mktemp("reference") / "run"
-    assert train.main(args(tiny, run)) == 0
-    return trained_weights(run)
+    return reference_at(STEPS)
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +122,15 @@ def script_process(name, argv, stderr_path, cwd=ROOT):
                             stdout=subprocess.DEVNULL, stderr=open(stderr_path, "w"))
 
 
+def last_whole_step(run) -> int:
+    """The step of the last whole record of RUN/log.jsonl (0 when there is none)."""
+    try:
+        lines = [ln for ln in (Path(run) / "log.jsonl").read_text().splitlines(keepends=True) if ln.endswith("\n")]
+    except FileNotFoundError:
+        return 0
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
 def wait_for(predicate, proc, timeout=120.0):
     """Poll until predicate() or the process ends."""
     end = time.monotonic() + timeout
@@ -149,7 +171,6 @@ def fill(folder: Path, leave: int) -> Path:
 # One writer per run directory
 # ---------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="issue 24: a second train.py writes the same run directory")
 def test_a_second_writer_is_refused_while_the_first_runs(tiny, tmp_path, capsys):
     run = tmp_path / "run"
     first = script_process("train", args(tiny, run, 40), tmp_path / "first.err")
@@ -165,7 +186,6 @@ def test_a_second_writer_is_refused_while_the_first_runs(tiny, tmp_path, capsys)
     assert logged_steps(run) == list(range(1, 41))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 24: sample.py fails when train.py prunes the checkpoint it is reading")
 def test_sample_reads_a_whole_checkpoint_while_training_prunes(trained, tmp_path, monkeypatch, capsys):
     run = copy_run(trained, tmp_path / "run")
     real = ckpt.list_checkpoints
@@ -187,7 +207,6 @@ def test_sample_reads_a_whole_checkpoint_while_training_prunes(trained, tmp_path
 # The log as a journal
 # ---------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="issue 24: a torn last line of log.jsonl stops --resume")
 def test_resume_after_a_torn_log_line(tiny, tmp_path, reference):
     run = tmp_path / "run"
     assert train.main(args(tiny, run, 3, "--checkpoint-every", "2")) == 0  # checkpoint at 2 and 3
@@ -199,13 +218,13 @@ def test_resume_after_a_torn_log_line(tiny, tmp_path, reference):
     assert_same_weights(run, reference)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 24: a rerun after a kill before the first checkpoint appends to its log")
 def test_rerun_after_a_kill_before_the_first_checkpoint(tiny, tmp_path, reference, monkeypatch, capsys):
     run = tmp_path / "run"
     interrupt_at(monkeypatch, 4)
     with pytest.raises((KeyboardInterrupt, SystemExit)):
         train.main(args(tiny, run))  # checkpoints every 250 steps: none written
     monkeypatch.undo()
+    capsys.readouterr()
     assert ckpt.latest_checkpoint(run) is None and logged_steps(run) == [1, 2, 3]
     assert "no checkpoint" in fails(train.main, args(tiny, run, STEPS, "--resume"), capsys)
     assert train.main(args(tiny, run)) == 0
@@ -214,7 +233,6 @@ def test_rerun_after_a_kill_before_the_first_checkpoint(tiny, tmp_path, referenc
     assert_same_weights(run, reference)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 24: a failed log append leaves a half line and a traceback")
 def test_a_failed_log_append_leaves_whole_lines(tiny, tmp_path, reference, monkeypatch, capsys):
     import errno
 
@@ -244,7 +262,6 @@ def test_a_failed_log_append_leaves_whole_lines(tiny, tmp_path, reference, monke
 # Ctrl-C and kills
 # ---------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="issue 24: Ctrl-C ends in a KeyboardInterrupt traceback")
 def test_ctrl_c_is_one_line_saying_where_resume_continues(tiny, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     interrupt_at(monkeypatch, 4)
@@ -263,22 +280,25 @@ def test_ctrl_c_is_one_line_saying_where_resume_continues(tiny, tmp_path, monkey
     assert "interrupted" in line
 
 
-@pytest.mark.xfail(strict=True, reason="issue 24: Ctrl-C of a subprocess ends in a traceback")
-def test_random_kills_and_interrupts_then_resume_end_bit_equal(tiny, tmp_path, reference):
-    """Rounds of SIGINT and SIGKILL in turn, each at a random moment of the loop and followed by the command that
-    continues (`--resume` when a checkpoint exists, else the same command), then a run to the end."""
-    rng = random.Random(24)
+def test_random_kills_and_interrupts_then_resume_end_bit_equal(tiny, tmp_path, reference_at):
+    """Rounds of SIGINT and SIGKILL in turn, each at a random moment of the run (from its start to its last steps)
+    and followed by the command that continues (`--resume` when a checkpoint exists, else the same command), then
+    a run to the end."""
+    steps, rng = 24, random.Random(24)
     run, interrupted = tmp_path / "run", 0
     for round_, sig in enumerate([signal.SIGINT, signal.SIGKILL] * 2):
         err = tmp_path / f"round{round_}.err"
-        resume = ["--resume"] if ckpt.latest_checkpoint(run) else []
-        proc = script_process("train", args(tiny, run, STEPS, "--checkpoint-every", "2", *resume), err)
-        wait_for(lambda: "apla: trains" in err.read_text(), proc)
-        time.sleep(rng.uniform(0.0, 0.8))
+        latest = ckpt.latest_checkpoint(run)
+        start = ckpt.checkpoint_step(latest) if latest else 0
+        resume = ["--resume"] if latest else []
+        proc = script_process("train", args(tiny, run, steps, "--checkpoint-every", "4", *resume), err)
+        target = start + rng.randint(0, max(0, steps - start - 4))  # a step reached, then a moment more
+        wait_for(lambda: "apla: trains" in err.read_text() and last_whole_step(run) >= target, proc)
+        time.sleep(rng.uniform(0.0, 0.05))
         if proc.poll() is None:
             proc.send_signal(sig)
         rc = proc.wait(timeout=120)
-        if rc == 0:
+        if rc == 0 or "apla: done" in err.read_text():  # finished before the signal came
             break
         interrupted += 1
         if sig == signal.SIGINT:
@@ -287,10 +307,11 @@ def test_random_kills_and_interrupts_then_resume_end_bit_equal(tiny, tmp_path, r
         else:
             assert rc == -signal.SIGKILL
     assert interrupted >= 2
-    if ckpt.latest_checkpoint(run) is None or ckpt.latest_checkpoint(run).name != f"step-{STEPS:06d}":
-        assert train.main(args(tiny, run, STEPS, *(["--resume"] if ckpt.latest_checkpoint(run) else []))) == 0
-    assert logged_steps(run) == list(range(1, STEPS + 1))
-    assert_same_weights(run, reference)
+    latest = ckpt.latest_checkpoint(run)
+    if latest is None or ckpt.checkpoint_step(latest) != steps:
+        assert train.main(args(tiny, run, steps, *(["--resume"] if latest else []))) == 0
+    assert logged_steps(run) == list(range(1, steps + 1))
+    assert_same_weights(run, reference_at(steps))
     assert not list((run / "checkpoints").glob(".*"))  # no temporary folder left behind
 
 
@@ -298,7 +319,6 @@ def test_random_kills_and_interrupts_then_resume_end_bit_equal(tiny, tmp_path, r
 # Only finite checkpoints
 # ---------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="issue 24: the checkpoint of the step that blew up is kept")
 def test_a_blow_up_keeps_only_finite_checkpoints(tiny, tmp_path, capsys):
     run = tmp_path / "run"
     line = fails(train.main, args(tiny, run, STEPS, "--lr", "1e30", "--checkpoint-every", "1"), capsys, code=1)
@@ -314,7 +334,6 @@ def test_a_blow_up_keeps_only_finite_checkpoints(tiny, tmp_path, capsys):
         assert all(v is not None for row in report["videos"] for v in row["metrics"].values())
 
 
-@pytest.mark.xfail(strict=True, reason="issue 24: sample.py samples a checkpoint with non-finite weights")
 def test_sample_refuses_a_non_finite_checkpoint(trained, tmp_path, capsys):
     run = copy_run(trained, tmp_path / "run")
     path = ckpt.latest_checkpoint(run) / "weights.safetensors"
@@ -331,7 +350,6 @@ def test_sample_refuses_a_non_finite_checkpoint(trained, tmp_path, capsys):
     assert not out.exists() or not list(out.glob("*.gif"))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 24: sample.py writes videos of NaN as black GIFs")
 def test_sample_writes_no_video_of_non_finite_values(trained, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sample, "ddim_sample", lambda fn, z, *a, **k: z * float("nan"))
     out = tmp_path / "samples"
@@ -345,7 +363,6 @@ def test_sample_writes_no_video_of_non_finite_values(trained, tmp_path, monkeypa
 # Unique outputs
 # ---------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="issue 24: prompts that slug alike overwrite each other's files")
 def test_colliding_prompts_get_their_own_files(trained, tmp_path, capsys):
     long = "a red circle" + " very" * 20  # the same first 60 characters
     prompts = ["a red circle!", "A red circle?", "\U0001F534\u2B55", "", long + " fast", long + " slow"]
@@ -370,7 +387,6 @@ def test_colliding_prompts_get_their_own_files(trained, tmp_path, capsys):
 # A full disk, an unwritable folder
 # ---------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="issue 24: a full disk ends in a safetensors or torch traceback")
 @pytest.mark.parametrize("leave", [6_000, 60_000, 300_000])
 def test_a_full_disk_is_one_line_and_the_run_continues(tiny, tmp_path, reference, capsys, leave):
     """The disk fills at the config, the clip's latents, the log or a checkpoint (depending on the room left); after
@@ -391,7 +407,6 @@ def test_a_full_disk_is_one_line_and_the_run_continues(tiny, tmp_path, reference
         assert_same_weights(run, reference)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 24: a full disk under sample.py and python -m apla.eval --json")
 def test_a_full_disk_under_sample_and_evaluate(trained, tmp_path, capsys):
     with tmpfs(tmp_path / "disk", "1m") as disk:
         fill(disk, 4_000)
@@ -421,7 +436,6 @@ def unwritable(tmp_path):
             yield folder
 
 
-@pytest.mark.xfail(strict=True, reason="issue 24: an unwritable --output-dir or --out ends in a traceback")
 def test_an_unwritable_folder_is_one_line(tiny, trained, unwritable, capsys):
     line = fails(train.main, args(tiny, unwritable / "run", 1), capsys)
     assert str(unwritable / "run") in line
@@ -430,7 +444,6 @@ def test_an_unwritable_folder_is_one_line(tiny, trained, unwritable, capsys):
     assert str(unwritable / "samples") in line
 
 
-@pytest.mark.xfail(strict=True, reason="issue 24: checkpoints are 0700/0600 whatever the umask")
 def test_the_umask_is_honoured(tiny, tmp_path):
     run = tmp_path / "run"
     old = os.umask(0o002)
@@ -465,7 +478,6 @@ def damage(run: Path, case: str) -> None:
         (run / "source.safetensors").unlink()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 24: damaged run files end in tracebacks")
 @pytest.mark.parametrize("case, script, expect", [
     ("garbage state.pt", "train", "state.pt"), ("refused state.pt", "train", "state.pt"),
     ("non-JSON config.json", "train", "config.json"), ("missing source.safetensors", "sample", "source.safetensors")])
@@ -479,7 +491,6 @@ def test_a_damaged_run_file_is_one_line(tiny, trained, tmp_path, capsys, case, s
     assert not (Path.cwd() / "planted").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 24: sample.py reads the optimiser state it does not need")
 def test_sample_needs_no_optimiser_state_and_names_its_checkpoint(trained, tmp_path, capsys):
     run = copy_run(trained, tmp_path / "run")
     damage(run, "garbage state.pt")
@@ -488,7 +499,6 @@ def test_sample_needs_no_optimiser_state_and_names_its_checkpoint(trained, tmp_p
     assert str(ckpt.latest_checkpoint(run)) in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason="issue 24: bad output folders and settings end in tracebacks or write")
 @pytest.mark.parametrize("case, expect", [
     ("empty --output-dir", "--output-dir"), ("--output-dir is a file", "not a folder"),
     ("negative VGT width", "width"), ("VGT patch size 0", "patch_size"), ("--size too small", "--size"),
@@ -517,7 +527,6 @@ def test_bad_settings_are_one_line_before_anything_is_written(tiny, tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run"] * run.exists() + ["bad.json"] * ("VGT" in case))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 24: --resume with other settings fails inside load_state_dict")
 def test_resume_names_each_conflicting_setting(tiny, trained, tmp_path, capsys):
     run = copy_run(trained, tmp_path / "run")
     line = fails(train.main, args(tiny, run, 3, "--resume", "--frames", "6", "--lr", "0.1"), capsys)
@@ -528,7 +537,6 @@ def test_resume_names_each_conflicting_setting(tiny, trained, tmp_path, capsys):
 # The small things
 # ---------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="issue 24: temporary folders of a killed checkpoint are never removed")
 def test_stale_temporary_checkpoints_are_removed_when_a_run_starts(trained, tiny, tmp_path):
     run = copy_run(trained, tmp_path / "run")
     stale = run / "checkpoints" / ".step-000003.abc123.tmp"
@@ -538,7 +546,6 @@ def test_stale_temporary_checkpoints_are_removed_when_a_run_starts(trained, tiny
     assert not stale.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 24: relative paths in config.json break --resume from elsewhere")
 def test_paths_are_stored_absolute_and_resume_works_from_another_folder(tiny, tmp_path, monkeypatch, reference):
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
     work.mkdir(), elsewhere.mkdir()
@@ -554,10 +561,9 @@ def test_paths_are_stored_absolute_and_resume_works_from_another_folder(tiny, tm
     assert_same_weights(work / "run", reference)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 24: prompts over 77 tokens are cut without a word")
 def test_a_prompt_over_77_tokens_gets_one_warning(trained, capsys):
     long = "a red circle " + "moving slowly and then quickly " * 20
     assert sample.main(["--run", str(trained), "--steps", "1", "--no-progress", "--device", "cpu", "--prompt", long,
                         "--no-metrics", "--out", str(trained.parent / "long")]) == 0
-    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "77" in ln]
-    assert len(warnings) == 1 and "tokens" in warnings[0]
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "tokens" in ln]
+    assert len(warnings) == 1 and "77" in warnings[0]

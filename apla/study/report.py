@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from apla import checkpoint as ckpt
-from apla.config import slug
+from apla.eval.score import sample_stem
 
 HAND_MARK = "<!-- Written by hand below this line; python -m apla.study keeps it. -->"
 ALL = ("source", "colour", "shape", "edit")
@@ -291,7 +291,7 @@ def grid_rows(jobs, runs: list[dict], step: int) -> tuple[str, list]:
                         size=first.config["size"])
     rows = [("source clip", ((source.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())]
     for j in mine:
-        png = j.dir / "samples" / f"step-{step:06d}" / f"{slug(shape_edit)}.png"
+        png = j.dir / "samples" / f"step-{step:06d}" / f"{sample_stem(shape_edit)}.png"
         if png.is_file():
             rows.append((j.variant, strip_frames(png, n)))
     return f"{first.clip.name}, seed {first.seed}, step {step}: \"{shape_edit}\"", rows
