@@ -54,8 +54,7 @@ def _umask() -> int:
 
 def atomic_write(path, write: Callable[[str], None]) -> str:
     """The project's one way to write a file: call write(tmp_path) on a temporary file beside `path`, then rename
-    it to `path` (atomic on one filesystem); on any error the temporary file is removed and `path` is untouched.
-    An OSError is raised again naming `path` (a full disk's ENOSPC from a write has no file name of its own)."""
+    it to `path` (atomic on one filesystem); on any error the temporary file is removed and `path` is untouched."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     tmp = None
@@ -69,10 +68,14 @@ def atomic_write(path, write: Callable[[str], None]) -> str:
     except BaseException as e:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(e, OSError) and e.errno is not None:
-            raise OSError(e.errno, e.strerror, path) from None
-        raise
+        raise naming(e, path) from None
     return path
+
+
+def naming(e: BaseException, path) -> BaseException:
+    """An OSError as raised again by a writer: naming `path`, what the caller writes (not a temporary file, and a
+    full disk's ENOSPC from a write names no file at all); any other exception as it is."""
+    return OSError(e.errno, e.strerror, os.fspath(path)) if isinstance(e, OSError) and e.errno is not None else e
 
 
 def atomic_write_bytes(path, data) -> str:
@@ -185,9 +188,9 @@ def write_checkpoint(run_dir, step: int, weights: Dict[str, torch.Tensor], state
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise naming(e, final) from None
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -302,9 +302,7 @@ class StepLog:
                 done += os.write(self._fd, data[done:])
         except BaseException as e:
             os.ftruncate(self._fd, end)
-            if isinstance(e, OSError):
-                raise OSError(e.errno, e.strerror, str(self.path)) from None
-            raise
+            raise ckpt.naming(e, self.path) from None
 
     def close(self) -> None:
         os.close(self._fd)
