@@ -82,6 +82,8 @@ def main(argv=None) -> int:
 
 
 def train(cfg, resume: bool, lock: ckpt.RunLock) -> int:
+    """Algorithm 1 on cfg's clip, in the run directory that `lock` keeps to this process (taken before any work when
+    the directory exists, else once the inputs are checked)."""
     # ---- the run directory: its one writer (a second train.py is refused here, before any work) -----------------
     run_dir, device = lock.run_dir, pick_device(cfg.device)
     if run_dir.is_dir():

@@ -253,7 +253,10 @@ def absolute_paths(cfg: TrainConfig) -> None:
 
 
 def resume_conflicts(saved: TrainConfig, cfg: TrainConfig) -> list[str]:
-    """The settings a resumed run asks to change but cannot (all but RESUMABLE), each as "key saved -> asked"."""
+    """The settings a resumed run asks to change but cannot (all but RESUMABLE), each as "key saved -> asked". The
+    saved paths are made absolute first: a run saved with relative ones is read from the folder it is resumed in."""
+    absolute_paths(saved)
+
     def flat(d: dict, prefix: str = "") -> dict:
         out = {}
         for k, v in d.items():
