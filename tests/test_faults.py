@@ -471,7 +471,7 @@ def damage(run: Path, case: str) -> None:
             def __reduce__(self):
                 return os.system, ("touch planted",)
 
-        state.write_bytes(pickle.dumps(Evil()))
+        state.write_bytes(pickle.dumps(Evil(), protocol=2))
     elif case == "non-JSON config.json":
         (run / "config.json").write_text('{"pretrained": "micro", ')
     elif case == "missing source.safetensors":
