@@ -7,26 +7,29 @@ Algorithm 1's second loop, "Sampling z_{t-1} using DDIM inversion", is read as T
 of the clip's latents to z_T with the empty prompt, then DDIM sampling from z_T with the new prompt; both evaluate
 the perturbed prediction eps*, since Eq. 4 defines the tuned model's output.
 
-Reads top to bottom: the run's config and latest checkpoint -> the base model with the run's tuned weights ->
-z_T by DDIM inversion of the cached clip latents with the empty prompt (Tune-A-Video's recipe, on eps*), or seeded
-noise -> for each prompt, DDIM sampling (Eq. 3) with classifier-free guidance on the perturbed prediction
-eps* = eps_theta + phi (Eq. 4) -> VAE decode -> GIF (+ MP4 with PyAV) and a PNG strip per prompt -> the samples
-scored as the paper's tables do (apla.eval.score: FCI, warping error, PSNR, CLIP scores) into metrics.json.
+Reads top to bottom: the run's config and latest checkpoint (its weights; no optimiser state) -> the base model
+with the run's tuned weights -> z_T by DDIM inversion of the cached clip latents with the empty prompt
+(Tune-A-Video's recipe, on eps*), or seeded noise -> for each prompt, DDIM sampling (Eq. 3) with classifier-free
+guidance on the perturbed prediction eps* = eps_theta + phi (Eq. 4) -> VAE decode -> GIF (+ MP4 with PyAV) and a
+PNG strip per prompt, named by apla.eval.score.sample_stem (a readable slug and a hash of the exact prompt) -> the
+samples scored as the paper's tables do (apla.eval.score: FCI, warping error, PSNR, CLIP scores) into metrics.json,
+which maps each prompt to its files. A checkpoint or a video with values that are not finite is refused, and
+nothing of it is written.
 """
 from __future__ import annotations
 
+import errno
+import signal
 import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 import apla
 from apla import checkpoint as ckpt
 from apla import run
 from apla.eval import score as evaluate
 from apla.cli import autocast_for, fail, pick_device, resolve_mixed_precision, sample_parser
-from apla.config import slug
 from apla.scheduler import ddim_invert, ddim_sample, ddim_timesteps
 from apla.video import PyAVMissing, require_av, write_gif, write_mp4, write_png_strip
 
@@ -50,14 +53,24 @@ def write_outputs(frames: torch.Tensor, stem: Path, fps: int, mp4: bool) -> list
 
 
 def main(argv=None) -> int:
+    """generate(), with Ctrl-C (exit status 130), a full disk (1) and other OS errors (2) said in one line."""
     args = sample_parser().parse_args(argv)
-    run_dir, device = Path(args.run), pick_device(args.device)
     try:
-        cfg = run.read_config(run_dir)
+        return generate(args)
     except ckpt.CheckpointError as e:
         fail(str(e))
-    latest = Path(args.checkpoint) if args.checkpoint else ckpt.latest_checkpoint(run_dir)
-    if latest is None or not (latest / "weights.safetensors").is_file():
+    except KeyboardInterrupt:
+        fail("interrupted; the files written so far are whole, the others were not written", code=130)
+    except OSError as e:
+        fail(ckpt.describe_os_error(e), code=1 if e.errno == errno.ENOSPC else 2)
+
+
+def generate(args) -> int:
+    run_dir, device = Path(args.run), pick_device(args.device)
+    cfg = run.read_config(run_dir)
+    if args.checkpoint and not (Path(args.checkpoint) / "weights.safetensors").is_file():
+        fail(f"--checkpoint {args.checkpoint}: no weights.safetensors there")
+    if not args.checkpoint and ckpt.latest_checkpoint(run_dir) is None:
         fail(f"--run {run_dir}: no checkpoint found (train first, or pass --checkpoint)")
     steps = args.steps if args.steps is not None else cfg.sample_steps
     guidance = args.guidance if args.guidance is not None else cfg.guidance
@@ -68,13 +81,13 @@ def main(argv=None) -> int:
         sd = apla.load_stable_diffusion(pretrained, device=device)
     except (ValueError, OSError) as e:
         fail(f"cannot load base model {pretrained!r}: {e}")
-    source = load_file(str(run_dir / "source.safetensors"))
-    z0 = source["z0_mean"].to(device)                                          # (1, 4, F, h, w)
+    z0 = run.read_source(run_dir)["z0_mean"].to(device)                        # (1, 4, F, h, w)
     model = run.build_apla(cfg, sd, z0.shape, device, train=False)
-    try:
-        run.load_checkpoint(latest, cfg, model)
-    except ckpt.CheckpointError as e:
-        fail(str(e))
+    if args.checkpoint:
+        used = Path(args.checkpoint)
+        run.load_checkpoint(used, cfg, model)
+    else:  # while a train.py may go on writing the run
+        used = run.load_latest(run_dir, cfg, model)
     model.eval()
     use_vgt = not args.no_vgt
     timesteps = ddim_timesteps(steps, len(sd.alpha_bar))
@@ -82,6 +95,9 @@ def main(argv=None) -> int:
         clip = (None, None) if args.no_metrics else evaluate.run_clip(cfg, args.clip_model, device)
     except evaluate.MetricsError as e:
         fail(str(e))
+    out_dir = Path(args.out) if args.out else run_dir / "samples"
+    out_dir.mkdir(parents=True, exist_ok=True)                                 # an unwritable --out fails here
+    print(f"sample.py: checkpoint {used}", file=sys.stderr)
     alpha_bar = model.alpha_bar
     amp = autocast_for(resolve_mixed_precision(args.mixed_precision, device), device)       # auto: as train.py
 
@@ -96,25 +112,26 @@ def main(argv=None) -> int:
                               progress=not args.no_progress)
 
     # ---- each prompt: guided DDIM sampling on eps* (Eq. 3 with Eq. 4), decode, write ---------------------------
-    out_dir = Path(args.out) if args.out else run_dir / "samples"
-    out_dir.mkdir(parents=True, exist_ok=True)
     mp4 = mp4_possible()
-    videos = []
-    for prompt in args.prompt or [cfg.prompt, *cfg.edit_prompts]:
+    videos, files = [], {}
+    for prompt in dict.fromkeys(args.prompt or [cfg.prompt, *cfg.edit_prompts]):  # each prompt once, in order
         with torch.no_grad():
             cond = apla.encode_prompt(sd, [prompt]).to(device)                 # (1, 77, D)
         with amp:
             z0_new = ddim_sample(lambda z, t: model.guided_eps(z, t, uncond, cond, guidance, use_vgt), z_T,
                                  timesteps, alpha_bar, progress=not args.no_progress)
+        if not torch.isfinite(z0_new).all():
+            fail(f"{prompt!r}: the sampled latents are not finite; no video written (is the checkpoint {used} one "
+                 "of a run that blew up?)")
         frames = run.decode_latents(sd.vae, z0_new)                            # (F, 3, H, W)
-        written = write_outputs(frames, out_dir / slug(prompt), args.fps, mp4)
-        print(f"{prompt!r}: {', '.join(str(p) for p in written)}", file=sys.stderr)
+        files[prompt] = write_outputs(frames, out_dir / evaluate.sample_stem(prompt), args.fps, mp4)
+        print(f"{prompt!r}: {', '.join(str(p) for p in files[prompt])}", file=sys.stderr)
         videos.append((prompt, frames))
 
     # ---- the samples scored: metrics.json and a table (python -m apla.eval OUT prints the same) ------------
     if not args.no_metrics:
         try:
-            report = evaluate.score_samples(videos, cfg, out_dir / "metrics.json", clip, device)
+            report = evaluate.score_samples(videos, cfg, out_dir / "metrics.json", clip, device, files)
         except (evaluate.MetricsError, evaluate.VideoError) as e:
             fail(f"scoring the samples: {e} (--no-metrics skips it)")
         print(evaluate.format_table(report))
@@ -122,4 +139,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    finally:  # what is left is the interpreter's exit: a Ctrl-C now would only print a traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -16,8 +16,9 @@ cached latents (mean + std * noise), and sampling inverts the posterior mean.
 """
 from __future__ import annotations
 
-import json
+import errno
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -38,7 +39,7 @@ def start_checkpoint(run_dir: Path, resume: bool):
     """The checkpoint a run continues from (--resume), or None for a new run; one-line errors otherwise."""
     latest = ckpt.latest_checkpoint(run_dir)
     if resume and latest is None:
-        fail(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+        fail(f"--resume: no checkpoint in {run_dir / 'checkpoints'} (without --resume the run starts afresh)")
     if not resume and latest is not None:
         fail(f"{run_dir} already holds a run; pass --resume to continue it or choose another --output-dir")
     return latest
@@ -50,12 +51,49 @@ def log_line(step: int, t: torch.Tensor, terms: dict, seconds: float) -> dict:
     return {"step": step, "t": int(values[0]), **dict(zip(terms, values[1:])), "step_time": seconds}
 
 
+def stop(run_dir: Path, why: str):
+    """End a run whose step is not finite: one line, exit status 1; its last finite checkpoint stays the latest."""
+    latest = ckpt.latest_checkpoint(run_dir)
+    fail(f"{why}; stopping (a lower --lr may help), "
+         f"{f'the last finite checkpoint {latest} is kept' if latest else 'no checkpoint was written'}", code=1)
+
+
 def main(argv=None) -> int:
-    # ---- configuration: dataclass defaults <- the base model's preset <- --config file <- flags ----------------
+    """train(), with every way it can stop said in one line: Ctrl-C (exit status 130) and a full disk (1) say how
+    the run continues, another writer of the run directory and other OS errors (2) what is at fault."""
     cfg, resume = parse_train_args(argv)
-    run_dir, device = Path(cfg.output_dir), pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    try:
+        run.absolute_paths(cfg)
+    except ValueError as e:
+        fail(str(e))
+    run_dir = Path(cfg.output_dir)
+    with ckpt.RunLock(run_dir) as lock:
+        try:
+            return train(cfg, resume, lock)
+        except ckpt.CheckpointError as e:  # another writer (RunLocked), a damaged run file
+            fail(str(e))
+        except KeyboardInterrupt:
+            fail(f"interrupted at step {run.last_logged_step(run_dir)}; {run.resume_hint(run_dir)}", code=130)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                fail(f"{ckpt.describe_os_error(e)} at step {run.last_logged_step(run_dir)}; once space is freed, "
+                     f"{run.resume_hint(run_dir)}", code=1)
+            fail(ckpt.describe_os_error(e))
+
+
+def train(cfg, resume: bool, lock: ckpt.RunLock) -> int:
+    """Algorithm 1 on cfg's clip, in the run directory that `lock` keeps to this process (taken before any work when
+    the directory exists, else once the inputs are checked)."""
+    # ---- the run directory: its one writer (a second train.py is refused here, before any work) -----------------
+    run_dir, device = lock.run_dir, pick_device(cfg.device)
+    if run_dir.is_dir():
+        lock.acquire()
     start = start_checkpoint(run_dir, resume)
+    if start is not None:  # a resumed run keeps what shaped its data, models and optimisers
+        conflicts = run.resume_conflicts(run.read_config(run_dir), cfg)
+        if conflicts:
+            fail(f"--resume cannot change: {'; '.join(conflicts)} (start a new run in another --output-dir)")
+    torch.manual_seed(cfg.seed)
 
     # ---- the clip x (Algorithm 1's x_0: every sampled frame) and the base model, checked before anything is written
     try:
@@ -88,13 +126,14 @@ def main(argv=None) -> int:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     meta, step = run.checkpoint_meta(cfg, model), 0
+
+    # ---- the run directory, written from here on: config, the encoded clip, the log cut back to the checkpoint --
+    if not lock.held:  # a new run directory, made now that its inputs are checked
+        lock.acquire()
+        start = start_checkpoint(run_dir, resume)  # (another run may have made it meanwhile)
     if start is not None:
-        try:
-            step = run.load_checkpoint(start, cfg, model, opt_g, opt_d, gen)
-        except ckpt.CheckpointError as e:
-            fail(f"cannot resume: {e}")
-        run.truncate_log(run_dir, step)
-    run_dir.mkdir(parents=True, exist_ok=True)
+        step = run.load_checkpoint(start, cfg, model, opt_g, opt_d, gen)
+    ckpt.remove_temporaries(run_dir)                                            # of an interrupted write
     ckpt.atomic_write_json(run_dir / "config.json", cfg.to_dict())
     ckpt.atomic_save_safetensors({"z0_mean": z0_mean, "z0_std": z0_std, "context": context},
                                  run_dir / "source.safetensors", metadata={"prompt": cfg.prompt})
@@ -106,7 +145,12 @@ def main(argv=None) -> int:
     # ---- Algorithm 1: the fine-tuning loop ----------------------------------------------------------------------
     model.train()
     amp = autocast_for(cfg.mixed_precision, device)
-    with open(run_dir / "log.jsonl", "a") as log:
+    with run.StepLog(run_dir, step) as log:
+        if log.torn:
+            print(f"apla: {log.path}: dropped {log.torn} line(s) cut short by an interrupted write", file=sys.stderr)
+        if log.dropped and start is None:
+            print(f"apla: {log.path} held {log.dropped} step(s) of a run that saved no checkpoint; the log starts "
+                  "afresh", file=sys.stderr)
         bar = tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps, desc="APLA tuning",
                    disable=not cfg.progress)
         for step in bar:
@@ -119,16 +163,20 @@ def main(argv=None) -> int:
             record = log_line(step + 1, t, terms, time.perf_counter() - t0)
             bad = [k for k, v in record.items() if not math.isfinite(v)]
             if bad:
-                fail(f"step {step + 1}: loss term {bad[0]} is not finite ({record[bad[0]]}); stopping, the last "
-                     f"good checkpoint is kept", code=1)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+                stop(run_dir, f"step {step + 1}: loss term {bad[0]} is not finite ({record[bad[0]]})")
+            log.append(record)
             bar.set_postfix(loss=f"{record['total']:.4f}")
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.max_steps:
+                bad = run.nonfinite(model, z0_mean, context, amp)  # only finite checkpoints
+                if bad:
+                    stop(run_dir, f"step {step + 1}: after the update, {bad} is not finite")
                 run.save_checkpoint(run_dir, step + 1, cfg, model, opt_g, opt_d, gen, meta)
     print(f"apla: done, {cfg.max_steps} steps; checkpoint {ckpt.latest_checkpoint(run_dir)}", file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    finally:  # what is left is the interpreter's exit: a Ctrl-C now would only print a traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

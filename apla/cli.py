@@ -188,7 +188,10 @@ def parse_train_args(argv: Optional[list] = None):
     try:
         saved = Path(given.get("output_dir", TrainConfig.output_dir)) / "config.json"
         if resume and saved.is_file():
-            base = json.loads(saved.read_text())
+            try:
+                base = json.loads(saved.read_text())
+            except (OSError, ValueError) as e:
+                fail(f"--resume: cannot read {saved}: {e}")
         else:
             base = preset(given.get("pretrained", TrainConfig.pretrained))
         return TrainConfig.from_dict(merge(base, given)), resume

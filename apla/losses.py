@@ -67,6 +67,11 @@ class VGGFeatures(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
+    @property
+    def min_side(self) -> int:
+        """The least height and width an input may have: each max-pool halves it, and the last must leave 1."""
+        return 2 ** sum(isinstance(m, nn.MaxPool2d) for m in self.features)
+
     def load_torchvision(self, path: str):
         """Copy `features.N.weight/bias` from a torchvision-layout VGG16 file; every needed key must be there."""
         if not os.path.isfile(path):

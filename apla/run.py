@@ -4,19 +4,23 @@ the clip encoded once and decoded back, checkpoints of everything that trains, a
 A run directory holds config.json, source.safetensors (the clip's latents and the prompt's text states),
 log.jsonl (one line per step), checkpoints/step-NNNNNN/ (weights.safetensors with `unet.`, `vgt.` and `disc.`
 parts + state.pt with the optimiser and random-generator states) and samples/. Everything is written atomically
-(apla.checkpoint).
+(apla.checkpoint), by one train.py at a time (apla.checkpoint.RunLock); what an interrupted run leaves is always
+a state that `--resume` (or, before the first checkpoint, the same command) continues from.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from apla import checkpoint as ckpt
 from apla.algorithm import APLA
+from apla.assets import CLIPS, model_path
 from apla.config import APLAConfig, TrainConfig, vgt_config_for
 from apla.discriminator import Discriminator, DiscriminatorConfig
 from apla.losses import VGGFeatures
@@ -69,6 +73,10 @@ def build_apla(cfg: TrainConfig, sd, latent_shape, device, train: bool = True) -
     if train and cfg.apla.use_hyper_loss and cfg.apla.gamma > 0:
         weights = cfg.apla.perceptual_weights
         perceptual = VGGFeatures(weights=None if weights == RANDOM else weights, seed=seeds["vgg"])
+        if min(latent_shape[-2:]) < perceptual.min_side:
+            raise ValueError(f"latents of {latent_shape[-2]}x{latent_shape[-1]} are smaller than the "
+                             f"{perceptual.min_side}x{perceptual.min_side} the perceptual term's VGG features take "
+                             f"(Eq. 17); choose a larger --size")
     return APLA(unet, vgt, disc, perceptual, cfg.apla, sd.alpha_bar).to(device)
 
 
@@ -134,11 +142,12 @@ def save_checkpoint(run_dir, step: int, cfg: TrainConfig, model: APLA, opt_g, op
     return ckpt.write_checkpoint(run_dir, step, weights, state, meta, keep=cfg.keep_checkpoints)
 
 
-def load_checkpoint(path, cfg: TrainConfig, model: APLA, opt_g=None, opt_d=None, gen=None) -> int:
-    """Load a checkpoint into the run's models (and optimisers and generator, when given); returns its step.
-    Raises CheckpointError (one line) for a checkpoint of another base model, VGT variant or D setting."""
+def load_checkpoint(path, cfg: TrainConfig, model: APLA, opt_g=None, opt_d=None, gen=None) -> int | None:
+    """Load a checkpoint into the run's models (and optimisers and generator, when given: only then is state.pt
+    read); returns its step. Raises CheckpointError (one line) for a checkpoint of another base model, VGT variant or
+    D setting, a damaged file or values that are not finite; FileNotFoundError for a checkpoint that is gone."""
     expect = {k: v for k, v in checkpoint_meta(cfg, model).items() if k != "pretrained"}
-    weights, state, _ = ckpt.read_checkpoint(path, expect=expect)
+    weights, _ = ckpt.read_weights(path, expect=expect)
     part = {p: {k[len(p) + 1:]: v for k, v in weights.items() if k.startswith(p + ".")} for p in ("unet", "vgt", "disc")}
     try:
         load_trainable_state(model.unet, part["unet"], where=str(path))
@@ -147,22 +156,58 @@ def load_checkpoint(path, cfg: TrainConfig, model: APLA, opt_g=None, opt_d=None,
                 getattr(model, name).load_state_dict(part[name])
     except (ValueError, RuntimeError) as e:
         raise ckpt.CheckpointError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
-    if opt_g is not None:
-        opt_g.load_state_dict(state["opt_g"])
-    if opt_d is not None:
-        opt_d.load_state_dict(state["opt_d"])
-    if gen is not None:
-        gen.set_state(state["generator"])
-    return int(state["step"])
+    if opt_g is None and gen is None:
+        return ckpt.checkpoint_step(path)
+    state = ckpt.read_state(path)
+    try:
+        if opt_g is not None:
+            opt_g.load_state_dict(state["opt_g"])
+        if opt_d is not None:
+            opt_d.load_state_dict(state["opt_d"])
+        if gen is not None:
+            gen.set_state(state["generator"])
+        return int(state["step"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ckpt.CheckpointError(f"cannot resume from {path}/state.pt: {type(e).__name__} {e}") from None
 
 
-def truncate_log(run_dir, step: int) -> None:
-    """Keep one record of each step 1..step (a resumed run rewrites what came after its checkpoint)."""
-    path = Path(run_dir) / "log.jsonl"
-    if path.is_file():
-        records = {json.loads(ln)["step"]: ln for ln in path.read_text().splitlines() if ln.strip()}  # last wins
-        keep = [records[s] for s in sorted(records) if s <= step]
-        ckpt.atomic_write_bytes(path, "".join(ln + "\n" for ln in keep).encode())
+def load_latest(run_dir, cfg: TrainConfig, model: APLA) -> Path:
+    """Load the weights of a run's newest checkpoint (sample.py) while its train.py may go on writing: a
+    checkpoint pruned between listing and opening is passed over for the newer one that replaced it (a file once
+    opened stays readable after its removal, so what is read is one whole checkpoint)."""
+    while True:
+        latest = ckpt.latest_checkpoint(run_dir)
+        if latest is None:
+            raise ckpt.CheckpointError(f"--run {run_dir}: no checkpoint found (train first, or pass --checkpoint)")
+        try:
+            load_checkpoint(latest, cfg, model)
+            return latest
+        except FileNotFoundError:
+            if ckpt.latest_checkpoint(run_dir) == latest:
+                raise ckpt.CheckpointError(f"{latest}: weights.safetensors vanished while it was read") from None
+
+
+@torch.no_grad()
+def nonfinite(model: APLA, z0: torch.Tensor, context: torch.Tensor, autocast) -> str | None:
+    """What of a model about to be checkpointed is not finite: a trainable parameter's name, or the perturbed
+    prediction eps* (Eq. 4) on the clip's latents z0 (1, 4, F, h, w) at the middle timestep; None when all is
+    finite. Weights can be finite and still so large (a blow-up) that the next prediction is not, hence both."""
+    for name, p in model.named_parameters():
+        if p.requires_grad and not torch.isfinite(p).all():
+            return f"parameter {name}"
+    with autocast:
+        eps_star = model.eps_star(z0, len(model.alpha_bar) // 2, context)          # (1, 4, F, h, w)
+    return None if torch.isfinite(eps_star).all() else "the prediction eps* on the clip"
+
+
+def read_source(run_dir) -> dict:
+    """A run's source.safetensors (the clip's latents z0_mean, z0_std and the prompt's context); CheckpointError in
+    one line when it is missing or damaged."""
+    path = Path(run_dir) / "source.safetensors"
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - missing, truncated or not safetensors: the same one-line message
+        raise ckpt.CheckpointError(f"{path}: missing or unreadable ({e}); train.py writes it as a run starts") from None
 
 
 def read_config(run_dir) -> TrainConfig:
@@ -174,3 +219,118 @@ def read_config(run_dir) -> TrainConfig:
         return TrainConfig.from_dict(json.loads(path.read_text()))
     except (ValueError, TypeError) as e:
         raise ckpt.CheckpointError(f"{path}: unreadable: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run directory: where it is, what a resumed run may change, the log as a journal, where a stopped run stands
+# ---------------------------------------------------------------------------------------------------------------
+
+# the settings a resumed run may change; every other one shapes the data, the models or their optimisers' state
+RESUMABLE = ("output_dir", "max_steps", "checkpoint_every", "keep_checkpoints", "device", "progress",
+             "mixed_precision", "gradient_checkpointing", "compile", "edit_prompts", "sample_steps", "guidance")
+
+
+def run_directory(output_dir: str) -> Path:
+    """--output-dir as an absolute path; ValueError (one line) for an empty name or a file."""
+    if not str(output_dir).strip():
+        raise ValueError("--output-dir is empty: name the run directory")
+    path = Path(os.path.abspath(output_dir))
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--output-dir {path} is a file, not a folder")
+    return path
+
+
+def absolute_paths(cfg: TrainConfig) -> None:
+    """Make cfg's paths absolute, as config.json keeps them (read again by --resume and sample.py from any folder):
+    the run directory, the clip and the base model unless they are bundled names or a hub id, the VGG weights."""
+    cfg.output_dir = str(run_directory(cfg.output_dir))
+    if cfg.video not in CLIPS:
+        cfg.video = os.path.abspath(cfg.video)
+    if model_path(cfg.pretrained) is None and Path(cfg.pretrained).exists():
+        cfg.pretrained = os.path.abspath(cfg.pretrained)
+    if cfg.apla.perceptual_weights not in (None, RANDOM):
+        cfg.apla.perceptual_weights = os.path.abspath(cfg.apla.perceptual_weights)
+
+
+def resume_conflicts(saved: TrainConfig, cfg: TrainConfig) -> list[str]:
+    """The settings a resumed run asks to change but cannot (all but RESUMABLE), each as "key saved -> asked". The
+    saved paths are made absolute first: a run saved with relative ones is read from the folder it is resumed in."""
+    absolute_paths(saved)
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = (flat(json.loads(json.dumps(c.to_dict()))) for c in (saved, cfg))  # tuples as lists, as in config.json
+    return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
+            if k.split(".")[0] not in RESUMABLE and a.get(k) != b.get(k)]
+
+
+def truncate_log(run_dir, step: int) -> tuple[int, int]:
+    """Cut log.jsonl back to one record of each step 1..step (the last written of each; a resumed run rewrites what
+    came after its checkpoint); returns (records dropped, unreadable lines dropped: a line cut short by a kill or a
+    full disk)."""
+    path = Path(run_dir) / "log.jsonl"
+    if not path.is_file():
+        return 0, 0
+    records, torn = {}, 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            records[int(json.loads(line)["step"])] = line
+        except (ValueError, KeyError, TypeError):
+            torn += bool(line.strip())
+    keep = [records[s] for s in sorted(records) if s <= step]
+    ckpt.atomic_write_bytes(path, "".join(ln + "\n" for ln in keep).encode())
+    return len(records) - len(keep), torn
+
+
+class StepLog:
+    """log.jsonl as a journal: opened at the step a run starts from (0 for a new run), it first keeps one record of
+    each step 1..step (truncate_log: `dropped` and `torn` count what went); each record is then appended whole or
+    not at all, so a failed write (a full disk, Ctrl-C) leaves the file ending on a whole line."""
+
+    def __init__(self, run_dir, step: int):
+        self.path = Path(run_dir) / "log.jsonl"
+        self.dropped, self.torn = truncate_log(run_dir, step)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+
+    def append(self, record: dict) -> None:
+        data = (json.dumps(record) + "\n").encode()
+        end = os.fstat(self._fd).st_size
+        try:
+            done = 0
+            while done < len(data):
+                done += os.write(self._fd, data[done:])
+        except BaseException as e:
+            os.ftruncate(self._fd, end)
+            raise ckpt.naming(e, self.path) from None
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def __enter__(self) -> "StepLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def last_logged_step(run_dir) -> int:
+    """The step of log.jsonl's last readable record (0 when none)."""
+    path = Path(run_dir) / "log.jsonl"
+    for line in reversed(path.read_text(errors="replace").splitlines() if path.is_file() else []):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return 0
+
+
+def resume_hint(run_dir) -> str:
+    """What continues a stopped run: `--resume` from its latest checkpoint, or the same command before the first."""
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is None:
+        return "no checkpoint yet: the same command starts the run afresh"
+    return f"--resume continues from step {ckpt.checkpoint_step(latest)}"

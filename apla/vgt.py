@@ -87,6 +87,11 @@ class VGTConfig:
     init_seed: int = 0  # seed of the weight initialisation
 
     def __post_init__(self):
+        for name in ("in_channels", "sample_size", "max_frames", "patch_size", "width", "spatial_depth",
+                     "temporal_depth", "heads", "mlp_hidden"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"VGTConfig.{name} must be an integer >= 1, got {value!r}")
         if self.variant not in VARIANTS:
             raise ValueError(f"VGTConfig.variant={self.variant!r}; expected one of {VARIANTS}")
         if self.width % self.heads or self.width % 2:

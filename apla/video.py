@@ -22,7 +22,8 @@ Where the paper is silent (choices made here, each resting on the sentence of Se
 
 MP4/WebM/MOV/MKV go through PyAV (`pip install av`), an optional dependency; frames folders and GIFs need only
 Pillow. Every writer is atomic: it writes a temporary file in the target folder and renames it over the target
-with `os.replace` (`apla.checkpoint.atomic_write`), so a failure never leaves a half-written file.
+with `os.replace` (`apla.checkpoint.atomic_write`), so a failure never leaves a half-written file. A reader checks
+the frames asked for against the clip before it holds any: a frame count far beyond the clip costs nothing.
 """
 
 from __future__ import annotations
@@ -168,9 +169,9 @@ def _read_gif(path, indices):
             total = getattr(im, "n_frames", 1)
             if indices[-1] >= total:
                 return None, total
-            wanted, images = set(indices), {}
+            images = {}
             for i, frame in enumerate(ImageSequence.Iterator(im)):
-                if i in wanted:
+                if i in indices:
                     images[i] = frame.convert("RGB")
                 if i >= indices[-1]:
                     break
@@ -181,14 +182,14 @@ def _read_gif(path, indices):
 
 def _read_av(path, indices):
     av = require_av(f"reading {os.path.basename(path)}")
-    wanted, images, total = set(indices), {}, 0
+    images, total = {}, 0
     try:
         with av.open(path) as container:
             if not container.streams.video:
                 raise VideoError(f"no video stream in {path}")
             for i, frame in enumerate(container.decode(video=0)):
                 total = i + 1
-                if i in wanted:
+                if i in indices:
                     images[i] = frame.to_image()  # PIL RGB
                 if i >= indices[-1]:
                     break
@@ -237,7 +238,7 @@ def read_video(
     for name, value, least in (("num_frames", num_frames, 1), ("start", start, 0), ("stride", stride, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise VideoError(f"{name} must be an int >= {least}, got {value!r}")
-    indices = list(range(start, start + num_frames * stride, stride))
+    indices = range(start, start + num_frames * stride, stride)  # a range: nothing allocated per frame asked
     images, total = _READERS[_kind(path)](path, indices)
     if images is None:
         raise _too_few(path, total, start, stride, num_frames)

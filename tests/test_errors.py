@@ -1,7 +1,6 @@
 """Bad input to the scripts is one line on stderr ("error: ...") and exit status 2, with nothing written: numeric
 flags and config fields out of range, a hub id that cannot be reached, a missing PyAV. And the bundled SD-size clip
 is a folder of JPEG frames that reads, trains and samples without PyAV."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,23 +14,14 @@ from PIL import Image
 from apla import cli
 from apla import assets as bundled
 from apla.config import TrainConfig, default_config
+from apla.eval.score import sample_stem
 from apla.micro import oneshot
 from apla.video import PyAVMissing, VideoError, count_frames, read_video
+from tests.helpers.runs import sample, train
 
 ROOT = Path(__file__).resolve().parents[1]
 BBB_CUT = ROOT / "tests" / "data" / "bigbuckbunny_cut.mp4"  # 24 frames, 128x72, H.264
 SHAPES_GIF = ROOT / "apla" / "assets" / "shapes_red_circle_right.gif"
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"apla_errors_script_{name}", ROOT / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-train = _script("train")
-sample = _script("sample")
 
 
 def one_error_line(capsys, fn, argv) -> str:
@@ -262,5 +252,4 @@ def test_bundled_bigbuckbunny_trains_and_samples_without_pyav(capsys, tmp_path, 
     notes = [line for line in err if "PyAV" in line]
     assert notes == [f"note: MP4s skipped, GIFs and PNGs written: writing MP4 {INSTALL_PYAV}"], err
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [f"{stem}.{ext}" for stem in ("a_red_circle_moving_to_the_right", "a_blue_square_moving_to_the_right")
-         for ext in ("gif", "png")] + ["metrics.json"])
+        [f"{sample_stem(prompt)}.{ext}" for prompt in prompts for ext in ("gif", "png")] + ["metrics.json"])

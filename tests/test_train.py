@@ -1,6 +1,5 @@
 """train.py and sample.py end to end on a tiny random SD-layout model: outputs, exact resume, NaN stop, atomic
 checkpoints, and one clear line with exit status 2 for each bad input."""
-import importlib.util
 import json
 import os
 import re
@@ -16,50 +15,16 @@ from safetensors.torch import load_file
 from apla import checkpoint as ckpt
 from apla.algorithm import APLA
 from apla import cli
-from tests.helpers.tiny_sd import TINY_RUN, make_tiny_sd
-
-ROOT = Path(__file__).resolve().parents[1]
-BBB = ROOT / "tests" / "data" / "bigbuckbunny_cut.mp4"
-SHAPES_GIF = ROOT / "apla" / "assets" / "shapes_red_circle_right.gif"
+from apla.eval.score import sample_stem
+from tests.helpers.runs import (BBB, ROOT, SHAPES_GIF, make_tiny, run_exit, sample, train,  # noqa: F401 (test_cuda)
+                                train_args, trained_weights)
 
 pytest.importorskip("diffusers")
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"apla_script_{name}", ROOT / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-train = _script("train")
-sample = _script("sample")
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    model = make_tiny_sd(root / "sd")
-    other = make_tiny_sd(root / "sd_other", seed=1)
-    cfg = root / "tiny.json"
-    cfg.write_text(json.dumps(TINY_RUN))
-    return {"model": str(model), "other": str(other), "config": str(cfg)}
-
-
-def train_args(tiny, out, steps=3, video=SHAPES_GIF, frames=4, *extra):
-    return ["--config", tiny["config"], "--pretrained", tiny["model"], "--video", str(video), "--prompt",
-            "a red circle moving to the right", "--output-dir", str(out), "--max-steps", str(steps), "--frames",
-            str(frames), "--size", "64", "--seed", "0", "--no-progress", "--device", "cpu", *extra]
-
-
-def run_exit(fn, argv):
-    with pytest.raises(SystemExit) as e:
-        fn(argv)
-    return e.value.code
-
-
-def trained_weights(run):
-    return load_file(str(ckpt.latest_checkpoint(run) / "weights.safetensors"))
+    return make_tiny(tmp_path_factory.mktemp("tiny"), other=True)
 
 
 def test_train_then_sample_writes_outputs(tiny, tmp_path):
@@ -77,10 +42,10 @@ def test_train_then_sample_writes_outputs(tiny, tmp_path):
     assert any(k.startswith("disc.") for k in weights)
     assert not any("to_k" in k and k.startswith("unet.") and "attn_temp" not in k for k in weights)
 
-    out = tmp_path / "samples"
+    out, stem = tmp_path / "samples", sample_stem("a blue square moving to the right")
     assert sample.main(["--run", str(run), "--steps", "3", "--prompt", "a blue square moving to the right",
                         "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
-    gif = out / "a_blue_square_moving_to_the_right.gif"
+    gif = out / f"{stem}.gif"
     with Image.open(gif) as im:
         assert im.size == (64, 64) and im.n_frames == 8
     with Image.open(gif.with_suffix(".png")) as im:
@@ -93,8 +58,7 @@ def test_train_then_sample_writes_outputs(tiny, tmp_path):
     for entry in named:
         if entry.startswith("samples/"):
             for ext in (".gif", ".png", ".mp4"):
-                assert (run / "samples" / "a_blue_square_moving_to_the_right").with_suffix(ext).exists() or \
-                    (out / "a_blue_square_moving_to_the_right").with_suffix(ext).exists(), ext
+                assert (run / "samples" / stem).with_suffix(ext).exists() or (out / stem).with_suffix(ext).exists(), ext
         else:
             assert list(run.glob(re.sub(r"\d{6}", "*", entry).rstrip("/"))), entry
 
@@ -168,8 +132,7 @@ def test_checkpoint_is_atomic(tiny, tmp_path, monkeypatch):
         return real_replace(src, dst)
 
     monkeypatch.setattr(ckpt.os, "replace", crash_second_checkpoint_rename)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(train_args(tiny, run, 4, SHAPES_GIF, 4, "--checkpoint-every", "1"))
+    assert run_exit(train.main, train_args(tiny, run, 4, SHAPES_GIF, 4, "--checkpoint-every", "1")) == 130  # Ctrl-C
     assert [d.name for d in ckpt.list_checkpoints(run)] == ["step-000001"]
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # temporary folder removed
     # a leftover temporary folder of a hard kill is ignored, and the run resumes from the last complete checkpoint
@@ -263,7 +226,7 @@ def test_default_run_on_the_micro_model(tmp_path):
     assert cfg["pretrained"] == "micro" and cfg["frames"] == 8 and cfg["size"] == 64
     assert sample.main(["--run", str(run), "--steps", "2", "--no-progress"]) == 0
     for prompt in [cfg["prompt"], *cfg["edit_prompts"]]:
-        with Image.open(run / "samples" / f"{prompt.replace(' ', '_')}.gif") as im:
+        with Image.open(run / "samples" / f"{sample_stem(prompt)}.gif") as im:
             assert im.size == (64, 64)
     # sample.py scored what it wrote: samples/metrics.json, the micro CLIP on a micro run
     report = json.loads((run / "samples" / "metrics.json").read_text())

@@ -24,6 +24,8 @@ model that does not load) is one line on stderr and exit status 2; the JSON is w
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import sys
 from dataclasses import asdict
@@ -34,7 +36,7 @@ import torch
 from PIL import Image
 
 from apla.assets import CLIP_SCORERS, clip_scorer, resolve_video
-from apla.checkpoint import atomic_write_json
+from apla.checkpoint import atomic_write_json, describe_os_error
 from apla.cli import DefaultsFormatter, OneLineParser, fail, pick_device
 from apla.config import TrainConfig, default_config, slug
 from apla.eval.flow import FlowConfig, video_flow
@@ -190,33 +192,43 @@ def score_videos(items: list[dict], source=None, source_prompt: str | None = Non
             "directions": {k: v[1] for k, v in columns(measures).items()}}
 
 
+def sample_stem(prompt: str) -> str:
+    """The file stem of a prompt's samples (sample.py writes <stem>.gif, .png, .mp4): a readable slug and a short hash
+    of the exact prompt, so that prompts differing only in case, punctuation, emoji or past 60 characters never share
+    files ("a red circle!" -> a_red_circle-3c5e1f0a)."""
+    return f"{slug(prompt)}-{hashlib.sha256(prompt.encode()).hexdigest()[:8]}"
+
+
 def score_samples(videos: list[tuple[str, torch.Tensor]], cfg, out: Path | None = None, clip: tuple = (None, None),
-                  device="cpu") -> dict:
+                  device="cpu", files: dict | None = None) -> dict:
     """What sample.py calls: score its (prompt, frames) against the run's source clip (cfg: the run's TrainConfig),
-    frames quantized to 8 bits as its files hold them; clip = `run_clip(...)`; with `out`, write the report there
-    (atomically)."""
-    items = [{"name": slug(p), "prompt": p, "video": quantize(f.cpu())} for p, f in videos]
+    frames quantized to 8 bits as its files hold them; clip = `run_clip(...)`; files: {prompt: paths written}, kept
+    in the report as "files"; with `out`, write the report there (atomically)."""
+    items = [{"name": sample_stem(p), "prompt": p, "video": quantize(f.cpu())} for p, f in videos]
     report = score_videos(items, cfg.video, cfg.prompt, cfg.start, cfg.stride, clip, device)
+    report["files"] = {p: [str(f) for f in paths] for p, paths in (files or {}).items()}
     if out is not None:
         atomic_write_json(out, report)
     return report
 
 
 def run_prompts(folder: Path) -> tuple[dict, object]:
-    """For a run's samples folder: {stem: prompt} from the metrics.json sample.py wrote and the run's config, and
-    the run's TrainConfig (None when the folder is not inside a run)."""
+    """For a run's samples folder: {stem: prompt} from the metrics.json sample.py wrote and the run's config (stems of
+    sample_stem, and the bare slugs of samples written before it), and the run's TrainConfig (None when the folder is
+    not inside a run)."""
     prompts, cfg = {}, None
     config = folder.parent / "config.json"
     if config.is_file():
         try:
             cfg = TrainConfig.from_dict(json.loads(config.read_text()))
-            prompts.update({slug(p): p for p in [cfg.prompt, *cfg.edit_prompts]})
+            prompts.update({stem(p): p for p in [cfg.prompt, *cfg.edit_prompts] for stem in (slug, sample_stem)})
         except (ValueError, TypeError):
             cfg = None
     written = folder / "metrics.json"
     if written.is_file():
         try:
-            prompts.update({r["name"]: r["prompt"] for r in json.loads(written.read_text())["videos"] if r.get("prompt")})
+            prompts.update({r["name"]: r["prompt"] for r in json.loads(written.read_text())["videos"]
+                            if r.get("prompt") is not None})
         except (ValueError, KeyError, TypeError):
             pass
     return prompts, cfg
@@ -258,6 +270,8 @@ def main(argv=None) -> int:
     path = Path(args.video)
     if not path.exists():
         fail(f"{path}: no such file or folder")
+    if args.json and Path(args.json).is_dir():
+        fail(f"--json {args.json} is a folder; name the report's file")
     device = pick_device(args.device)
     prompts, cfg = run_prompts(path) if path.is_dir() else ({}, None)
     try:
@@ -278,7 +292,10 @@ def main(argv=None) -> int:
     if report["clip_model"] is None:
         print("(no CLIP scores: pass --clip-model, e.g. a local openai/clip-vit-large-patch14 folder)", file=sys.stderr)
     if args.json:
-        atomic_write_json(args.json, report)
+        try:
+            atomic_write_json(args.json, report)
+        except OSError as e:
+            fail(f"--json: {describe_os_error(e)}", code=1 if e.errno == errno.ENOSPC else 2)
     return 0
 
 

@@ -22,8 +22,9 @@ from pathlib import Path
 
 from apla.assets import resolve_video
 from apla.checkpoint import atomic_write_json
-from apla.config import TrainConfig, slug
+from apla.config import TrainConfig
 from apla.eval.metrics import psnr
+from apla.eval.score import sample_stem
 from apla.micro.shapes_eval import evaluate_image, shapes_measures
 from apla.video import VideoError, count_frames, read_video
 
@@ -36,7 +37,7 @@ def evaluate_run(run_dir, samples_dir=None) -> dict:
     samples_dir = Path(samples_dir) if samples_dir else run_dir / "samples"
     results = []
     for prompt in [cfg.prompt, *cfg.edit_prompts]:
-        gif = samples_dir / f"{slug(prompt)}.gif"
+        gif = samples_dir / f"{sample_stem(prompt)}.gif"
         if not gif.is_file():
             continue
         frames = read_video(str(gif), min(cfg.frames, count_frames(str(gif))), size=size)  # (F, 3, H, W)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import sys
 from importlib import resources
 from pathlib import Path
 
@@ -92,8 +93,14 @@ def build_text_encoder(config: dict | None = None) -> CLIPTextModel:
 
 
 def tokenize(tokenizer: CLIPTokenizer, prompts: str | list[str]) -> torch.Tensor:
-    """Prompts -> ids (B, 77): BOS, the tokens (truncated), EOS, then EOS as padding."""
+    """Prompts -> ids (B, 77): BOS, the tokens (truncated), EOS, then EOS as padding. A prompt longer than that is
+    said in one line on stderr, since what CLIP does not read does not condition the U-Net."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    for p in prompts:
+        n = len(tokenizer.tokenize(p)) + 2  # + BOS and EOS
+        if n > MAX_LENGTH:
+            print(f"apla: warning: the prompt {p[:40]!r}... is {n} tokens long; CLIP reads the first {MAX_LENGTH}, the "
+                  "rest is cut", file=sys.stderr)
     out = tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
     return out.input_ids
 

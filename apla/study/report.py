@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from apla import checkpoint as ckpt
 from apla.assets import resolve_video
-from apla.config import slug
+from apla.eval.score import sample_stem
 from apla.study.measures import samples_dir
 from apla.video import read_video
 
@@ -295,7 +295,7 @@ def grid_rows(planned, runs: list[dict], step: int) -> tuple[str, list]:
                         size=first.config["size"])
     rows = [("source clip", ((source.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())]
     for p in mine:
-        png = samples_dir(p.dir, step) / f"{slug(shape_edit)}.png"
+        png = samples_dir(p.dir, step) / f"{sample_stem(shape_edit)}.png"
         if png.is_file():
             rows.append((p.variant, strip_frames(png, n)))
     return f"{first.clip.name}, seed {first.seed}, step {step}: \"{shape_edit}\"", rows

@@ -2,8 +2,9 @@
 import json
 import math
 
-from apla.config import TrainConfig, slug
+from apla.config import TrainConfig
 from apla.eval import metrics
+from apla.eval.score import sample_stem
 from apla.micro import oneshot
 from apla.micro.shapes import render_clip
 from apla.video import write_gif
@@ -19,7 +20,7 @@ def test_oneshot_figures_on_known_samples(tmp_path, capsys):
     blue, _ = render_clip("circle", "blue", "right", num_frames=8, size=9.0)        # a perfect colour edit
     square_left, _ = render_clip("square", "red", "left", num_frames=8, size=9.0)  # right shape, wrong motion
     for prompt, frames in zip([cfg.prompt, *cfg.edit_prompts], (source, blue, square_left)):
-        write_gif(frames, run / "samples" / f"{slug(prompt)}.gif")
+        write_gif(frames, run / "samples" / f"{sample_stem(prompt)}.gif")
 
     report = oneshot.evaluate_run(run)
     rows = {r["prompt"]: r for r in report["results"]}
