@@ -9,6 +9,8 @@ the tables of plain predicates `RANGES` (one line naming the key), whether it ca
 import dataclasses
 import math
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Tuple
@@ -60,6 +62,34 @@ SEED = (lambda v: integer(v) and 0 <= v < 2**63, f"an integer in [0, {2**63 - 1}
 SIZE = (lambda v: integer(v) and v > 0 and v % VAE_DOWNSAMPLE == 0,
         f"a positive multiple of {VAE_DOWNSAMPLE} (the VAE downsamples by {VAE_DOWNSAMPLE})")
 DDIM_STEPS = (lambda v: integer(v) and 1 <= v <= NUM_TRAIN_TIMESTEPS, f"an integer in [1, {NUM_TRAIN_TIMESTEPS}]")
+
+
+def type_problem(kind, value) -> str | None:
+    """None if `value` is of the declared type `kind` of a config field, else "must be <type>, got <value>": a flag,
+    a file and a saved run are held to the field's annotation, so "false" is no switch and a string no list."""
+    options = typing.get_args(kind) if typing.get_origin(kind) in (types.UnionType, typing.Union) else (kind,)
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "none"}
+    fits = {bool: lambda v: isinstance(v, bool), int: integer, str: lambda v: isinstance(v, str),
+            float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), type(None): lambda v: v is None}
+    if any(fits[k](value) for k in options if k in fits):
+        return None
+    if any(typing.get_origin(k) is tuple for k in options):  # Tuple[str, ...]: a list of strings
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return None
+        return f"must be a list of strings, got {value!r}"
+    return f"must be {' or '.join(words[k] for k in options if k in words)}, got {value!r}"
+
+
+def check_types(cls, values: dict, prefix: str = "") -> None:
+    """ValueError naming the first of `values` that is not of its field's declared type in the dataclass `cls`; a
+    field with an entry in `cls.RANGES` is left to it (its predicate checks the type too, and says more)."""
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        if dataclasses.is_dataclass(hints.get(name)) or name in getattr(cls, "RANGES", {}):
+            continue  # a table is checked field by field where it is built
+        wrong = type_problem(hints[name], value) if name in hints else None
+        if wrong:
+            raise ValueError(f"{prefix}{name} {wrong}")
 
 
 def problem(allowed: tuple, value) -> str | None:
@@ -205,8 +235,9 @@ class TrainConfig:
         for key, kind in (("apla", APLAConfig), ("vgt_model", VGTConfig)):
             if not isinstance(values.get(key), dict):
                 raise ValueError(f"{key} must be a table of {kind.__name__} fields, got {values[key]!r}")
-            values[key] = kind(**known(kind, values[key], f"keys in {key}"))
-        values = known(cls, values, "configuration keys")
+            check_types(kind, known(kind, values[key], f"keys in {key}"), f"{key}.")
+            values[key] = kind(**values[key])
+        check_types(cls, known(cls, values, "configuration keys"))
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
