@@ -139,9 +139,22 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
         self.norm_temp = nn.LayerNorm(dim, eps=eps)
         self.attn_temp = Attention(dim, heads)
+        self._zero_temporal_output()
+
+    def _zero_temporal_output(self) -> None:
         # the new layer starts as the identity map (residual only), so the inflated net is SD frame by frame
         nn.init.zeros_(self.attn_temp.to_out[0].weight)
         nn.init.zeros_(self.attn_temp.to_out[0].bias)
+
+    def init_temporal(self, device="cpu") -> None:
+        """Allocate and initialise the temporal layers alone, as construction does (PyTorch's default init, the
+        output projection zero): for a block built on the meta device whose other weights come from a file."""
+        for module in (self.norm_temp, self.attn_temp):
+            module.to_empty(device=device)
+            for m in module.modules():
+                if isinstance(m, (nn.Linear, nn.LayerNorm)):
+                    m.reset_parameters()
+        self._zero_temporal_output()
 
     def forward(self, x, context, num_frames: int):
         # x: (B*F, L, C) with L = H*W tokens per frame; LayerNorm is per token, so it needs no other layout

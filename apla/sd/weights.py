@@ -12,9 +12,12 @@ Sources `load_stable_diffusion` takes:
 - a hub id ("org/name"), resolved to such a folder through huggingface_hub's cache;
 - `.ckpt` / `.bin` pickles, only through `torch.load(weights_only=True)`.
 
-Safetensors are memory-mapped: every tensor is fetched lazily, one by one, and becomes the model's
-parameter itself (no second copy) when file and requested dtype agree. A missing key, an unknown key or
-a wrong shape is an error that names it.
+The weights are held once: every network is built on the meta device (no memory, no initialisation) and
+filled from the file one tensor at a time, each read, converted to the requested dtype and device, and made
+the model's parameter before the next is read; the temporal parameters, which no SD file has, are then
+allocated and initialised alone. Safetensors are read with plain file reads, not memory-mapped, so the
+file's pages do not add to the process's resident memory. A missing key, an unknown key or a wrong shape is
+an error that names it.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from apla.assets import model_path
 from apla.checkpoint import WeightsError
 from apla.scheduler import make_alpha_bar
 from apla.sd.text import build_text_encoder, load_tokenizer
+from apla.sd.attention import TransformerBlock
 from apla.sd.unet import UNet3DConditionModel, UNetConfig, is_temporal_param
 from apla.sd.vae import VAE_LDM_PREFIX, AutoencoderKL, VAEConfig, vae_key_from_ldm
 
@@ -57,6 +61,9 @@ LDM_SKIPPED = re.compile(
 OTHER_GENERATIONS = {"cond_stage_model.model.": "SD 2.x", "conditioner.embedders.": "SDXL"}
 
 # Files of a diffusers folder, per component: (weights, in order of preference), config.
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
 FOLDER_FILES = {
     "vae": (("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"), "config.json"),
     "text_encoder": (("model.safetensors", "pytorch_model.bin"), "config.json"),
@@ -83,8 +90,9 @@ class StableDiffusion:
 class TensorFile:
     """The tensors of one checkpoint file, fetched lazily by name: `keys()`, `shape(k)`, `get(k)`.
 
-    Safetensors are memory-mapped (safe_open): `get` returns a tensor backed by the file's pages, read
-    from disk only when touched. Pickles (.ckpt/.bin) go through torch.load(weights_only=True, mmap=True).
+    Safetensors: safe_open checks the file and gives names and shapes; `get` reads one tensor's bytes into
+    fresh memory (the header's offsets), so nothing of the file stays mapped. Pickles (.ckpt/.bin) go
+    through torch.load(weights_only=True, mmap=True).
     """
 
     def __init__(self, path: str | Path):
@@ -98,6 +106,10 @@ class TensorFile:
             except Exception as e:  # truncated, empty or not a safetensors file
                 raise WeightsError(f"{self.path}: not a readable .safetensors file ({e})") from None
             self._dict = None
+            with open(self.path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                self._header = json.loads(f.read(size))
+            self._data_start = 8 + size
         elif self.path.suffix in (".ckpt", ".bin", ".pt", ".pth"):
             try:
                 obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
@@ -120,7 +132,19 @@ class TensorFile:
         return tuple(self._file.get_slice(key).get_shape())
 
     def get(self, key: str) -> torch.Tensor:
-        return self._dict[key] if self._dict is not None else self._file.get_tensor(key)
+        if self._dict is not None:
+            return self._dict[key]
+        entry = self._header[key]
+        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise WeightsError(f"{self.path}: {key!r} has dtype {entry['dtype']}, which is not supported")
+        start, end = entry["data_offsets"]
+        out = torch.empty(end - start, dtype=torch.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + start)
+            if f.readinto(out.numpy()) != end - start:
+                raise WeightsError(f"{self.path}: truncated data for {key!r}")
+        return out.view(dtype).reshape(entry["shape"])
 
 
 def _fits(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
@@ -136,13 +160,15 @@ def load_into(
     device="cpu",
     dtype: torch.dtype = torch.float32,
     keep_fresh: Callable[[str], bool] = lambda name: False,
+    init_fresh: Callable[[nn.Module, object], None] | None = None,
 ) -> nn.Module:
     """Load `file` into `model` with every tensor accounted for.
 
     `names` maps the file's keys to the model's state_dict names. Every model name must receive exactly one
     tensor of its shape (a 1x1 conv weight may fill a Linear) unless `keep_fresh(name)` is true; every
     mapped key must be a model name. Checked on shapes alone before any data is read. Tensors replace the
-    model's parameters (no copy when dtype and device already match: they stay memory-mapped).
+    model's parameters one at a time (a model built on the meta device is filled without a second copy);
+    `init_fresh(model, device)` then creates what the file does not hold.
     """
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     kind = type(model).__name__
@@ -161,15 +187,40 @@ def load_into(
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise WeightsError(f"{file.path}: missing key {missing[0]!r}{more} for {kind}")
 
-    state = {}
-    for key, ours in names.items():
+    for key, ours in names.items():  # one tensor at a time: read, converted, in place, before the next is read
         t = file.get(key).reshape(expected[ours])  # a no-op but for the 1x1-conv weights: (C, C, 1, 1) -> (C, C)
-        state[ours] = t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
-    model.load_state_dict(state, strict=False, assign=True)
+        _assign(model, ours, t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device))
+        del t
+    if init_fresh is not None:
+        init_fresh(model, device)
     empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if empty:
         raise WeightsError(f"{file.path}: nothing loaded into {empty[0]!r} of {kind}")
     return model.to(device=device, dtype=dtype)
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Make `tensor` the parameter or buffer `name` of `model` (replacing a meta or allocated one)."""
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner)
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=module._parameters[leaf].requires_grad)
+    else:
+        module._buffers[leaf] = tensor
+
+
+def _init_temporal(unet: nn.Module, device) -> None:
+    """The temporal layers of a U-Net built on the meta device, allocated and initialised alone."""
+    for block in unet.modules():
+        if isinstance(block, TransformerBlock):
+            block.init_temporal(device)
+
+
+def _fill_position_ids(text_encoder: nn.Module, device) -> None:
+    """CLIP's position_ids: a computed buffer (0..76), in no file, that a meta-built text encoder lacks."""
+    for name, buf in text_encoder.named_buffers():
+        if buf.is_meta and name.endswith("position_ids"):
+            _assign(text_encoder, name, torch.arange(buf.shape[-1], device=device).expand(buf.shape))
 
 
 def _empty_vae(cfg: VAEConfig) -> AutoencoderKL:
@@ -178,8 +229,13 @@ def _empty_vae(cfg: VAEConfig) -> AutoencoderKL:
 
 
 def _empty_text_encoder(cfg: dict | None = None) -> nn.Module:
-    with no_init_weights():  # allocated but not initialised; keeps CLIP's computed position_ids buffer
+    with no_init_weights(), torch.device("meta"):  # position_ids are filled in by _fill_position_ids
         return build_text_encoder(cfg)
+
+
+def _empty_unet(cfg: UNetConfig) -> UNet3DConditionModel:
+    with torch.device("meta"):  # the temporal layers are made by _init_temporal
+        return UNet3DConditionModel(cfg)
 
 
 def _strip_text_model(key: str) -> str:
@@ -276,11 +332,11 @@ def _load_single_file(path: Path, components, device, dtype) -> StableDiffusion:
     if "text_encoder" in components:
         model = _empty_text_encoder()
         names = _text_names(model, keys, LDM_PREFIX["text_encoder"])
-        sd.text_encoder = load_into(model, file, names, device=device, dtype=dtype).eval()
+        sd.text_encoder = load_into(model, file, names, device=device, dtype=dtype, init_fresh=_fill_position_ids).eval()
     if "unet" in components:
         names = {k: _mapped(unet_key_from_ldm, k, file) for k in keys if k.startswith(LDM_PREFIX["unet"])}
-        model = UNet3DConditionModel(UNetConfig())
-        sd.unet = load_into(model, file, names, device=device, dtype=dtype, keep_fresh=is_temporal_param).eval()
+        sd.unet = load_into(_empty_unet(UNetConfig()), file, names, device=device, dtype=dtype,
+                            keep_fresh=is_temporal_param, init_fresh=_init_temporal).eval()
     return sd
 
 
@@ -312,12 +368,12 @@ def _load_folder(folder: Path, components, device, dtype) -> StableDiffusion:
         file, cfg = _component_file(folder, "text_encoder")
         model = _empty_text_encoder(cfg)
         names = _text_names(model, file.keys())
-        sd.text_encoder = load_into(model, file, names, device=device, dtype=dtype).eval()
+        sd.text_encoder = load_into(model, file, names, device=device, dtype=dtype, init_fresh=_fill_position_ids).eval()
     if "unet" in components:
         file, cfg = _component_file(folder, "unet")
-        model = UNet3DConditionModel(UNetConfig.from_diffusers(cfg))
         names = {k: k for k in file.keys()}
-        sd.unet = load_into(model, file, names, device=device, dtype=dtype, keep_fresh=is_temporal_param).eval()
+        sd.unet = load_into(_empty_unet(UNetConfig.from_diffusers(cfg)), file, names, device=device, dtype=dtype,
+                            keep_fresh=is_temporal_param, init_fresh=_init_temporal).eval()
     return sd
 
 
