@@ -5,9 +5,10 @@ CUDA, with models of random weights (nothing is downloaded).
     python -m apla.bench --model micro                          # the default run's step, inversion, sampling, VAE
     python -m apla.bench --model sd15 --predict                 # SD size on the meta device: FLOPs, memory budget
     python -m apla.bench --model sd15 --vgt pure,hyper          # SD size, measured (a GPU)
+    python -m apla.bench --load sd15-fp16.safetensors           # wall time and peak memory of loading weights
 
 The measurements are apla/bench/core.py's; `--predict` is apla/bench/predict.py, `--compare-diffusers`
-apla/bench/compare.py. The tables are printed, and appended to a markdown file with `--append`.
+apla/bench/compare.py, `--load` apla/bench/load.py. The tables are printed, and appended to a markdown file with `--append`.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 
 from apla.bench.compare import compare_table
 from apla.bench.core import MEASURES, bench_model, format_rows, measure_all, run_config
+from apla.bench.load import load_table
 from apla.bench.predict import predict_table
 from apla.checkpoint import atomic_write_bytes
 from apla.cli import (CHECKPOINTING, PRECISIONS, OneLineParser, fail, in_range, pick_device,
@@ -49,6 +51,10 @@ def parser():
       help="time our U-Net against diffusers' UNet2DConditionModel on the same frames and weights (needs diffusers)")
     a("--predict", action="store_true", help="FLOPs and predicted peak memory of one step on the meta device, as on "
                                               "CUDA (auto precision and checkpointing resolve as on CUDA)")
+    a("--load", default=None, help="SD weights files (comma-separated): time and peak resident memory of "
+                                   "loading each on the CPU, in a fresh process (measures nothing else)")
+    a("--load-with", default=None, help="with --load: the checkouts whose apla package loads, comma-separated "
+                                        "(default: this one), to measure code before and after a change in one run")
     a("--append", default=None, help="also append the tables to this markdown file (e.g. apla/bench/README.md)")
     return p
 
@@ -67,7 +73,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     spec = bench_model(args.model)
     variants = _choices(args.vgt, VARIANTS, "--vgt")
-    default_measures = "none" if args.compare_diffusers or args.predict else "all"
+    default_measures = "none" if args.compare_diffusers or args.predict or args.load else "all"
     measure_arg = args.measure or default_measures
     measures = () if measure_arg == "none" else MEASURES if measure_arg == "all" else _choices(
         measure_arg, MEASURES, "--measure")
@@ -78,6 +84,9 @@ def main(argv=None) -> int:
     device = pick_device(args.device)
     command = "python -m apla.bench " + " ".join(sys.argv[1:] if argv is None else argv)
     tables = []
+    if args.load:
+        code_dirs = args.load_with.split(",") if args.load_with else (None,)
+        tables.append(load_table(args.load.split(","), code_dirs))
     if args.predict:
         tables.append(predict_table(spec, frames, size, variants, args.mixed_precision, args.gradient_checkpointing))
     if args.compare_diffusers:
@@ -97,7 +106,6 @@ def main(argv=None) -> int:
         old = path.read_text() if path.is_file() else ""
         atomic_write_bytes(path, (old + ("\n" if old else "") + text).encode())
     return 0
-
 
 
 if __name__ == "__main__":
