@@ -110,6 +110,7 @@ class TensorFile:
                 size = int.from_bytes(f.read(8), "little")
                 self._header = json.loads(f.read(size))
             self._data_start = 8 + size
+            self._scratch = torch.empty(0, dtype=torch.uint8)
         elif self.path.suffix in (".ckpt", ".bin", ".pt", ".pth"):
             try:
                 obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
@@ -131,20 +132,30 @@ class TensorFile:
             return tuple(self._dict[key].shape)
         return tuple(self._file.get_slice(key).get_shape())
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor `key`, converted to `dtype` (a floating one) when given. A safetensors tensor that is
+        converted is read into one reused buffer first, so only the converted copy is newly allocated."""
         if self._dict is not None:
-            return self._dict[key]
+            t = self._dict[key]
+            return t.to(dtype) if dtype is not None and t.is_floating_point() else t
         entry = self._header[key]
-        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
-        if dtype is None:
+        stored = SAFETENSORS_DTYPES.get(entry["dtype"])
+        if stored is None:
             raise WeightsError(f"{self.path}: {key!r} has dtype {entry['dtype']}, which is not supported")
         start, end = entry["data_offsets"]
-        out = torch.empty(end - start, dtype=torch.uint8)
+        convert = dtype is not None and stored.is_floating_point and stored != dtype
+        if not convert:
+            buf = torch.empty(end - start, dtype=torch.uint8)
+        else:
+            if self._scratch.numel() < end - start:
+                self._scratch = torch.empty(end - start, dtype=torch.uint8)
+            buf = self._scratch[: end - start]
         with open(self.path, "rb") as f:
             f.seek(self._data_start + start)
-            if f.readinto(out.numpy()) != end - start:
+            if f.readinto(buf.numpy()) != end - start:
                 raise WeightsError(f"{self.path}: truncated data for {key!r}")
-        return out.view(dtype).reshape(entry["shape"])
+        t = buf.view(stored).reshape(entry["shape"])
+        return t.to(dtype) if convert else t
 
 
 def _fits(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
@@ -188,8 +199,8 @@ def load_into(
         raise WeightsError(f"{file.path}: missing key {missing[0]!r}{more} for {kind}")
 
     for key, ours in names.items():  # one tensor at a time: read, converted, in place, before the next is read
-        t = file.get(key).reshape(expected[ours])  # a no-op but for the 1x1-conv weights: (C, C, 1, 1) -> (C, C)
-        _assign(model, ours, t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device))
+        t = file.get(key, dtype).reshape(expected[ours])  # reshape: a no-op but for 1x1-conv weights filling a Linear
+        _assign(model, ours, t.to(device))
         del t
     if init_fresh is not None:
         init_fresh(model, device)
