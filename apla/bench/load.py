@@ -2,7 +2,8 @@
 
 Each load runs in a fresh Python process (so its peak is its own: `resource.getrusage(RUSAGE_SELF).ru_maxrss` at
 the end, less nothing: the interpreter and torch are part of what a user pays), which loads the three networks
-with `apla.load_stable_diffusion` in float32 and reports the seconds the call took. `--load-with DIR,...` makes
+with `apla.load_stable_diffusion` in float32 and reports the seconds the call took (its modules, transformers
+among them, imported before the clock starts). `--load-with DIR,...` makes
 the child import the `apla` package of another checkout (e.g. a git worktree of an older commit), so that the
 code before and after a change is measured in one run on one machine; rows are interleaved by file.
 """
@@ -20,8 +21,9 @@ CHILD = """
 import json, resource, sys, time
 import torch
 import apla
+from apla.sd.weights import load_stable_diffusion  # the modules (and transformers) imported before the clock starts
 t0 = time.perf_counter()
-sd = apla.load_stable_diffusion(sys.argv[1], device="cpu", dtype=torch.float32)
+sd = load_stable_diffusion(sys.argv[1], device="cpu", dtype=torch.float32)
 seconds = time.perf_counter() - t0
 nets = (sd.unet, sd.vae, sd.text_encoder)
 params = sum(p.numel() * p.element_size() for m in nets for p in m.parameters())
