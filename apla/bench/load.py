@@ -41,7 +41,10 @@ def measure_load(path: str | Path, code_dir: str | Path | None = None) -> dict:
                          capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"loading {path} failed: {out.stderr.strip().splitlines()[-1:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if not Path(result["apla"]).resolve().is_relative_to(cwd):
+        raise RuntimeError(f"the child imported {result['apla']}, not the apla package of {cwd}")
+    return result
 
 
 def load_table(files, code_dirs=(None,)) -> str:

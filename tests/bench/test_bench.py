@@ -142,3 +142,18 @@ def test_bad_flags_one_line_exit_2(argv, words, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and words in err[0], err
+
+
+def test_load_measures_time_and_peak_memory_of_loading_in_a_fresh_process(tmp_path, capsys):
+    """`--load`: one row per file and checkout, time and peak resident memory of the child that loaded it; the peak
+    holds at least the loaded parameters."""
+    pytest.importorskip("diffusers")
+    from apla.bench.load import measure_load
+    from tests.helpers.tiny_sd import make_tiny_sd
+
+    folder = make_tiny_sd(tmp_path / "sd")
+    r = measure_load(folder)
+    assert r["seconds"] > 0 and r["peak"] > r["params"] > 0
+    assert main(["--load", str(folder)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| sd |")]
+    assert len(rows) == 1 and re.search(r"\| \d+\.\d s \| \d+\.\d\d GB \| \d+\.\d\dx \|$", rows[0]), rows
