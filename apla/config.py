@@ -214,7 +214,8 @@ class TrainConfig:
         "lr": POSITIVE, "disc_lr": POSITIVE, "adam_beta1": BETA, "adam_beta2": BETA, "weight_decay": NON_NEGATIVE,
         "adam_epsilon": POSITIVE, "max_grad_norm": NON_NEGATIVE, "mixed_precision": one_of(PRECISIONS),
         "gradient_checkpointing": (lambda v: isinstance(v, bool) or v == "auto", 'true, false or "auto"'),
-        "checkpoint_every": AT_LEAST_ONE, "sample_every": AT_LEAST_ZERO, "keep_checkpoints": AT_LEAST_ZERO, "groupnorm": one_of(GROUPNORM),
+        "checkpoint_every": AT_LEAST_ONE, "sample_every": AT_LEAST_ZERO, "keep_checkpoints": AT_LEAST_ZERO,
+        "groupnorm": one_of(GROUPNORM),
         "sample_steps": DDIM_STEPS, "guidance": NON_NEGATIVE,
     }
 

@@ -12,7 +12,8 @@ FIELDS = {
     "pretrained_model_path": "pretrained", "output_dir": "output_dir", "validation_steps": "sample_every",
     "trainable_modules": "trainable", "max_train_steps": "max_steps", "learning_rate": "lr",
     "adam_beta1": "adam_beta1", "adam_beta2": "adam_beta2", "adam_weight_decay": "weight_decay",
-    "adam_epsilon": "adam_epsilon", "max_grad_norm": "max_grad_norm", "gradient_checkpointing": "gradient_checkpointing",
+    "adam_epsilon": "adam_epsilon", "max_grad_norm": "max_grad_norm",
+    "gradient_checkpointing": "gradient_checkpointing",
     "checkpointing_steps": "checkpoint_every", "mixed_precision": "mixed_precision", "seed": "seed",
 }
 TRAIN_DATA = {"video_path": "video", "prompt": "prompt", "n_sample_frames": "frames", "sample_start_idx": "start",

@@ -42,7 +42,7 @@ learning_rate: 2e-4
 train_batch_size: 1
 max_train_steps: 2
 checkpointing_steps: 1
-validation_steps: 0
+validation_steps: 2
 trainable_modules:
   - "attn1.to_q"
   - "attn2.to_q"
@@ -56,7 +56,7 @@ enable_xformers_memory_efficient_attention: True
 """
 
 
-def write_config(tmp_path, extra: str = "", precision: str = "fp16"):
+def write_config(tmp_path, extra: str = "", precision: str = "no"):
     clip = tmp_path / "data" / "circle.gif"
     clip.parent.mkdir()
     shutil.copy(SHAPES_GIF, clip)
@@ -76,8 +76,9 @@ def test_tuneavideo_config_trains_and_samples_on_the_micro_model(tmp_path, capsy
     assert (cfg["lr"], cfg["disc_lr"], cfg["max_steps"], cfg["checkpoint_every"], cfg["seed"]) == (2e-4, 2e-4, 2, 1, 7)
     assert cfg["trainable"] == ["attn1.to_q", "attn2.to_q", "attn_temp"] and cfg["gradient_checkpointing"] is False
     assert cfg["edit_prompts"] == ["a blue circle moving to the right", "a red square moving to the right"]
-    assert (cfg["sample_steps"], cfg["guidance"], cfg["mixed_precision"]) == (2, 4.5, "fp16")
+    assert (cfg["sample_steps"], cfg["guidance"], cfg["mixed_precision"]) == (2, 4.5, "no")
     assert cfg["apla"]["vgt"] == "hyper" and cfg["apla"]["lam"] == 0.02 and cfg["apla"]["use_discriminator"]
+    assert cfg["sample_every"] == 2 and len(list((run / "samples" / "step-000002").glob("*.gif"))) == 3
     # sample.py on the run: the config's validation prompts, steps and guidance
     assert sample.main(["--run", str(run), "--no-progress", "--no-metrics", "--device", "cpu"]) == 0
     for prompt in [cfg["prompt"], *cfg["edit_prompts"]]:
