@@ -103,6 +103,7 @@ def generate(args) -> int:
     # ---- z_T: DDIM inversion of the clip with the empty prompt, on eps* (or seeded noise) ----------------------
     with torch.no_grad():
         uncond = apla.encode_prompt(sd, [""]).to(device)                       # (1, 77, D)
+        negative = apla.encode_prompt(sd, [args.negative_prompt]).to(device) if args.negative_prompt else uncond
     if args.no_inversion:
         z_T = torch.randn(z0.shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
     else:
@@ -114,7 +115,7 @@ def generate(args) -> int:
     for prompt in dict.fromkeys(args.prompt or run.sample_prompts(cfg)):  # each prompt once, in order
         with torch.no_grad():
             cond = apla.encode_prompt(sd, [prompt]).to(device)                 # (1, 77, D)
-        z0_new = run.guided_sample(model, z_T, uncond, cond, timesteps, guidance, amp, use_vgt,
+        z0_new = run.guided_sample(model, z_T, negative, cond, timesteps, guidance, amp, use_vgt,
                                    progress=not args.no_progress)
         if not torch.isfinite(z0_new).all():
             fail(f"{prompt!r}: the sampled latents are not finite; no video written (is the checkpoint {used} one "

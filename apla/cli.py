@@ -245,6 +245,8 @@ def sample_parser() -> argparse.ArgumentParser:
       help="DDIM steps (default: the run's sample_steps, 50 at SD size)")
     a("--guidance", type=in_range(float, NON_NEGATIVE), default=None,
       help="classifier-free guidance scale (default: the run's guidance, 12.5 at SD size as Tune-A-Video)")
+    a("--negative-prompt", default="", help="the unconditional branch of guidance: what the samples steer away from "
+                                            "(the inversion keeps the empty prompt)")
     a("--seed", type=in_range(int, SEED), default=33, help="seed of the starting noise (with --no-inversion)")
     a("--no-inversion", action="store_true", help="start from seeded noise instead of the inverted clip")
     a("--no-vgt", action="store_true", help="sample without the VGT perturbation of Eq. 4")

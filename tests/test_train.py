@@ -310,3 +310,23 @@ def test_sample_every_writes_gifs_while_training_and_a_progression(tmp_path):
 def test_sample_every_is_off_for_the_micro_run_and_100_at_sd_size():
     from apla.config import default_config
     assert default_config().sample_every == 0 and default_config("sd15.safetensors").sample_every == 100
+
+
+def test_negative_prompt_is_the_unconditional_branch(tiny, tmp_path, trained_run, monkeypatch):
+    """sample.py --negative-prompt: guidance steers from that prompt's prediction instead of the empty one's."""
+    seen = []
+    real = APLA.guided_eps
+
+    def spy(self, z_t, t, uncond, cond, scale, use_vgt=True):
+        seen.append(uncond.clone())
+        return real(self, z_t, t, uncond, cond, scale, use_vgt)
+
+    monkeypatch.setattr(APLA, "guided_eps", spy)
+    outs = {}
+    for name, extra in (("plain", []), ("negative", ["--negative-prompt", "a blurry picture"])):
+        seen.clear()
+        args = ["--run", str(trained_run), "--steps", "2", "--prompt", "a red circle", "--no-progress",
+                "--no-metrics", "--out", str(tmp_path / name), *extra]
+        assert sample.main(args) == 0
+        outs[name] = seen[0]
+    assert not torch.equal(outs["plain"], outs["negative"])
