@@ -30,7 +30,7 @@ from apla import checkpoint as ckpt
 from apla import run
 from apla.eval import score as evaluate
 from apla.cli import autocast_for, fail, pick_device, resolve_mixed_precision, sample_parser
-from apla.scheduler import ddim_invert, ddim_sample, ddim_timesteps
+from apla.scheduler import ddim_timesteps
 from apla.video import PyAVMissing, require_av, write_gif, write_mp4, write_png_strip
 
 
@@ -98,28 +98,25 @@ def generate(args) -> int:
     out_dir = Path(args.out) if args.out else run_dir / "samples"
     out_dir.mkdir(parents=True, exist_ok=True)                                 # an unwritable --out fails here
     print(f"sample.py: checkpoint {used}", file=sys.stderr)
-    alpha_bar = model.alpha_bar
     amp = autocast_for(resolve_mixed_precision(args.mixed_precision, device), device)       # auto: as train.py
 
     # ---- z_T: DDIM inversion of the clip with the empty prompt, on eps* (or seeded noise) ----------------------
     with torch.no_grad():
         uncond = apla.encode_prompt(sd, [""]).to(device)                       # (1, 77, D)
+        negative = apla.encode_prompt(sd, [args.negative_prompt]).to(device) if args.negative_prompt else uncond
     if args.no_inversion:
         z_T = torch.randn(z0.shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
     else:
-        with amp:
-            z_T = ddim_invert(lambda z, t: model.eps_star(z, t, uncond, use_vgt), z0, timesteps, alpha_bar,
-                              progress=not args.no_progress)
+        z_T = run.invert_clip(model, z0, uncond, timesteps, amp, use_vgt, progress=not args.no_progress)
 
     # ---- each prompt: guided DDIM sampling on eps* (Eq. 3 with Eq. 4), decode, write ---------------------------
     mp4 = mp4_possible()
     videos, files = [], {}
-    for prompt in dict.fromkeys(args.prompt or [cfg.prompt, *cfg.edit_prompts]):  # each prompt once, in order
+    for prompt in dict.fromkeys(args.prompt or run.sample_prompts(cfg)):  # each prompt once, in order
         with torch.no_grad():
             cond = apla.encode_prompt(sd, [prompt]).to(device)                 # (1, 77, D)
-        with amp:
-            z0_new = ddim_sample(lambda z, t: model.guided_eps(z, t, uncond, cond, guidance, use_vgt), z_T,
-                                 timesteps, alpha_bar, progress=not args.no_progress)
+        z0_new = run.guided_sample(model, z_T, negative, cond, timesteps, guidance, amp, use_vgt,
+                                   progress=not args.no_progress)
         if not torch.isfinite(z0_new).all():
             fail(f"{prompt!r}: the sampled latents are not finite; no video written (is the checkpoint {used} one "
                  "of a run that blew up?)")

@@ -7,7 +7,7 @@
 Reads top to bottom: configuration -> the clip and the base model -> the clip and the prompt encoded once -> the
 run's models (U-Net trainable set, VGT, D) -> Algorithm 1's loop, whose step is `apla.algorithm.APLA`
 (Eq. 1 noising, Eq. 4 perturbed prediction, Eq. 18 hyper-loss, Eq. 20 for U-Net and VGT, Eq. 19 for D)
--> a JSONL log line per step and atomic checkpoints in the run directory.
+-> a JSONL log line per step, atomic checkpoints and (--sample-every) samples to watch in the run directory.
 
 Algorithm 1 says "Extract the first frame x_0 from v": we read x_0 as the whole clip (every sampled frame), since
 the same algorithm outputs a video and the paper trains on "24 frames" of each clip. Its "Encode x_0 ... into a
@@ -110,6 +110,8 @@ def train(cfg, resume: bool, lock: ckpt.RunLock) -> int:
     z0_mean, z0_std = run.encode_clip(sd.vae, frames, device)                  # (1, 4, F, h, w) each
     with torch.no_grad():
         context = apla.encode_prompt(sd, [cfg.prompt]).to(device)              # (1, 77, D)
+        texts = {p: apla.encode_prompt(sd, [p]).to(device) for p in ["", *run.sample_prompts(cfg)] if cfg.sample_every}
+    watch = run.TrainingSamples(cfg, sd.vae, texts, len(sd.alpha_bar), device) if cfg.sample_every else None
     run.release_encoders(sd)                                                   # the loop needs neither again
 
     # ---- the run's models: U-Net eps_theta (its trainable set), VGT phi, discriminator D; their optimisers ------
@@ -164,6 +166,8 @@ def train(cfg, resume: bool, lock: ckpt.RunLock) -> int:
             bad = [k for k, v in record.items() if not math.isfinite(v)]
             if bad:
                 stop(run_dir, f"step {step + 1}: loss term {bad[0]} is not finite ({record[bad[0]]})")
+            if watch and (step + 1) % cfg.sample_every == 0:  # samples to watch, their cost in the log
+                record["sample_time"] = watch.write(model, z0_mean, step + 1, amp)
             log.append(record)
             bar.set_postfix(loss=f"{record['total']:.4f}")
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.max_steps:
@@ -171,6 +175,9 @@ def train(cfg, resume: bool, lock: ckpt.RunLock) -> int:
                 if bad:
                     stop(run_dir, f"step {step + 1}: after the update, {bad} is not finite")
                 run.save_checkpoint(run_dir, step + 1, cfg, model, opt_g, opt_d, gen, meta)
+    if watch and watch.progression():
+        print(f"apla: samples while training in {watch.dir} (progression.png: first, middle and last frames)",
+              file=sys.stderr)
     print(f"apla: done, {cfg.max_steps} steps; checkpoint {ckpt.latest_checkpoint(run_dir)}", file=sys.stderr)
     return 0
 

@@ -21,6 +21,7 @@ Reading order: the paper, then what the two scripts share, then the measures.
   checkpoint.py             run directories, atomic writes
   video.py                  reading clips, writing GIF / MP4 / PNG strips
   cli.py                    command lines and one-line errors
+  tav.py                    Tune-A-Video's YAML configs mapped onto TrainConfig
   eval/                     the paper's measures                        05_algorithm1_end_to_end
     eval/flow.py              optical flow by hand (Horn-Schunck)
     eval/metrics.py           FCI, warping error, CLIP scores, PSNR

@@ -1,8 +1,8 @@
-"""Command lines of train.py and sample.py: flags, config files (TOML or JSON) and one-line errors.
+"""Command lines of train.py and sample.py: flags, config files (TOML, JSON, Tune-A-Video's YAML), one-line errors.
 
 A training run's configuration is resolved in one order, later wins (`parse_train_args`):
   TrainConfig's defaults (the micro run) <- the base model's preset (apla.config.SD_V15 unless it is bundled)
-  <- a --config file (.toml or .json, keys as in config.json) <- the flags given.
+  <- a --config file (.toml or .json, keys as in config.json; .yaml: Tune-A-Video's, apla.tav) <- the flags given.
 --resume starts from the run's saved config.json instead of the defaults and preset. The resolved configuration is
 saved as config.json in the run directory.
 """
@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import NoReturn, Optional
 
 import torch
+import yaml
 
-from apla.config import (CHECKPOINTING, DDIM_STEPS, GROUPNORM, NON_NEGATIVE, PRECISIONS, SEED, TrainConfig, integer,
-                         merge, preset, problem)
+from apla import tav
+from apla.config import (CHECKPOINTING, DDIM_STEPS, GROUPNORM, NON_NEGATIVE, PRECISIONS, SD_V15, SEED, TrainConfig,
+                         integer, merge, preset, problem)
 from apla.vgt import VARIANTS
 
 SD_WIDTH = 320  # channels of SD v1.5's first U-Net level; 'auto' checkpoints U-Nets this wide on CUDA
@@ -122,7 +124,8 @@ def train_parser() -> argparse.ArgumentParser:
                                   "overrides the preset, flags override both; --resume starts from the run's saved "
                                   "config.json.")
     a = p.add_argument
-    a("--config", help="a .toml or .json file of TrainConfig fields (default: none)")
+    a("--config", help="a .toml or .json file of TrainConfig fields, or a Tune-A-Video config (.yaml, as its configs/ "
+                       "are; an apla: table sets APLA's parts) (default: none)")
     a("--pretrained", help="base model: a single .safetensors file, a diffusers-style folder, a hub id, or 'micro' "
                            f"(default: {d.pretrained})")
     a("--video", help="the clip: a folder of frames, a GIF, an MP4/WebM/MOV (needs PyAV), or a bundled clip's name "
@@ -160,6 +163,9 @@ def train_parser() -> argparse.ArgumentParser:
     a("--compile", action="store_const", const=True,
       help="torch.compile the U-Net and VGT (the first steps compile; no gain measured on a CPU) (default: off)")
     a("--checkpoint-every", type=int, help=f"save a checkpoint every n steps (default: {d.checkpoint_every})")
+    a("--sample-every", type=int, help="every n steps, write a GIF per prompt into RUN/samples/step-N/, and at the end "
+                                       "a PNG of their first, middle and last frames; 0: never (default: "
+                                       f"{d.sample_every}; {SD_V15['sample_every']} at SD size)")
     a("--device", help=f"'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ... (default: {d.device})")
     a("--resume", action="store_true", help="continue the run in --output-dir from its latest checkpoint")
     a("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar (default: shown)")
@@ -200,18 +206,28 @@ def parse_train_args(argv: Optional[list] = None):
 
 
 def read_config_file(path: str) -> dict:
-    """The values of a --config file: TOML (.toml) or JSON (.json), keys as in config.json; one line on an error."""
+    """The values of a --config file: TOML (.toml) or JSON (.json), keys as in config.json, or a Tune-A-Video config
+    (.yaml/.yml, mapped by apla.tav, its notes printed); one line on an error."""
     p = Path(path)
     if not p.is_file():
         fail(f"--config {path}: no such file")
-    if p.suffix not in (".toml", ".json"):
-        fail(f"--config {path}: expected a .toml or .json file")
+    if p.suffix not in (".toml", ".json", ".yaml", ".yml"):
+        fail(f"--config {path}: expected a .toml or .json file, or Tune-A-Video's .yaml")
     try:
-        values = tomllib.loads(p.read_text()) if p.suffix == ".toml" else json.loads(p.read_text())
-    except ValueError as e:  # TOMLDecodeError, JSONDecodeError and UnicodeDecodeError are ValueErrors
+        text = p.read_text()
+        values = (tomllib.loads(text) if p.suffix == ".toml" else json.loads(text) if p.suffix == ".json"
+                  else yaml.safe_load(text))
+    except (ValueError, yaml.YAMLError) as e:  # TOMLDecodeError, JSONDecodeError, UnicodeDecodeError: ValueErrors
         fail(f"--config {path}: cannot parse: {e}")
     if not isinstance(values, dict):
         fail(f"--config {path}: expected a table of TrainConfig fields, got {type(values).__name__}")
+    if p.suffix in (".yaml", ".yml"):
+        try:
+            values, notes = tav.from_tuneavideo(values)
+        except ValueError as e:
+            fail(f"--config {path}: {e}")
+        if notes:
+            print(f"note: --config {path}: ignored: {'; '.join(notes)}", file=sys.stderr)
     return values
 
 
@@ -229,6 +245,8 @@ def sample_parser() -> argparse.ArgumentParser:
       help="DDIM steps (default: the run's sample_steps, 50 at SD size)")
     a("--guidance", type=in_range(float, NON_NEGATIVE), default=None,
       help="classifier-free guidance scale (default: the run's guidance, 12.5 at SD size as Tune-A-Video)")
+    a("--negative-prompt", default="", help="the unconditional branch of guidance: what the samples steer away from "
+                                            "(the inversion keeps the empty prompt)")
     a("--seed", type=in_range(int, SEED), default=33, help="seed of the starting noise (with --no-inversion)")
     a("--no-inversion", action="store_true", help="start from seeded noise instead of the inverted clip")
     a("--no-vgt", action="store_true", help="sample without the VGT perturbation of Eq. 4")

@@ -188,6 +188,8 @@ class TrainConfig:
     gradient_checkpointing: bool | str = "auto"
     compile: bool = False                # torch.compile the U-Net and VGT (APLA.compile_networks)
     checkpoint_every: int = 100          # [250]
+    # every n steps, write samples/step-N/ (GIFs of the run's prompts) and at the end a progression PNG; 0: never
+    sample_every: int = 0                # [100, Tune-A-Video's validation_steps]
     keep_checkpoints: int = 2            # 0: keep all
     device: str = "auto"
     progress: bool = True
@@ -212,7 +214,8 @@ class TrainConfig:
         "lr": POSITIVE, "disc_lr": POSITIVE, "adam_beta1": BETA, "adam_beta2": BETA, "weight_decay": NON_NEGATIVE,
         "adam_epsilon": POSITIVE, "max_grad_norm": NON_NEGATIVE, "mixed_precision": one_of(PRECISIONS),
         "gradient_checkpointing": (lambda v: isinstance(v, bool) or v == "auto", 'true, false or "auto"'),
-        "checkpoint_every": AT_LEAST_ONE, "keep_checkpoints": AT_LEAST_ZERO, "groupnorm": one_of(GROUPNORM),
+        "checkpoint_every": AT_LEAST_ONE, "sample_every": AT_LEAST_ZERO, "keep_checkpoints": AT_LEAST_ZERO,
+        "groupnorm": one_of(GROUPNORM),
         "sample_steps": DDIM_STEPS, "guidance": NON_NEGATIVE,
     }
 
@@ -255,6 +258,7 @@ SD_V15 = {
     "lr": 3e-5,                          # "with a learning rate of 3e-5"
     "disc_lr": 3e-5,                     # D's (the paper names one learning rate; we give D the same)
     "checkpoint_every": 250,
+    "sample_every": 100,                 # Tune-A-Video's validation_steps
     "sample_steps": 50,
     "guidance": 12.5,                    # Tune-A-Video's
     "vgt_model": dataclasses.asdict(VGTConfig()),  # the paper's VGT (Table 1) at SD's 64 x 64 latents, 24 frames

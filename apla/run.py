@@ -3,9 +3,10 @@ the clip encoded once and decoded back, checkpoints of everything that trains, a
 
 A run directory holds config.json, source.safetensors (the clip's latents and the prompt's text states),
 log.jsonl (one line per step), checkpoints/step-NNNNNN/ (weights.safetensors with `unet.`, `vgt.` and `disc.`
-parts + state.pt with the optimiser and random-generator states) and samples/. Everything is written atomically
-(apla.checkpoint), by one train.py at a time (apla.checkpoint.RunLock); what an interrupted run leaves is always
-a state that `--resume` (or, before the first checkpoint, the same command) continues from.
+parts + state.pt with the optimiser and random-generator states) and samples/ (sample.py's outputs; with
+--sample-every, step-NNNNNN/ folders of GIFs written while training, and progression.png). Everything is written
+atomically (apla.checkpoint), by one train.py at a time (apla.checkpoint.RunLock); what an interrupted run leaves is
+always a state that `--resume` (or, before the first checkpoint, the same command) continues from.
 """
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from apla import checkpoint as ckpt
@@ -23,13 +27,17 @@ from apla.algorithm import APLA
 from apla.assets import CLIPS, model_path
 from apla.config import APLAConfig, TrainConfig, vgt_config_for
 from apla.discriminator import Discriminator, DiscriminatorConfig
+from apla.eval.score import sample_stem
 from apla.losses import VGGFeatures
+from apla.scheduler import ddim_invert, ddim_sample, ddim_timesteps
 from apla.sd.unet import load_trainable_state, mark_trainable, trainable_state
+from apla.video import write_gif
 from apla.vgt import VGT
 
 # torchvision's ImageNet VGG16 file, as torch.hub caches it (torchvision.models.VGG16_Weights.IMAGENET1K_V1)
 TORCHVISION_VGG16 = "vgg16-397923af.pth"
 RANDOM = "random"
+WATCH_STEPS = 10  # DDIM steps of the samples written while training (at most the run's sample_steps)
 
 
 def init_seeds(cfg: TrainConfig) -> dict:
@@ -334,3 +342,79 @@ def resume_hint(run_dir) -> str:
     if latest is None:
         return "no checkpoint yet: the same command starts the run afresh"
     return f"--resume continues from step {ckpt.checkpoint_step(latest)}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling: DDIM inversion of the clip, then guided DDIM per prompt (sample.py, and train.py's --sample-every)
+# ---------------------------------------------------------------------------------------------------------------
+def sample_prompts(cfg: TrainConfig) -> list[str]:
+    """The prompts a run samples unless told otherwise: its own, then its edits, each once."""
+    return list(dict.fromkeys([cfg.prompt, *cfg.edit_prompts]))
+
+
+def invert_clip(model: APLA, z0, uncond, timesteps, amp, use_vgt: bool = True, progress: bool = False):
+    """z_T of the clip latents z0 (1, 4, F, h, w) by DDIM inversion on eps* with the empty prompt (Tune-A-Video's
+    recipe, on Eq. 4's prediction)."""
+    with amp:
+        return ddim_invert(lambda z, t: model.eps_star(z, t, uncond, use_vgt), z0, timesteps, model.alpha_bar,
+                           progress=progress)
+
+
+def guided_sample(model: APLA, z_T, uncond, cond, timesteps, guidance: float, amp, use_vgt: bool = True,
+                  progress: bool = False):
+    """z_0 by DDIM sampling (Eq. 3) from z_T with classifier-free guidance on eps* (Eq. 4)."""
+    with amp:
+        return ddim_sample(lambda z, t: model.guided_eps(z, t, uncond, cond, guidance, use_vgt), z_T, timesteps,
+                           model.alpha_bar, progress=progress)
+
+
+class TrainingSamples:
+    """train.py's --sample-every: at a step, a GIF per prompt in samples/step-NNNNNN/ (the clip inverted and sampled
+    again with WATCH_STEPS guided DDIM steps, as sample.py does in full), so that a run overfitting to its clip shows
+    while it trains; at the end, progression.png. `texts` maps "" and each prompt to its encoded text (1, 77, D)."""
+
+    def __init__(self, cfg: TrainConfig, vae, texts: dict, alpha_bar_len: int, device):
+        self.vae, self.texts, self.device, self.guidance = vae, texts, torch.device(device), cfg.guidance
+        self.prompts = sample_prompts(cfg)
+        self.dir = Path(cfg.output_dir) / "samples"
+        self.timesteps = ddim_timesteps(min(WATCH_STEPS, cfg.sample_steps), alpha_bar_len)
+
+    @torch.no_grad()
+    def write(self, model: APLA, z0, step: int, amp) -> float:
+        """The GIFs of `step`, written atomically; returns the seconds it took (the model is back in training)."""
+        start, out = time.perf_counter(), self.dir / f"step-{step:06d}"
+        out.mkdir(parents=True, exist_ok=True)
+        model.eval()
+        z_T = invert_clip(model, z0, self.texts[""], self.timesteps, amp)
+        self.vae.to(self.device)  # released to the CPU between samplings (release_encoders)
+        for prompt in self.prompts:
+            z = guided_sample(model, z_T, self.texts[""], self.texts[prompt], self.timesteps, self.guidance, amp)
+            write_gif(decode_latents(self.vae, z), out / f"{sample_stem(prompt)}.gif")
+        if self.device.type != "cpu":
+            self.vae.to("cpu")
+        model.train()
+        return time.perf_counter() - start
+
+    def progression(self) -> Path | None:
+        """samples/progression.png: for each prompt, a band of three rows (its first, middle and last frame), one
+        column per sampled step in order, read back from every step-NNNNNN/ (those of a resumed run's earlier
+        part too); None when none was written."""
+        steps = sorted(self.dir.glob("step-[0-9]*"))
+        if not steps:
+            return None
+        rows = []
+        for prompt in self.prompts:
+            cells = [gif_frames(step / f"{sample_stem(prompt)}.gif") for step in steps]
+            rows += [np.concatenate([c[k] for c in cells], axis=1) for k in range(3)]  # first, middle, last
+        image = Image.fromarray(np.concatenate(rows, axis=0))
+        return Path(ckpt.atomic_write(self.dir / "progression.png", lambda tmp: image.save(tmp, format="PNG")))
+
+
+def gif_frames(path: Path) -> list[np.ndarray]:
+    """The first, middle and last frame of a GIF as (H, W, 3) uint8 arrays."""
+    with Image.open(path) as im:
+        picks = []
+        for k in (0, im.n_frames // 2, im.n_frames - 1):
+            im.seek(k)
+            picks.append(np.asarray(im.convert("RGB")))
+        return picks

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from apla import checkpoint as ckpt
+from apla import run as run_mod
 from apla.algorithm import APLA
 from apla.eval import score as evaluate
 from tests.helpers.runs import (ROOT, SHAPES_GIF, logged_steps, make_tiny, run_exit, sample, train, train_args,
@@ -275,7 +276,7 @@ def test_ctrl_c_is_one_line_saying_where_resume_continues(tiny, tmp_path, monkey
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sample, "ddim_sample", interrupted)  # and sample.py
+    monkeypatch.setattr(run_mod, "ddim_sample", interrupted)  # and sample.py (its sampling is apla.run's)
     line = fails(sample.main, ["--run", str(run), "--steps", "2", "--no-progress", "--device", "cpu"], capsys, 130)
     assert "interrupted" in line
 
@@ -351,7 +352,7 @@ def test_sample_refuses_a_non_finite_checkpoint(trained, tmp_path, capsys):
 
 
 def test_sample_writes_no_video_of_non_finite_values(trained, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sample, "ddim_sample", lambda fn, z, *a, **k: z * float("nan"))
+    monkeypatch.setattr(run_mod, "ddim_sample", lambda fn, z, *a, **k: z * float("nan"))  # sample.py's, in apla.run
     out = tmp_path / "samples"
     line = fails(sample.main, ["--run", str(trained), "--steps", "2", "--no-progress", "--device", "cpu", "--out",
                                str(out), "--prompt", "a blue circle"], capsys)

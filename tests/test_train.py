@@ -286,3 +286,47 @@ def test_resolved_precision_and_checkpointing_saved_in_config(tiny, tmp_path, fl
     assert train.main(train_args(tiny, run, 1, SHAPES_GIF, 2, *flags)) == 0
     cfg = json.loads((run / "config.json").read_text())
     assert (cfg["mixed_precision"], cfg["gradient_checkpointing"]) == (precision, checkpointing)
+
+
+def test_sample_every_writes_gifs_while_training_and_a_progression(tmp_path):
+    """--sample-every on the micro default run: samples/step-N/ holds a GIF per prompt at every n-th step, the log
+    says what each sampling cost, and progression.png shows each prompt's first, middle and last frame per step."""
+    run = tmp_path / "watched"
+    assert train.main(["--output-dir", str(run), "--max-steps", "4", "--sample-every", "2", "--no-progress"]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    prompts = [cfg["prompt"], *cfg["edit_prompts"]]
+    assert sorted(p.name for p in (run / "samples").glob("step-*")) == ["step-000002", "step-000004"]
+    for step in (2, 4):
+        for prompt in prompts:
+            with Image.open(run / "samples" / f"step-{step:06d}" / f"{sample_stem(prompt)}.gif") as im:
+                assert im.size == (64, 64) and im.n_frames > 1
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "sample_time" in r] == [2, 4] and all(r.get("sample_time", 1) > 0 for r in log)
+    with Image.open(run / "samples" / "progression.png") as im:
+        assert im.size == (2 * 64, 3 * len(prompts) * 64)
+    assert not list((run / "samples").rglob(f"*{ckpt.TMP_SUFFIX}"))
+
+
+def test_sample_every_is_off_for_the_micro_run_and_100_at_sd_size():
+    from apla.config import default_config
+    assert default_config().sample_every == 0 and default_config("sd15.safetensors").sample_every == 100
+
+
+def test_negative_prompt_is_the_unconditional_branch(tiny, tmp_path, trained_run, monkeypatch):
+    """sample.py --negative-prompt: guidance steers from that prompt's prediction instead of the empty one's."""
+    seen = []
+    real = APLA.guided_eps
+
+    def spy(self, z_t, t, uncond, cond, scale, use_vgt=True):
+        seen.append(uncond.clone())
+        return real(self, z_t, t, uncond, cond, scale, use_vgt)
+
+    monkeypatch.setattr(APLA, "guided_eps", spy)
+    outs = {}
+    for name, extra in (("plain", []), ("negative", ["--negative-prompt", "a blurry picture"])):
+        seen.clear()
+        args = ["--run", str(trained_run), "--steps", "2", "--prompt", "a red circle", "--no-progress",
+                "--no-metrics", "--out", str(tmp_path / name), *extra]
+        assert sample.main(args) == 0
+        outs[name] = seen[0]
+    assert not torch.equal(outs["plain"], outs["negative"])
