@@ -41,7 +41,7 @@ from apla.cli import DefaultsFormatter, OneLineParser, fail, pick_device
 from apla.config import TrainConfig, default_config, slug
 from apla.eval.flow import FlowConfig, video_flow
 from apla.eval.metrics import (MEASURES, METRICS, MetricsError, clip_frame_consistency, clip_text_alignment, fci,
-                               load_clip, load_plugin, psnr, registered, warping_error)
+                               load_clip, load_plugin, psnr, registered, source_deviation, warping_error)
 from apla.video import AV_EXTENSIONS, GIF_EXTENSIONS, VideoError, count_frames, read_video
 
 VIDEO_EXTENSIONS = GIF_EXTENSIONS + AV_EXTENSIONS
@@ -139,6 +139,8 @@ def score_video(video: torch.Tensor, measures: dict, prompt: str | None = None, 
     is_edit = bool(edited) or (prompt is not None and source_prompt is not None and prompt != source_prompt)
     if source is not None and not is_edit:
         out["psnr"] = psnr(video, source)
+    if source is not None:
+        out["source_deviation"] = source_deviation(x, source.to(device), cfg)
     return {"metrics": {**{k: out[k] for k in METRICS if k in out}, **extra}, "edited": edited}
 
 
