@@ -66,14 +66,15 @@ from torch.utils.checkpoint import checkpoint
 
 from apla.scheduler import timestep_embedding
 
-VARIANTS = ("pure", "hyper", "pure-en", "hyper-en")
+VARIANTS = ("pure", "hyper", "pure-en", "hyper-en", "pure-frame")
 
 
 @dataclass
 class VGTConfig:
     """VGT hyper-parameters. Defaults are the paper-size model (Table 1) at SD v1.5's latents."""
 
-    variant: str = "pure"  # "pure" | "hyper" | "pure-en" | "hyper-en" (Table 1); paper experiments: "pure"
+    variant: str = "pure"  # "pure" | "hyper" | "pure-en" | "hyper-en" (Table 1); paper experiments: "pure";
+    # "pure-frame": VGT-Pure with no information across frames (`frame_mask`), the ablation study's capacity control
     in_channels: int = 4  # C: SD v1.5 latent channels
     sample_size: int = 64  # largest latent side h = w (512 px / 8); sizes the spatial positional table
     max_frames: int = 24  # largest F; the paper samples 24 frames; sizes the temporal positional table
@@ -103,6 +104,11 @@ class VGTConfig:
     def masked(self) -> bool:
         """True for the decoder variants ("pure", "hyper"); False for the encoder ("-en") ones."""
         return not self.variant.endswith("-en")
+
+    @property
+    def per_frame(self) -> bool:
+        """True for "pure-frame": the temporal decoder's tokens attend to themselves only (`frame_mask`)."""
+        return self.variant == "pure-frame"
 
     @property
     def hyper(self) -> bool:
@@ -148,6 +154,16 @@ def decoder_mask(n: int, device=None) -> torch.Tensor:
     causal[1:, 0] = False  # tokens never read the class token
     causal[0, :] = True  # the class token reads everything
     return causal
+
+
+def frame_mask(n: int, device=None) -> torch.Tensor:
+    """The temporal mask of the capacity control "pure-frame" (not in the paper): every token attends to itself
+    only, shape (n, n), True on the diagonal. With it, frame f's temporal token is a function of frame f's spatial
+    class token alone, and since the spatial decoder, Eq. 12's product and the MLP head work frame by frame, phi of
+    frame f depends on frame f of z_t only (and on t and f's position): VGT-Pure's parameters, its place in Eq. 4,
+    no information across frames. The ablation study trains it beside VGT-Pure to tell "VGT helps because it sees
+    other frames" from "more trainable parameters fit faster"."""
+    return torch.eye(n, dtype=torch.bool, device=device)
 
 
 def patchify(z: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -410,7 +426,8 @@ class VGT(nn.Module):
         z_s_L = self.norm_s(z_s)  # (B*F, 1+N, d)
         cls_s_L = z_s_L[:, 0].reshape(B, F, d)  # (B*F, d) -> (B, F, d)
         z_tmp = z_tmp_1 = temporal_input(cls_s_L, self.cls_t, self.D, self.pos_t[:, : 1 + F])  # Eq. 10: (B, 1+F, d)
-        mask = decoder_mask(1 + F, z_t.device) if c.masked else None
+        mask = (frame_mask(1 + F, z_t.device) if c.per_frame else decoder_mask(1 + F, z_t.device) if c.masked
+                else None)
         for block in self.temporal:
             z_tmp = self._block(block, z_tmp, mask)  # Eq. 8
         z_tmp_M = self.norm_t(z_tmp)  # (B, 1+F, d)

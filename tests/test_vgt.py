@@ -168,7 +168,7 @@ def test_intermediates_shapes_and_are_what_forward_uses(variant):
     assert torch.equal(out.phi, phi)
     # each intermediate is the previous one through the next equation's code
     mask_s = V.decoder_mask(1 + N) if cfg.masked else None
-    mask_t = V.decoder_mask(1 + F) if cfg.masked else None
+    mask_t = V.frame_mask(1 + F) if cfg.per_frame else V.decoder_mask(1 + F) if cfg.masked else None
     with torch.no_grad():
         cls = (model.cls_s[0] + timestep_embedding(t, d).double()).repeat_interleave(F, dim=0)  # (B*F, d)
         assert torch.allclose(out.z_s_0[:, 0], cls + model.pos_s[0, 0], atol=1e-12)  # Eq. 9's class token carries t
@@ -275,6 +275,7 @@ def test_parameter_counts_match_table1():
     for variant in V.VARIANTS:
         with torch.device("meta"):
             counts[variant] = count_parameters(VGT(VGTConfig(variant=variant)))
+    assert counts.pop("pure-frame") == counts["pure"]  # the capacity control: VGT-Pure's parameters exactly
     for variant, n in counts.items():
         print(f"VGT-{variant}: {n / 1e6:.3f} M (Table 1: {TABLE1[variant] / 1e6:.3f} M, "
               f"{100 * (n / TABLE1[variant] - 1):+.2f}%)")
@@ -292,3 +293,25 @@ def test_same_seed_same_weights_and_bad_inputs_named():
         a(torch.randn(1, 4, 2, 18, 16), 0)
     with pytest.raises(ValueError, match="variant"):
         VGTConfig(variant="giant")
+
+
+def test_capacity_control_sees_no_other_frame():
+    """"pure-frame" (the study's capacity control) has VGT-Pure's parameters, and phi of frame f depends on frame f
+    of z_t only: changing frame 1 leaves every other frame's phi exactly as it was, while VGT-Pure's later frames
+    change (its temporal decoder reads earlier frames)."""
+    torch.manual_seed(0)
+    small = dict(in_channels=4, sample_size=8, max_frames=4, width=32, spatial_depth=1, temporal_depth=2, heads=4,
+                 mlp_hidden=64, out_init_std=0.02)
+    control, pure = VGT(VGTConfig(variant="pure-frame", **small)), VGT(VGTConfig(variant="pure", **small))
+    assert sum(p.numel() for p in control.parameters()) == sum(p.numel() for p in pure.parameters())
+    z = torch.randn(1, 4, 4, 8, 8, dtype=torch.float64)
+    z2 = z.clone()
+    z2[:, :, 1] += torch.randn_like(z2[:, :, 1])
+    for model in (control, pure):
+        model.double()
+    with torch.no_grad():
+        a, b = control(z, 10), control(z2, 10)
+        assert torch.equal(a[:, :, [0, 2, 3]], b[:, :, [0, 2, 3]])
+        assert not torch.equal(a[:, :, 1], b[:, :, 1])
+        p, q = pure(z, 10), pure(z2, 10)
+        assert (p[:, :, 2:] - q[:, :, 2:]).abs().max() > 1e-9  # VGT-Pure's frames 2, 3 read frame 1
