@@ -22,13 +22,17 @@ import numpy as np
 
 from apla import checkpoint as ckpt
 from apla.cli import DefaultsFormatter, OneLineParser, fail
-from apla.study.clips import RECORD, benchmark_clips, candidates, read_record
+from apla.config import default_config
+from apla.study.clips import RECORD, STUDY_FRAMES, benchmark_clips, candidates, read_record
 from apla.study.executor import execute
 from apla.study.measures import DIAG_BATCHES, measure_run
-from apla.study.plan import (QUICK_VARIANTS, check_scripts, line, plan, prepare, read_clips, schedule, shapes_clips,
-                             shard, variants)
+from apla.study.plan import (BUDGETS, QUICK_VARIANTS, SECONDARY_CLIPS, check_scripts, line, plan, prepare,
+                             read_clips, schedule, shapes_clips, shard, variants)
 from apla.study.report import write_report
 from apla.study.selection import make_record
+
+
+MICRO_SAMPLE_STEPS = 10  # DDIM steps of the micro study's samples (its time budget on two CPU cores)
 
 
 def study_options(p) -> None:
@@ -38,16 +42,18 @@ def study_options(p) -> None:
     a("--clips", default=None,
       help="a JSON/TOML list of {video, prompt, edits[, name, frames, start, stride, size]} (default: the micro "
            "shapes benchmark, apla/study/clips.json)")
-    a("--seeds", default="0,1,2", help="comma-separated run seeds")
-    a("--table1-seeds", type=int, default=None,
-      help="train the other VGT versions (Table 1) on only the first n seeds (default: all)")
-    a("--steps", type=int, default=None, help="the default budget N (Table 3's columns: N and 2N; default: the "
-                                               "benchmark record's on the micro clips, else the base model's preset)")
-    a("--sample-steps", type=int, default=None, help="DDIM steps of sampling (default: as for --steps)")
+    a("--seeds", default="0", help="comma-separated run seeds (a clip's seeds are averaged: the clip is the unit)")
+    a("--budgets", default=None, help="comma-separated training steps at which the core variants are sampled; the "
+                                      "last is the primary comparison's (default: 100,200,300 on the micro clips, "
+                                      "else 1x, 2x and 3x a third of the base model's preset steps)")
+    a("--secondary-clips", type=int, default=SECONDARY_CLIPS,
+      help="the variants beyond Tune-A-Video, full APLA and the capacity control run on the first n clips")
+    a("--sample-steps", type=int, default=None, help="DDIM steps of sampling (default: 10 on the micro clips, else "
+                                                     "the base model's preset)")
     a("--clip-model", default=None, help="CLIP for sample.py's CLIP scores: a local folder or hub id (default: the "
                                          "micro CLIP on micro runs, none otherwise)")
     a("--variants", default=None, help="comma-separated subset of the variants (default: all)")
-    a("--quick", action="store_true", help="1 clip, 1 seed, 3 variants, a few steps: the pipeline end to end")
+    a("--quick", action="store_true", help="1 clip, 1 seed, 4 variants, a few steps: the pipeline end to end")
     a("--device", default="auto", help="every run's device: 'auto' (cuda if available), 'cpu', 'cuda:1', ...")
     a("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS in each line)")
 
@@ -83,7 +89,7 @@ def parser() -> OneLineParser:
     measure_p.add_argument("--device", default="auto", help="device of the discriminator's diagnostics")
     select_p = subcommand("select", "run Tune-A-Video on the candidate clips and write the selection record")
     select_p.add_argument("--list", action="store_true", help="only list the candidates")
-    select_p.add_argument("--steps", type=int, default=100, help="Tune-A-Video's training steps: the study's N")
+    select_p.add_argument("--steps", type=int, default=100, help="Tune-A-Video's training steps of the selection")
     select_p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of sampling")
     select_p.add_argument("--jobs", type=int, default=2, help="lines run at once")
     select_p.add_argument("--threads", type=int, default=1, help="torch threads per run")
@@ -111,19 +117,26 @@ def study_runs(args) -> list:
     if unknown or not seeds:
         fail(f"unknown variant {unknown[0]!r}; expected some of {list(table)}" if unknown else "--seeds: none given")
     names = [v for v in table if v in names]  # the table's order: Tune-A-Video, the baseline of the report, first
-    steps, sample_steps = args.steps, args.sample_steps
+    try:
+        budgets = sorted({int(b) for b in args.budgets.split(",") if b.strip()}) if args.budgets else None
+    except ValueError:
+        fail(f"--budgets {args.budgets!r}: expected comma-separated integers")
+    sample_steps = args.sample_steps
     if args.quick:
-        seeds, names, steps, sample_steps = seeds[:1], [v for v in QUICK_VARIANTS if v in names] or names[:1], 2, 3
-    at_least_one(steps=steps, sample_steps=sample_steps, threads=args.threads)
+        seeds, names, budgets, sample_steps = seeds[:1], [v for v in QUICK_VARIANTS if v in names] or names[:1], [1, 2], 3
+    at_least_one(sample_steps=sample_steps, threads=args.threads, secondary_clips=args.secondary_clips,
+                 budget=min(budgets) if budgets else None)
     out = Path(args.out)
     if args.clips:
         clips = read_clips(args.clips)
-    else:  # the micro benchmark, at the budget its clips were selected with
-        record = read_record()
-        clips = shapes_clips(out, benchmark_clips(record))
-        steps, sample_steps = steps or record["steps"], sample_steps or record["sample_steps"]
-    return plan(out, clips[:1] if args.quick else clips, seeds, names, args.pretrained, steps, sample_steps,
-                args.table1_seeds, 1 if args.quick else DIAG_BATCHES, clip_model=args.clip_model)
+        if budgets is None:
+            third = max(1, default_config(args.pretrained).max_steps // 3)
+            budgets = [third, 2 * third, 3 * third]
+    else:  # the micro benchmark: its clips' first STUDY_FRAMES frames
+        clips = shapes_clips(out, benchmark_clips(read_record()), STUDY_FRAMES)
+        budgets, sample_steps = budgets or list(BUDGETS), sample_steps or MICRO_SAMPLE_STEPS
+    return plan(out, clips[:1] if args.quick else clips, seeds, names, args.pretrained, budgets, sample_steps,
+                args.secondary_clips, 1 if args.quick else DIAG_BATCHES, clip_model=args.clip_model)
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -1,17 +1,21 @@
-"""The ablation study as a plan of runs: Table 3 (which components matter, at the default budget N and at 2N) and
-Table 1 (which VGT version), against Tune-A-Video, for every clip and seed.
+"""The ablation study as a plan of runs: does APLA make videos more consistent than Tune-A-Video, and is it VGT's
+view across frames that does it? Every clip, seed and variant is one ordinary run.
 
 Every variant is a value of the run configuration, never a code branch (`variants`): Tune-A-Video is APLA with
 phi = 0, lambda = 0 and the hyper-loss off (MSE only, Eq. 5) on Tune-A-Video's network (GroupNorm pooled over the
-frames); Table 3's rows are `APLAConfig.ablation(row)`; Table 1's VGT versions are full APLA with another VGT.
+frames); Table 3's rows are `APLAConfig.ablation(row)`; Table 1's VGT versions are full APLA with another VGT; the
+capacity control is full APLA with VGT-Pure that sees no other frame (`apla.vgt.frame_mask`).
 
-A run is one clip, seed and variant in RUN = OUT/runs/<clip>/<variant>/seed-<seed>/, and its `line` is one shell
-line of the repository's own commands joined with `&&`, every path in it absolute:
-  train.py   --config RUN/train.json to 2N steps (Table 3's rows and Tune-A-Video) or N steps (the other VGT
-             versions), a checkpoint at steps N and 2N, both kept. The learning rate is constant and the random
-             stream is the run's seed, so the step-N checkpoint of a 2N-step run *is* the N-step run: Table 3's
-             two columns cost one run.
-  sample.py  at step N and at step 2N: DDIM inversion of the clip, then the source prompt and its edits.
+The core variants (CORE: Tune-A-Video, full APLA, the capacity control) run on every clip, trained to the last
+budget with a checkpoint at each budget (100, 200, 300 steps), every checkpoint sampled: the learning rate is
+constant and the random stream is the run's seed, so the step-100 checkpoint of a 300-step run *is* the 100-step
+run. The other variants (Table 3's other rows, Table 1's other VGT versions) run on the first `secondary_clips`
+clips to the first budget, compared with Tune-A-Video's checkpoint at that budget.
+
+A run lives in RUN = OUT/runs/<clip>/<variant>/seed-<seed>/, and its `line` is one shell line of the repository's
+own commands joined with `&&`, every path in it absolute:
+  train.py   --config RUN/train.json
+  sample.py  at each sampled checkpoint: DDIM inversion of the clip, then the source prompt and its edits
   python -m apla.study measure RUN   what the report reads -> RUN/measures.json (`apla.study.measures`).
 A line is written from where its run stands: a finished run (measures.json) has none, a run with a checkpoint
 resumes from it (--resume), one killed before its first checkpoint starts afresh, and a stage whose output exists
@@ -21,6 +25,7 @@ computes does not depend on what executes the lines.
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import sys
 import tomllib
@@ -37,9 +42,13 @@ from apla.study.measures import DIAG_BATCHES, samples_dir
 
 ROOT = Path(apla.__file__).resolve().parents[1]  # the repository: train.py and sample.py live here
 BASELINE = "Tune-A-Video"
-TABLE3 = [BASELINE, *ABLATIONS]  # Tune-A-Video and Table 3's five rows, trained to 2N steps
+FULL = "full"
+CONTROL = "capacity control"  # full APLA, VGT-Pure with no information across frames (VGT variant "pure-frame")
+CORE = [BASELINE, FULL, CONTROL]  # every clip, every budget
 TABLE1 = {"pure": "full", "hyper": "VGT-Hyper", "pure-en": "VGT-Pure-EN", "hyper-en": "VGT-Hyper-EN"}
-QUICK_VARIANTS = [BASELINE, "full", "VGT-Hyper"]
+BUDGETS = (100, 200, 300)  # training steps sampled; the last is the default run's and the primary comparison's
+SECONDARY_CLIPS = 12  # clips the other variants run on
+QUICK_VARIANTS = [BASELINE, FULL, CONTROL, "VGT-Hyper"]
 
 
 def variants() -> dict:
@@ -49,6 +58,7 @@ def variants() -> dict:
                                                 "use_hyper_loss": cfg.use_hyper_loss}}
     out = {BASELINE: values(APLAConfig(vgt="none", use_discriminator=False, use_hyper_loss=False))}
     out.update({row: values(APLAConfig.ablation(row)) for row in ABLATIONS})
+    out[CONTROL] = values(APLAConfig.ablation("full", vgt="pure-frame"))
     out.update({name: values(APLAConfig.ablation("full", vgt=vgt)) for vgt, name in TABLE1.items() if name != "full"})
     return out
 
@@ -110,10 +120,11 @@ def read_clips(path) -> list[Clip]:
     return clips
 
 
-def shapes_clips(out: Path, specs) -> list[Clip]:
-    """Shapes-world clips (apla.study.clips.ClipSpec), their frames in OUT/clips/<name>/."""
+def shapes_clips(out: Path, specs, frames: int | None = None) -> list[Clip]:
+    """Shapes-world clips (apla.study.clips.ClipSpec), their frames in OUT/clips/<name>/; the runs take the first
+    `frames` of them (all when None)."""
     return [Clip(s.name, str((Path(out) / "clips" / s.name).resolve()), s.caption, list(s.edits),
-                 {"frames": s.num_frames}, s) for s in specs]
+                 {"frames": frames or s.num_frames}, s) for s in specs]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -140,33 +151,34 @@ class Run:
         return (self.dir / "measures.json").is_file()
 
 
-def plan(out: Path, clips: list[Clip], seeds: list[int], names: list[str], pretrained: str, steps: int | None,
-         sample_steps: int | None, table1_seeds: int | None = None, diag_batches: int = DIAG_BATCHES,
-         double: bool = True, clip_model: str | None = None) -> list[Run]:
-    """Every run of the study, by clip, seed and variant (nothing is written). Table 3's variants train 2N steps
-    and are sampled at N and 2N (only N steps with double=False); the other VGT versions train N steps on the first
-    `table1_seeds` seeds (all when None)."""
+def plan(out: Path, clips: list[Clip], seeds: list[int], names: list[str], pretrained: str, budgets,
+         sample_steps: int | None, secondary_clips: int | None = None, diag_batches: int = DIAG_BATCHES,
+         clip_model: str | None = None) -> list[Run]:
+    """Every run of the study, by clip, seed and variant (nothing is written). The CORE variants train to the last
+    of `budgets` and are sampled at each; the others train to the first budget on the first `secondary_clips` clips
+    (all when None) and are sampled there."""
     out = Path(out).resolve()
     base = default_config(pretrained)
-    n = steps or base.max_steps
+    budgets = sorted(budgets)
+    every = math.gcd(*budgets)
     table = variants()
     runs = []
-    for clip in clips:
+    for i, clip in enumerate(clips):
         for seed in seeds:
             for name in names:
-                long = double and name in TABLE3
-                if not long and table1_seeds is not None and seed not in seeds[:table1_seeds]:
+                core = name in CORE
+                if not core and secondary_clips is not None and i >= secondary_clips:
                     continue
+                at = list(budgets) if core else budgets[:1]
                 run_dir = out / "runs" / clip.name / slug(name) / f"seed-{seed}"
                 cfg = base.to_dict()
                 cfg.update(clip.settings)
                 cfg.update(pretrained=absolute(pretrained), video=clip.video, prompt=clip.prompt,
-                           edit_prompts=list(clip.edits), seed=seed, max_steps=2 * n if long else n,
-                           checkpoint_every=n, keep_checkpoints=0, output_dir=str(run_dir), progress=False,
-                           groupnorm=table[name]["groupnorm"])
+                           edit_prompts=list(clip.edits), seed=seed, max_steps=at[-1],
+                           checkpoint_every=every if core else at[0], keep_checkpoints=0, output_dir=str(run_dir),
+                           progress=False, groupnorm=table[name]["groupnorm"])
                 cfg["apla"] = {**cfg["apla"], **table[name]["apla"]}
-                runs.append(Run(run_dir, name, clip, seed, cfg, [n, 2 * n] if long else [n],
-                                sample_steps or base.sample_steps, diag_batches,
+                runs.append(Run(run_dir, name, clip, seed, cfg, at, sample_steps or base.sample_steps, diag_batches,
                                 absolute(clip_model) if clip_model else None))
     return runs
 

@@ -72,32 +72,25 @@ def test_selection_rule_on_hand_made_records():
         {"name": "jitter", "vae_check": vae, "tav": tav(size_flicker=0.21)},
         {"name": "blurry", "vae_check": vae, "tav": tav(psnr=20.0)},
     ]
-    out = {r["name"]: r for r in benchmark.select(records, keep=2)}
-    assert [n for n, r in out.items() if r["kept"]] == ["wrong", "jitter"]
-    assert out["easy"]["why"].startswith("at ceiling")
+    out = {r["name"]: r for r in benchmark.select(records)}
+    # every representable candidate is in, with or without headroom; headroom is recorded, not selected on
+    assert [n for n, r in out.items() if r["kept"]] == ["easy", "wrong", "jitter", "blurry"]
+    assert "at ceiling" in out["easy"]["why"]
     assert "VAE round trip" in out["unreadable"]["why"] and "object in 90%" in out["lost"]["why"]
-    assert "size flicker 0.21 px" in out["jitter"]["why"]
-    assert out["blurry"]["why"].startswith("not needed") and "20.0 dB" in out["blurry"]["why"]
+    assert "size flicker 0.21 px" in out["jitter"]["why"] and "colour edit right in 92%" in out["wrong"]["why"]
+    assert "20.0 dB" in out["blurry"]["why"]
 
 
-def test_committed_record_rule_and_headroom():
+def test_committed_record_rule_and_size():
     """The record is reproduced by the rule (applied again to its own measures), its kept clips regenerate from
-    code, and Tune-A-Video is clearly short of the ceiling on them: the benchmark can tell variants apart."""
+    code, and there are enough of them for clips to be the study's unit (at least 24)."""
     record = benchmark.read_record()
-    again = benchmark.select([{k: v for k, v in r.items() if k not in ("kept", "why")} for r in record["candidates"]],
-                             keep=record["rule"]["keep"])
-    assert [r["kept"] for r in again] == [r["kept"] for r in record["candidates"]]
+    again = benchmark.select([{k: v for k, v in r.items() if k not in ("kept", "why")} for r in record["candidates"]])
+    assert [(r["kept"], r["why"]) for r in again] == [(r["kept"], r["why"]) for r in record["candidates"]]
     specs = benchmark.benchmark_clips(record)
-    assert len(specs) == benchmark.NUM_CLIPS
+    assert len(specs) >= 24 and len(record["candidates"]) == benchmark.NUM_CANDIDATES
     kept = [r for r in record["candidates"] if r["kept"]]
     for spec, r in zip(specs, kept):
         assert {k: v for k, v in r.items() if k in spec.to_dict()} == \
             {k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.to_dict().items()}
-        assert benchmark.headroom(r["tav"], r["vae_check"]) and not benchmark.representable(r["vae_check"], r["tav"])
-    # clearly short of perfect: a wrong attribute in some frame, a centroid path 2 px off, or five times the
-    # VAE round trip's size flicker, on some kept clip
-    worst_edit = min(min(r["tav"][k]["edited_right"] for k in ("colour", "shape")) for r in kept)
-    worst_path = max(max(r["tav"][k]["path_error"] for k in ("source", "colour", "shape")) for r in kept)
-    worst_size = max(max(r["tav"][k]["size_flicker"] / max(r["vae_check"]["size_flicker"], 1e-3)
-                         for k in ("source", "colour", "shape")) for r in kept)
-    assert worst_edit <= 0.9 or worst_path >= 2 * benchmark.HEADROOM_PATH_PX or worst_size >= 5
+        assert not benchmark.representable(r["vae_check"], r["tav"])
