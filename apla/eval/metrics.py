@@ -138,19 +138,23 @@ def fci(video: torch.Tensor, flow: torch.Tensor | None = None, cfg: FlowConfig =
 def warping_error(video: torch.Tensor, flows: tuple | None = None, cfg: FlowConfig = FlowConfig()) -> float:
     """Lai et al. (ECCV 2018)'s temporal warping error (lower is better): for each pair of adjacent frames,
     frame k+1 is warped back to frame k by the forward flow, V_hat(x) = V_{k+1}(x + w_k(x)); the error is the mean
-    squared difference over the pixels the forward-backward test (`apla.eval.flow.occlusion_mask`) keeps, pixels in
-    [0, 1], averaged over the 3 channels and over the pairs:
+    squared difference over the pixels M_k keeps, pixels in [0, 1], averaged over the 3 channels and over the pairs:
 
         E_warp = 1/(F-1) sum_k  sum_x M_k(x) |V_k(x) - V_hat(x)|^2 / (3 sum_x M_k(x))
+        M_k(x) = 1 if x passes the forward-backward test (`apla.eval.flow.occlusion_mask`) and x + w_k(x) lies
+                 inside the frame (`apla.eval.flow.inside`), else 0
 
-    The flow is computed on the video itself (Lai et al. compute it on the input video a method processed; here
-    there is no such input). A pair where every pixel is occluded counts all its pixels. `flows` may pass the
-    (forward, backward) flows of `apla.eval.flow.video_flow` already computed.
+    A pixel whose flow leaves the frame shows content that frame k+1 no longer has (it left across the edge), so,
+    as an occluded pixel, it has nothing to be compared with; the warp would read the edge pixel instead (a choice:
+    Lai et al. name only occlusions). The flow is computed on the video itself (Lai et al. compute it on the input
+    video a method processed; here there is no such input). A pair where no pixel is kept counts all its pixels.
+    `flows` may pass the (forward, backward) flows of `apla.eval.flow.video_flow` already computed.
     """
     check_video(video)
     forward, backward = flows if flows is not None else video_flow(video, cfg)
     x = (video + 1) / 2  # [-1, 1] -> [0, 1]
-    keep = (~occlusion_mask(forward, backward)).to(x.dtype)  # (F-1, 1, H, W), 1 = not occluded
+    # (F-1, 1, H, W), 1 = not occluded and landing inside frame k+1
+    keep = (~occlusion_mask(forward, backward) & inside(forward)).to(x.dtype)
     keep = torch.where(keep.sum((1, 2, 3), keepdim=True) > 0, keep, torch.ones_like(keep))
     warped = warp(x[1:], forward)  # (F-1, 3, H, W): frame k+1 seen from frame k
     # $$\frac{\sum_x M(x)\,\|V_k(x) - \hat V_{k+1}(x)\|^2}{3 \sum_x M(x)}$$
