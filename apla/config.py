@@ -73,7 +73,7 @@ def height_width(size) -> tuple[int, int] | None:
     side a positive multiple of VAE_DOWNSAMPLE."""
     if isinstance(size, str):
         parts = size.lower().split("x")
-        size = [int(p) for p in parts] if len(parts) == 2 and all(p.strip().isdigit() for p in parts) else None
+        size = [int(p) for p in parts] if len(parts) == 2 and all(p.strip().isdecimal() for p in parts) else None
     sides = [size, size] if integer(size) else list(size) if isinstance(size, (list, tuple)) else []
     return tuple(sides) if len(sides) == 2 and all(SIDE[0](s) for s in sides) else None
 
@@ -193,9 +193,9 @@ class TrainConfig:
     start: int = 0
     stride: int = 1
     # [512]; the frame size, the micro model's training resolution (latents 16 x 16): an int for a square, or height
-    # x width as "HxW" (e.g. "320x576", the --size flag's form) or [H, W]; every side a multiple of 8. Kept (and
-    # saved) as an int for a square, else as [H, W] (canonical_size); frames are scaled to cover it, then
-    # centre-cropped (apla.video.resize_center_crop)
+    # x width as "HxW" (e.g. "320x576", the --size flag's form) or [H, W]; every side a multiple of 8. Kept as an
+    # int for a square, else (H, W), which config.json saves as [H, W] (canonical_size); frames are scaled to cover
+    # it, then centre-cropped (apla.video.resize_center_crop)
     size: int | Tuple[int, int] = 64
     seed: int = 33                       # seeds the noise, the timesteps and (unless init_seed) the new weights
     init_seed: int | None = None         # seed of VGT's, D's and the VGG features' initialisation; None: seed
