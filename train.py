@@ -142,7 +142,7 @@ def train(cfg, resume: bool, lock: ckpt.RunLock) -> int:
     sizes = {k: sum(p.numel() for p in m.parameters() if p.requires_grad)
              for k, m in (("U-Net", model.unet), (f"VGT-{cfg.apla.vgt}", model.vgt), ("D", model.disc)) if m}
     print(f"apla: trains {', '.join(f'{k} {v:,}' for k, v in sizes.items())} parameters; {frames.shape[0]} "
-          f"frames at {cfg.size}px on {device}; run dir {run_dir}", file=sys.stderr)
+          f"frames at {frames.shape[-2]}x{frames.shape[-1]} px on {device}; run dir {run_dir}", file=sys.stderr)
 
     # ---- Algorithm 1: the fine-tuning loop ----------------------------------------------------------------------
     model.train()

@@ -136,7 +136,9 @@ def train_parser() -> argparse.ArgumentParser:
     a("--frames", type=int, help=f"frames taken from the clip (default: {d.frames})")
     a("--start", type=int, help=f"first frame taken (default: {d.start})")
     a("--stride", type=int, help=f"take every n-th frame (default: {d.stride})")
-    a("--size", type=int, help=f"training resolution (square, a multiple of 8) (default: {d.size})")
+    a("--size", type=size_flag, metavar="SIZE", help="frame size: one side for a square (64) or height x width "
+                                                     "(320x576), every side a multiple of 8; frames are scaled to "
+                                                     f"cover it, then centre-cropped (default: {d.size})")
     a("--seed", type=int, help="seed of every random draw: noise, timesteps and the initial weights of VGT, D and "
                                f"random VGG features (default: {d.seed})")
     a("--lr", type=float, help=f"AdamW learning rate of the U-Net's trainable set and VGT (default: {d.lr})")
@@ -170,6 +172,15 @@ def train_parser() -> argparse.ArgumentParser:
     a("--resume", action="store_true", help="continue the run in --output-dir from its latest checkpoint")
     a("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar (default: shown)")
     return p
+
+
+def size_flag(text: str):
+    """--size's value as TrainConfig takes it: an int for one side ("64"), else the text ("320x576"), which
+    TrainConfig reads as height x width and checks with every other source of the setting (apla.config.SIZE)."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def on_off(text: str):

@@ -59,9 +59,30 @@ AT_LEAST_ONE = (lambda v: integer(v) and v >= 1, "an integer >= 1")
 AT_LEAST_ZERO = (lambda v: integer(v) and v >= 0, "an integer >= 0")
 BETA = (lambda v: number(v) and 0 <= v < 1, "a number in [0, 1)")  # Adam's beta1, beta2
 SEED = (lambda v: integer(v) and 0 <= v < 2**63, f"an integer in [0, {2**63 - 1}]")  # torch's < 2**64; apla.run adds 2
-SIZE = (lambda v: integer(v) and v > 0 and v % VAE_DOWNSAMPLE == 0,
+SIDE = (lambda v: integer(v) and v > 0 and v % VAE_DOWNSAMPLE == 0,
         f"a positive multiple of {VAE_DOWNSAMPLE} (the VAE downsamples by {VAE_DOWNSAMPLE})")
+SIZE = (lambda v: height_width(v) is not None,
+        f"a positive multiple of {VAE_DOWNSAMPLE}, or height x width as HxW (e.g. 320x576) or [H, W], each a positive "
+        f"multiple of {VAE_DOWNSAMPLE} (the VAE downsamples by {VAE_DOWNSAMPLE})")
 DDIM_STEPS = (lambda v: integer(v) and 1 <= v <= NUM_TRAIN_TIMESTEPS, f"an integer in [1, {NUM_TRAIN_TIMESTEPS}]")
+
+
+def height_width(size) -> tuple[int, int] | None:
+    """TrainConfig.size as (H, W), or None if it is no frame size: an int is a square, "HxW" (a string, as --size
+    takes it, e.g. "320x576") and [H, W] (a list or tuple, as config.json saves it) are height then width; every
+    side a positive multiple of VAE_DOWNSAMPLE."""
+    if isinstance(size, str):
+        parts = size.lower().split("x")
+        size = [int(p) for p in parts] if len(parts) == 2 and all(p.strip().isdecimal() for p in parts) else None
+    sides = [size, size] if integer(size) else list(size) if isinstance(size, (list, tuple)) else []
+    return tuple(sides) if len(sides) == 2 and all(SIDE[0](s) for s in sides) else None
+
+
+def canonical_size(size) -> int | tuple[int, int]:
+    """A valid TrainConfig.size in the one form a run keeps (and config.json saves): an int for a square, so that
+    "64x64", [64, 64] and 64 are one setting, else (H, W)."""
+    height, width = height_width(size)
+    return height if height == width else (height, width)
 
 
 def type_problem(kind, value) -> str | None:
@@ -171,7 +192,11 @@ class TrainConfig:
     frames: int = 8                      # [24]; the clip's frame count
     start: int = 0
     stride: int = 1
-    size: int = 64                       # [512]; the micro model's training resolution, latents 16 x 16
+    # [512]; the frame size, the micro model's training resolution (latents 16 x 16): an int for a square, or height
+    # x width as "HxW" (e.g. "320x576", the --size flag's form) or [H, W]; every side a multiple of 8. Kept as an
+    # int for a square, else (H, W), which config.json saves as [H, W] (canonical_size); frames are scaled to cover
+    # it, then centre-cropped (apla.video.resize_center_crop)
+    size: int | Tuple[int, int] = 64
     seed: int = 33                       # seeds the noise, the timesteps and (unless init_seed) the new weights
     init_seed: int | None = None         # seed of VGT's, D's and the VGG features' initialisation; None: seed
     lr: float = 3e-4                     # [3e-5]; a model pretrained from scratch at toy size takes a larger step
@@ -221,6 +246,7 @@ class TrainConfig:
 
     def __post_init__(self):
         self.validate()
+        self.size = canonical_size(self.size)
 
     def validate(self):
         """ValueError naming the first field out of `RANGES` (or of APLAConfig's, as "apla.<field>")."""

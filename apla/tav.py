@@ -1,9 +1,9 @@
 """Tune-A-Video's YAML configs (its configs/*.yaml, and LOVEU-TGVE's per-video files) read as they are.
 
-Each of its fields maps onto a TrainConfig field (`FIELDS`, `TRAIN_DATA`, `VALIDATION_DATA`); APLA's parts keep their
-defaults, and an `apla:` table of APLAConfig fields changes them. A field that means nothing here is accepted with
-one note line when it holds Tune-A-Video's value (`IGNORED`); one that asks for what we do not do, and any key
-Tune-A-Video does not have, is a ValueError naming it.
+Each of its fields maps onto a TrainConfig field (`FIELDS`, `TRAIN_DATA`, `VALIDATION_DATA`; height and width onto
+`size` as [height, width]); APLA's parts keep their defaults, and an `apla:` table of APLAConfig fields changes them.
+A field that means nothing here is accepted with one note line when it holds Tune-A-Video's value (`IGNORED`); one
+that asks for what we do not do, and any key Tune-A-Video does not have, is a ValueError naming it.
 """
 from __future__ import annotations
 
@@ -35,6 +35,10 @@ IGNORED = {
     "scale_lr": "one process, batch 1, no accumulation: the learning rate is as given",
     "num_inv_steps": "inversion takes num_inference_steps, as many as sampling",
 }
+# train_data's height and width, when only one is given: the other is TuneAVideoDataset's default. Tune-A-Video's
+# reader resizes each frame to width x height (the aspect ratio is not kept); ours scales it to cover the size and
+# crops the centre (apla.video.resize_center_crop), so a clip of another aspect ratio is cropped, not stretched.
+TAV_SIDE = 512
 FLOATS = ("learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm",
           "guidance_scale")  # YAML 1.1 reads "3e-5" (no dot) as a string
 
@@ -56,10 +60,8 @@ def from_tuneavideo(values: dict) -> tuple[dict, list[str]]:
         raise ValueError(f"validation_data's video_length, height and width {shapes['validation_data']} differ "
                          f"from train_data's {shapes['train_data']}")
     _, height, width = [next((v for v in vs if v is not None), None) for vs in zip(*given)] or (None, None, None)
-    if height is not None or width is not None:
-        if height != width:
-            raise ValueError(f"height {height} and width {width}: the frames must be square")
-        out["size"] = height
+    if height is not None or width is not None:  # a side left out is Tune-A-Video's default
+        out["size"] = [TAV_SIDE if height is None else height, TAV_SIDE if width is None else width]
     if "lr" in out:  # D learns at the U-Net's rate, as in apla.config.SD_V15
         out["disc_lr"] = out["lr"]
     return out, notes

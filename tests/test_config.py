@@ -6,7 +6,7 @@ import json
 import pytest
 
 from apla.cli import parse_train_args, train_parser
-from apla.config import SD_V15, TrainConfig, default_config
+from apla.config import SD_V15, TrainConfig, default_config, height_width
 from apla.vgt import VGTConfig
 
 
@@ -100,3 +100,52 @@ def test_values_of_the_right_type_pass_and_ints_are_numbers():
     cfg = TrainConfig.from_dict({"lr": 1, "edit_prompts": ["a", "b"], "trainable": ["attn1.to_q"],
                                  "gradient_checkpointing": True, "init_seed": None, "apla": {"lam": 0}})
     assert cfg.lr == 1 and cfg.edit_prompts == ("a", "b") and cfg.trainable == ("attn1.to_q",)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# size: one side (a square) or height x width, from a flag, a file or a saved run; one form kept
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flag, toml, expect", [
+    ("64", "size = 64", 64),
+    ("320x576", 'size = "320x576"', (320, 576)),
+    ("48x64", "size = [48, 64]", (48, 64)),
+    ("64x64", "size = [64, 64]", 64),  # a square is one setting however it is written
+])
+def test_size_is_a_side_or_height_x_width_from_a_flag_or_a_file(tmp_path, flag, toml, expect):
+    path = tmp_path / "run.toml"
+    path.write_text(toml + "\n")
+    assert parse_train_args(["--size", flag])[0].size == expect
+    assert parse_train_args(["--config", str(path)])[0].size == expect
+    assert height_width(expect) == ((expect, expect) if isinstance(expect, int) else expect)
+
+
+def test_a_non_square_size_is_saved_as_height_width_and_read_back(tmp_path):
+    cfg = TrainConfig(size="48x64")
+    saved = json.loads(json.dumps(cfg.to_dict()))  # as config.json holds it
+    assert saved["size"] == [48, 64] and TrainConfig.from_dict(saved).size == (48, 64)
+    (tmp_path / "config.json").write_text(json.dumps(saved | {"output_dir": str(tmp_path)}))
+    cfg, _ = parse_train_args(["--output-dir", str(tmp_path), "--resume"])
+    assert cfg.size == (48, 64) and height_width(cfg.size) == (48, 64)
+    assert "320x576" in train_parser().format_help()  # --help shows the height x width form
+
+
+BAD_SIZES = [("--size", "60"), ("--size", "48x60"), ("--size", "0x64"), ("--size", "48x"), ("--size", "64x48x8"),
+             ("--size", "wide"), ("--size", "-8"), ("--size", "4\u00b2x64"), ('size = "64"',), ("size = [48, 60]",),
+             ("size = [48]",), ("size = [48.0, 64]",), ("size = true",)]
+
+
+@pytest.mark.parametrize("bad", BAD_SIZES, ids=[" ".join(b) for b in BAD_SIZES])
+def test_a_bad_size_is_one_line_and_exit_2(tmp_path, capsys, bad):
+    argv = ["--output-dir", str(tmp_path / "run")]
+    if bad[0] == "--size":
+        argv += list(bad)
+    else:
+        path = tmp_path / "run.toml"
+        path.write_text(bad[0] + "\n")
+        argv += ["--config", str(path)]
+    with pytest.raises(SystemExit) as e:
+        parse_train_args(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "size must be" in err and "multiple of 8" in err and "HxW" in err, err
+    assert not (tmp_path / "run").exists()

@@ -8,6 +8,7 @@ import yaml
 from PIL import Image
 
 from apla import tav
+from apla.cli import parse_train_args
 from apla.eval.score import sample_stem
 from tests.helpers.runs import SHAPES_GIF, run_exit, sample, train
 
@@ -126,3 +127,26 @@ def test_yaml_float_without_a_dot_is_read_as_a_number():
 
 def test_yaml_no_precision_is_no():
     assert tav.from_tuneavideo(yaml.safe_load("mixed_precision: no\n"))[0]["mixed_precision"] == "no"
+
+
+def test_width_and_height_map_onto_size_as_height_x_width(tmp_path):
+    """train_data's height 48 and width 64 are --size 48x64; a side left out is Tune-A-Video's default 512, as its
+    dataset has it; equal sides are a square."""
+    values, _ = tav.from_tuneavideo(yaml.safe_load("train_data:\n  height: 48\n  width: 64\n"
+                                                   "validation_data:\n  height: 48\n  width: 64\n"))
+    assert values["size"] == [48, 64]
+    assert tav.from_tuneavideo({"train_data": {"width": 64}})[0]["size"] == [tav.TAV_SIDE, 64]
+    path = write_config(tmp_path)
+    path.write_text(path.read_text().replace("width: 64", "width: 96"))
+    cfg, _ = parse_train_args(["--config", str(path)])
+    assert cfg.size == (64, 96) and cfg.to_dict()["size"] == (64, 96)
+    path.write_text(path.read_text().replace("width: 96", "width: 64"))
+    assert parse_train_args(["--config", str(path)])[0].size == 64
+
+
+def test_a_side_that_is_no_multiple_of_8_is_one_line_and_exit_2(tmp_path, capsys):
+    path = write_config(tmp_path)
+    path.write_text(path.read_text().replace("width: 64", "width: 60"))
+    assert run_exit(train.main, ["--config", str(path), "--no-progress", "--device", "cpu"]) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("note:")]
+    assert len(err) == 1 and "size must be" in err[0] and "(64, 60)" in err[0], err

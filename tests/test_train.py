@@ -63,6 +63,26 @@ def test_train_then_sample_writes_outputs(tiny, tmp_path):
             assert list(run.glob(re.sub(r"\d{6}", "*", entry).rstrip("/"))), entry
 
 
+def test_a_non_square_run_trains_resumes_and_samples_at_its_size(tiny, tmp_path):
+    """--size 48x64 is height x width: the cached latents are 6 x 8 (the tiny VAE's 8x), config.json keeps [48, 64],
+    --resume reads it back as the same setting, and sample.py writes 48-row, 64-column frames."""
+    run = tmp_path / "wide"
+    assert train.main(train_args(tiny, run, 1, SHAPES_GIF, 2, "--size", "48x64")) == 0
+    assert json.loads((run / "config.json").read_text())["size"] == [48, 64]
+    assert load_file(str(run / "source.safetensors"))["z0_mean"].shape == (1, 4, 2, 6, 8)  # (B, C, F, h, w)
+    assert train.main(train_args(tiny, run, 2, SHAPES_GIF, 2, "--size", "48x64", "--resume")) == 0
+    assert ckpt.latest_checkpoint(run).name == "step-000002"
+    out, stem = tmp_path / "samples", sample_stem("a blue square moving to the right")
+    assert sample.main(["--run", str(run), "--steps", "2", "--prompt", "a blue square moving to the right",
+                        "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    with Image.open(out / f"{stem}.gif") as im:
+        assert im.size == (64, 48) and im.n_frames == 2  # PIL's size is (width, height)
+    with Image.open(out / f"{stem}.png") as im:
+        assert im.size == (2 * 64, 48)
+    video = json.loads((out / "metrics.json").read_text())["videos"][0]  # scored against the source at 48 x 64
+    assert video["prompt"] == "a blue square moving to the right" and "warping_error" in video["metrics"]
+
+
 def test_readme_usage_snippet_runs(tiny):
     """The README's Python snippet, on the tiny model at 64x64: the shapes it promises (scaled by 8)."""
     readme = (ROOT / "README.md").read_text()
@@ -152,7 +172,7 @@ def trained_run(tiny, tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", ["missing video", "unreadable video", "too few frames", "size not multiple of 8",
-                                  "unknown flag", "resume without checkpoint", "resume other vgt",
+                                  "width not multiple of 8", "unknown flag", "resume without checkpoint", "resume other vgt",
                                   "existing run"])
 def test_train_bad_input(tiny, tmp_path, trained_run, capsys, case):
     bad = tmp_path / "broken.mp4"
@@ -163,6 +183,7 @@ def test_train_bad_input(tiny, tmp_path, trained_run, capsys, case):
         "unreadable video": (train_args(tiny, out, video=bad), "broken.mp4"),
         "too few frames": (train_args(tiny, out, 1, SHAPES_GIF, 50), "frames"),
         "size not multiple of 8": (train_args(tiny, out) + ["--size", "60"], "multiple of 8"),
+        "width not multiple of 8": (train_args(tiny, out) + ["--size", "48x60"], "'48x60'"),
         "unknown flag": (train_args(tiny, out) + ["--frobnicate"], "--frobnicate"),
         "resume without checkpoint": (train_args(tiny, out, 2, SHAPES_GIF, 4, "--resume"), "no checkpoint"),
         "resume other vgt": (train_args(tiny, trained_run, 2, SHAPES_GIF, 4, "--resume", "--vgt", "hyper"), "vgt"),

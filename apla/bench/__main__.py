@@ -24,7 +24,7 @@ from apla.bench.predict import predict_table
 from apla.checkpoint import atomic_write_bytes
 from apla.cli import (CHECKPOINTING, PRECISIONS, OneLineParser, fail, in_range, pick_device,
                       resolve_gradient_checkpointing, resolve_mixed_precision)
-from apla.config import AT_LEAST_ONE, TrainConfig
+from apla.config import AT_LEAST_ONE, SIDE, TrainConfig
 from apla.vgt import VARIANTS
 
 
@@ -34,7 +34,7 @@ def parser():
     a("--model", choices=("sd15", "micro", "tiny"), default="tiny",
       help="the architecture, random weights (default: tiny)")
     a("--frames", type=in_range(int, AT_LEAST_ONE), default=None, help="frames (default: the model's: 24, 8, 8)")
-    a("--size", type=in_range(int, TrainConfig.RANGES["size"]), default=None,
+    a("--size", type=in_range(int, SIDE), default=None,
       help="frame side in px (default: the model's: 512, 64, 256)")
     a("--vgt", default="pure,hyper", help="VGT variants of the step, comma-separated (default: pure,hyper)")
     a("--measure", default=None,

@@ -38,7 +38,7 @@ from PIL import Image
 from apla.assets import CLIP_SCORERS, clip_scorer, resolve_video
 from apla.checkpoint import atomic_write_json, describe_os_error
 from apla.cli import DefaultsFormatter, OneLineParser, fail, pick_device
-from apla.config import TrainConfig, default_config, slug
+from apla.config import TrainConfig, default_config, height_width, slug
 from apla.eval.flow import FlowConfig, video_flow
 from apla.eval.metrics import (MEASURES, METRICS, MetricsError, clip_frame_consistency, clip_text_alignment, fci,
                                load_clip, load_plugin, psnr, registered, source_deviation, warping_error)
@@ -157,7 +157,7 @@ def pick_clip(clip_model: str | None, videos: list[torch.Tensor], device):
     if clip_model is None:
         sides = {tuple(v.shape[-2:]) for v in videos}
         clip_model = next((scorer for model, scorer in CLIP_SCORERS.items()
-                           if sides == {(default_config(model).size,) * 2}), "none")
+                           if sides == {height_width(default_config(model).size)}), "none")
     return (None, None) if clip_model == "none" else (load_clip(clip_model, device), clip_model)
 
 

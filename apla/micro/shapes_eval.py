@@ -192,7 +192,9 @@ def is_shapes_prompt(prompt: str | None) -> bool:
 
 def shapes_measures(video: torch.Tensor, prompt: str | None, source: torch.Tensor | None = None) -> dict | None:
     """On a shapes-world video (F, 3, H, W) in [-1, 1], what `evaluate_image` reads frame by frame; None when the
-    prompt is not a caption of the world (`is_shapes_prompt`):
+    prompt is not a caption of the world (`is_shapes_prompt`), or when H != W: the world's scenes, and the templates
+    and position thirds `evaluate_image` reads them with, are square (a run at a non-square --size is not scored
+    here):
 
     - edited_right: for the attributes (colour, shape) the prompt sets differently from the source clip's object
       (read from the source's frames), the fraction of frames where all of them are as the prompt says;
@@ -208,6 +210,8 @@ def shapes_measures(video: torch.Tensor, prompt: str | None, source: torch.Tenso
     if not is_shapes_prompt(prompt):
         return None
     check_video(video, least=1)
+    if video.shape[-2] != video.shape[-1]:
+        return None
     reads = [evaluate_image(frame) for frame in video]
     found = [r for r in reads if r["colour"] is not None]
     out = {"object_found": len(found) / len(reads)}

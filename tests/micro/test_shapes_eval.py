@@ -38,3 +38,11 @@ def test_only_captions_of_the_world_are_measured():
     assert not is_shapes_prompt(None) and not is_shapes_prompt("a blue cat")
     assert shapes_measures(clip, "a rabbit stretching on a hill", clip) is None
     assert shapes_measures(clip, None) is None
+
+
+def test_a_non_square_video_is_not_measured():
+    """The world's scenes are square: a clip cropped to 48 x 64 (a run at --size 48x64) gets no shapes measures, the
+    same clip left square does."""
+    clip, _ = render_clip("circle", "red", "right")  # (F, 3, 64, 64)
+    assert shapes_measures(clip[..., 8:56, :], "a red circle moving to the right") is None  # (F, 3, 48, 64)
+    assert shapes_measures(clip, "a red circle moving to the right")["object_found"] == 1.0
