@@ -40,8 +40,9 @@ from apla.checkpoint import atomic_write_json, describe_os_error
 from apla.cli import DefaultsFormatter, OneLineParser, fail, pick_device
 from apla.config import TrainConfig, default_config, height_width, slug
 from apla.eval.flow import FlowConfig, video_flow
-from apla.eval.metrics import (MEASURES, METRICS, MetricsError, clip_frame_consistency, clip_text_alignment, fci,
-                               load_clip, load_plugin, psnr, registered, source_deviation, warping_error)
+from apla.eval.metrics import (CLIP_MODELS, MEASURES, METRICS, MetricsError, clip_frame_consistency,
+                               clip_text_alignment, fci, load_clip, load_plugin, psnr, registered, source_deviation,
+                               warping_error)
 from apla.video import AV_EXTENSIONS, GIF_EXTENSIONS, VideoError, count_frames, read_video
 
 VIDEO_EXTENSIONS = GIF_EXTENSIONS + AV_EXTENSIONS
@@ -240,10 +241,23 @@ def run_prompts(folder: Path) -> tuple[dict, object]:
 # Output
 # ---------------------------------------------------------------------------------------------------------------
 
+CLIP_COLUMNS = ("clip_frame_consistency", "clip_text_alignment")
+
+
+def clip_label(clip_model: str | None) -> str:
+    """What the table calls the CLIP scorer: "CLIP" for a CLIPModel (a folder or hub id, as the paper's), "<name>-CLIP"
+    for one a project registers (entry-point group apla.clip_models), such as "micro-CLIP": its scores are on its own
+    scale, not comparable with the paper's."""
+    return f"{clip_model}-CLIP" if clip_model in registered(CLIP_MODELS) else "CLIP"
+
+
 def format_table(report: dict, measures: dict | None = None) -> str:
     """A markdown table: one row per video, a column per measure that any video has, its direction in the title;
-    the columns of `measures` (`load_measures()` by default) beside the paper's."""
+    the columns of `measures` (`load_measures()` by default) beside the paper's; the CLIP columns named after the
+    report's scorer (`clip_label`)."""
     table = columns(load_measures() if measures is None else measures)
+    label = clip_label(report.get("clip_model"))
+    table.update({k: (table[k][0].replace("CLIP", label, 1), *table[k][1:]) for k in CLIP_COLUMNS})
     names = [k for k in table if any(k in r["metrics"] for r in report["videos"])]
     head = ["video", "frames"] + [f"{table[k][0]} {table[k][1]}" for k in names]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]

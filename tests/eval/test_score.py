@@ -40,6 +40,7 @@ def test_samples_folder_table_and_json(run, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "FCI ↓" in table and "warp err ↓" in table and "CLIP frames ↑" in table and "PSNR dB ↑" in table
     assert "path px ↓" in table and "edit right ↑" in table
+    assert "| micro-CLIP frames ↑ | micro-CLIP text ↑ |" in table  # the micro project's CLIP, named as such
     assert len([line for line in table.splitlines() if line.startswith("| a ")]) == 3
     report = json.loads(out.read_text())
     rows = {r["prompt"]: r for r in report["videos"]}
@@ -52,6 +53,16 @@ def test_samples_folder_table_and_json(run, tmp_path, capsys):
     assert rows[EDITS[1]]["metrics"]["path_error"] > 10
     for r in rows.values():
         assert {"fci", "warping_error", "clip_frame_consistency", "clip_text_alignment"} <= set(r["metrics"])
+
+
+def test_clip_columns_name_the_scorer():
+    """A CLIP model a project registers is named in the titles ("micro-CLIP"); a CLIPModel folder or hub id is CLIP."""
+    row = {"name": "v", "prompt": "p", "frames": 8, "height": 64, "width": 64,
+           "metrics": {"clip_frame_consistency": 90.0, "clip_text_alignment": 30.0}}
+    for name, head in (("micro", "| micro-CLIP frames ↑ | micro-CLIP text ↑ |"),
+                       ("openai/clip-vit-large-patch14", "| CLIP frames ↑ | CLIP text ↑ |")):
+        table = evaluate.format_table({"videos": [row], "clip_model": name}, measures={})
+        assert table.splitlines()[0] == "| video | frames " + head, name
 
 
 def test_sample_py_report_is_what_evaluate_prints_for_the_folder(run, tmp_path):
