@@ -20,6 +20,35 @@ DIAG_SEED = 12345  # the fresh batches of `diagnostics`, the same for every run 
 DIAG_BATCHES = 4
 
 
+def best_linear_d(real: torch.Tensor, fake: torch.Tensor, held_out: float = 0.5, iterations: int = 25) -> dict:
+    """The best 1x1-convolution discriminator for the noise pairs of a trained run, fitted directly: logistic
+    regression of "real" on the per-pixel channel vectors (N, C) of eps (label 1) and eps* (label 0), Eq. 19's loss
+    with D(x) = sigmoid(w . x + b), minimised by Newton's method in float64 on the first (1 - held_out) of the rows
+    of each and scored on the rest.
+
+    Why it should stay at chance: Eq. 19's loss is convex in (w, b). When eps and eps* are both distributed
+    symmetrically about zero (eps ~ N(0, I); eps* = eps_theta + phi is trained to match it), the expected loss is
+    unchanged by (w, b) -> (-w, b), so by convexity its minimum lies at w = 0 (and then b = 0 for equal counts):
+    D = 1/2 everywhere, whatever the two variances. A linear score cannot use a variance difference here because
+    flipping x -> -x leaves both distributions as they are. Returns held-out accuracy, |w| and b."""
+    def split(x):
+        k = int(len(x) * (1 - held_out))
+        return x[:k].double(), x[k:].double()
+    (r_fit, r_test), (f_fit, f_test) = split(real), split(fake)
+    x = torch.cat([r_fit, f_fit])
+    x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)  # (N, C + 1): a bias column
+    y = torch.cat([torch.ones(len(r_fit)), torch.zeros(len(f_fit))]).double()
+    theta = torch.zeros(x.shape[1], dtype=x.dtype)
+    for _ in range(iterations):  # Newton: theta <- theta - H^-1 g for the mean logistic loss
+        p = torch.sigmoid(x @ theta)
+        g = x.T @ (p - y) / len(y)
+        h = (x * (p * (1 - p)).unsqueeze(1)).T @ x / len(y) + 1e-9 * torch.eye(x.shape[1], dtype=x.dtype)
+        theta = theta - torch.linalg.solve(h, g)
+    w, b = theta[:-1], theta[-1]
+    accuracy = 0.5 * (((r_test @ w + b) > 0).double().mean() + ((f_test @ w + b) < 0).double().mean())
+    return {"linear_d_accuracy": accuracy.item(), "linear_d_w_norm": w.norm().item(), "linear_d_bias": b.item()}
+
+
 def samples_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "samples" / f"step-{step:06d}"
 
@@ -45,6 +74,8 @@ def diagnostics(run_dir: Path, device: str, batches: int = DIAG_BATCHES) -> tupl
     lambda L_g is computed from the step's own eps* with the step's own functions, and L_hyper's gradient as that
     of loss_g - lambda L_g. Returns (one record per checkpoint, none without D; VGT's parameter count)."""
     cfg = run.read_config(run_dir)
+    if not cfg.apla.use_discriminator and cfg.apla.vgt == "none":  # nothing to measure
+        return [], 0
     dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     sd = apla.load_stable_diffusion(cfg.pretrained, device=dev)
     src = load_file(str(run_dir / "source.safetensors"))
@@ -57,11 +88,13 @@ def diagnostics(run_dir: Path, device: str, batches: int = DIAG_BATCHES) -> tupl
         return torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)).item()
 
     records = []
-    for path in ckpt.list_checkpoints(run_dir) if model.disc is not None else []:
+    paths = ckpt.list_checkpoints(run_dir) if model.disc is not None else []
+    for path in paths:
         step = run.load_checkpoint(path, cfg, model)
         model.train()
         gen = torch.Generator(device=dev).manual_seed(DIAG_SEED)
         acc = {k: [] for k in ("grad_hyper", "grad_adv", "grad_share", "d_accuracy", "d_real", "d_fake")}
+        pairs = ([], [])  # per-pixel channel vectors of eps and eps* at the last checkpoint
         for _ in range(batches):
             z0 = z0_mean + z0_std * torch.randn(z0_mean.shape, generator=gen, device=dev)
             t = torch.randint(0, len(sd.alpha_bar), (1,), generator=gen, device=dev)
@@ -81,7 +114,13 @@ def diagnostics(run_dir: Path, device: str, batches: int = DIAG_BATCHES) -> tupl
             acc["d_accuracy"].append(0.5 * ((d_real > 0).float().mean() + (d_fake < 0).float().mean()).item())
             acc["d_real"].append(torch.sigmoid(d_real).mean().item())
             acc["d_fake"].append(torch.sigmoid(d_fake).mean().item())
-        records.append({"step": step, **{k: sum(v) / len(v) for k, v in acc.items() if v}})
+            if path == paths[-1]:
+                for store, x in zip(pairs, (eps, out.eps_star)):
+                    store.append(x.detach().float().movedim(1, -1).reshape(-1, x.shape[1]).cpu())
+        record = {"step": step, **{k: sum(v) / len(v) for k, v in acc.items() if v}}
+        if pairs[0]:
+            record.update(best_linear_d(torch.cat(pairs[0]), torch.cat(pairs[1])))
+        records.append(record)
     return records, vgt_params
 
 
