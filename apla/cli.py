@@ -22,7 +22,7 @@ import yaml
 from apla import tav
 from apla.config import (CHECKPOINTING, DDIM_STEPS, GROUPNORM, NON_NEGATIVE, PRECISIONS, SD_V15, SEED, TrainConfig,
                          integer, merge, preset, problem)
-from apla.vgt import VARIANTS
+from apla.vgt import ALL_VARIANTS
 
 SD_WIDTH = 320  # channels of SD v1.5's first U-Net level; 'auto' checkpoints U-Nets this wide on CUDA
 FPS = (lambda v: integer(v) and 1 <= v <= 100, "an integer in [1, 100]")  # a GIF's delays are in 1/100 s
@@ -143,7 +143,7 @@ def train_parser() -> argparse.ArgumentParser:
                                f"random VGG features (default: {d.seed})")
     a("--lr", type=float, help=f"AdamW learning rate of the U-Net's trainable set and VGT (default: {d.lr})")
     a("--disc-lr", type=float, help=f"AdamW learning rate of the discriminator (default: {d.disc_lr})")
-    a("--vgt", dest="apla.vgt", choices=VARIANTS + ("none",),
+    a("--vgt", dest="apla.vgt", choices=ALL_VARIANTS + ("none",),
       help=f"VGT variant (Table 1); 'none' is the 'w/o VGT' ablation (default: {d.apla.vgt})")
     a("--no-discriminator", dest="apla.use_discriminator", action="store_const", const=False,
       help="ablation: no adversarial term (Table 3) (default: with it)")

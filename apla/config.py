@@ -17,7 +17,7 @@ from typing import Tuple
 
 from apla.assets import model_path
 from apla.scheduler import NUM_TRAIN_TIMESTEPS  # T bounds the DDIM steps; it stays with the schedule it belongs to
-from apla.vgt import VARIANTS, VGTConfig
+from apla.vgt import ALL_VARIANTS, VGTConfig
 
 # Table 3's rows -> (vgt on, discriminator on, hyper-loss on)
 ABLATIONS = {
@@ -147,7 +147,7 @@ class APLAConfig:
     perceptual_weights: str | None = None
 
     RANGES = {"alpha": NON_NEGATIVE, "beta": NON_NEGATIVE, "gamma": NON_NEGATIVE, "lam": NON_NEGATIVE,
-              "vgt": one_of(VARIANTS + ("none",))}
+              "vgt": one_of(ALL_VARIANTS + ("none",))}
 
     def __post_init__(self):
         self.validate()

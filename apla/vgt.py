@@ -66,7 +66,8 @@ from torch.utils.checkpoint import checkpoint
 
 from apla.scheduler import timestep_embedding
 
-VARIANTS = ("pure", "hyper", "pure-en", "hyper-en", "pure-frame")
+VARIANTS = ("pure", "hyper", "pure-en", "hyper-en")  # the paper's Table 1
+ALL_VARIANTS = VARIANTS + ("pure-frame",)  # and the ablation study's capacity control
 
 
 @dataclass
@@ -93,8 +94,8 @@ class VGTConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"VGTConfig.{name} must be an integer >= 1, got {value!r}")
-        if self.variant not in VARIANTS:
-            raise ValueError(f"VGTConfig.variant={self.variant!r}; expected one of {VARIANTS}")
+        if self.variant not in ALL_VARIANTS:
+            raise ValueError(f"VGTConfig.variant={self.variant!r}; expected one of {ALL_VARIANTS}")
         if self.width % self.heads or self.width % 2:
             raise ValueError(f"VGTConfig.width={self.width} must be even and divisible by heads={self.heads}")
         if self.sample_size % self.patch_size:

@@ -150,7 +150,7 @@ def test_eq14_hyper_block_matches_functional_convolutions():
     assert torch.allclose(out, y.reshape(B, d, F, Hp * Wp).permute(0, 2, 3, 1), atol=1e-12)
 
 
-@pytest.mark.parametrize("variant", V.VARIANTS)
+@pytest.mark.parametrize("variant", V.ALL_VARIANTS)
 def test_intermediates_shapes_and_are_what_forward_uses(variant):
     cfg = tiny(variant, patch_size=2, sample_size=32)
     model = VGT(cfg).double()
@@ -193,7 +193,7 @@ def test_intermediates_shapes_and_are_what_forward_uses(variant):
         assert torch.equal(V.unpatchify(out.z_hat, P, C, H, W), phi)
 
 
-@pytest.mark.parametrize("variant", V.VARIANTS)
+@pytest.mark.parametrize("variant", V.ALL_VARIANTS)
 def test_mask_keeps_earlier_frames_of_temporal_decoder(variant):
     cfg = tiny(variant)
     model = VGT(cfg).double()
@@ -217,7 +217,7 @@ def test_mask_keeps_earlier_frames_of_temporal_decoder(variant):
         assert (phi1[:, :, :k] - phi2[:, :, :k]).abs().max() > 0
 
 
-@pytest.mark.parametrize("variant", V.VARIANTS)
+@pytest.mark.parametrize("variant", V.ALL_VARIANTS)
 @pytest.mark.parametrize("frames", [1, 8, 24])
 @pytest.mark.parametrize("size", [32, 64])
 def test_output_shape_equals_input_shape(variant, frames, size):
@@ -237,7 +237,7 @@ def test_output_shape_patch_size_2_and_batch_of_timesteps(variant):
     assert phi.shape == z.shape
 
 
-@pytest.mark.parametrize("variant", V.VARIANTS)
+@pytest.mark.parametrize("variant", V.ALL_VARIANTS)
 def test_bf16_autocast_no_nan(variant):
     model = VGT(tiny(variant))
     z = torch.randn(2, 4, 8, 32, 32)
@@ -246,7 +246,7 @@ def test_bf16_autocast_no_nan(variant):
     assert phi.shape == z.shape and torch.isfinite(phi.float()).all()
 
 
-@pytest.mark.parametrize("variant", V.VARIANTS)
+@pytest.mark.parametrize("variant", V.ALL_VARIANTS)
 def test_initial_perturbation_is_tiny_tiny_model(variant):
     model = VGT(tiny(variant))
     g = torch.Generator().manual_seed(1)
@@ -272,7 +272,7 @@ def test_initial_perturbation_is_tiny_paper_size(variant):
 
 def test_parameter_counts_match_table1():
     counts = {}
-    for variant in V.VARIANTS:
+    for variant in V.ALL_VARIANTS:
         with torch.device("meta"):
             counts[variant] = count_parameters(VGT(VGTConfig(variant=variant)))
     assert counts.pop("pure-frame") == counts["pure"]  # the capacity control: VGT-Pure's parameters exactly

@@ -28,7 +28,7 @@ from apla.study.executor import execute
 from apla.study.measures import DIAG_BATCHES, measure_run
 from apla.study.plan import (BUDGETS, QUICK_VARIANTS, SECONDARY_CLIPS, check_scripts, line, plan, prepare,
                              read_clips, schedule, shapes_clips, shard, variants)
-from apla.study.report import write_report
+from apla.study.report import commit, write_report
 from apla.study.selection import make_record
 
 
@@ -61,6 +61,8 @@ def study_options(p) -> None:
 def report_options(p) -> None:
     p.add_argument("--report", default=None, help="the report's path; its PNGs go beside it (default: OUT/REPORT.md)")
     p.add_argument("--no-plots", action="store_true", help="skip the plot that needs matplotlib")
+    p.add_argument("--csv", default=None, help="rebuild the tables from this CSV of the raw data (the results.csv a "
+                                               "report wrote) instead of the runs' measures.json")
 
 
 def parser() -> OneLineParser:
@@ -123,7 +125,8 @@ def study_runs(args) -> list:
         fail(f"--budgets {args.budgets!r}: expected comma-separated integers")
     sample_steps = args.sample_steps
     if args.quick:
-        seeds, names, budgets, sample_steps = seeds[:1], [v for v in QUICK_VARIANTS if v in names] or names[:1], [1, 2], 3
+        names = [v for v in QUICK_VARIANTS if v in names] or names[:1]
+        seeds, budgets, sample_steps = seeds[:1], [1, 2], 3
     at_least_one(sample_steps=sample_steps, threads=args.threads, secondary_clips=args.secondary_clips,
                  budget=min(budgets) if budgets else None)
     out = Path(args.out)
@@ -181,6 +184,11 @@ def main(argv=None) -> int:
     runs = study_runs(args)
     out = Path(args.out)
     if args.command == "report":
+        if args.csv:
+            if not Path(args.csv).is_file():
+                fail(f"--csv {args.csv}: no such file")
+            return write_report(runs, report_path(args), read_stages(out), invocation, plots=not args.no_plots,
+                                csv_path=args.csv)
         if not any(r.finished for r in runs):
             fail(f"no finished run of this study under {out}; run the lines of python -m apla.study plan first")
         return write_report(runs, report_path(args), read_stages(out), invocation, plots=not args.no_plots)
@@ -202,10 +210,12 @@ def main(argv=None) -> int:
     stages = read_stages(out) + [{
         "command": invocation, "wall_s": time.time() - started, "runs": len(todo), "runs_before": len(runs) - len(todo),
         "finished": sum(r.finished for r in runs), "jobs": args.jobs, "threads": args.threads,
-        "cpus": os.cpu_count(), "load_before": loads[0], "load_mean": float(np.mean(loads[1:] or loads)),
+        "cpus": os.cpu_count(), "commit": commit(), "load_before": loads[0],
+        "load_mean": float(np.mean(loads[1:] or loads)),
         "load_max": max(loads), "errors": errors, "finished_at": time.strftime("%Y-%m-%d %H:%M")}]
     ckpt.atomic_write_json(out / "stages.json", stages)
-    code = write_report(runs, report_path(args), stages, invocation, plots=not args.no_plots)
+    code = write_report(runs, report_path(args), stages, invocation, plots=not args.no_plots,
+                        csv_path=None)
     for e in errors:
         print(f"error: {e}", file=sys.stderr)
     return 1 if errors else code

@@ -1,216 +1,335 @@
-"""The report of the ablation study (`python -m apla.study report`, and the end of `run`): statistics over clips x
-seeds, one table per question, a grid of frames and the plot of ||phi|| / ||eps_theta|| over training (the paper's
-Fig. 5b), from the measures.json of every finished run, whatever executed the plan's lines.
+"""The report of the ablation study (`python -m apla.study report`, and the end of `run`): every number it prints is
+computed from one table of raw data, the CSV (`results.csv` beside the report; columns COLUMNS, one measured value
+per row), which `collect` makes from the measures.json of every finished run and the two references of each clip.
+`python -m apla.study report --csv results.csv` rebuilds the tables from the CSV alone.
 
-Statistics. A *unit* is one clip and one seed; a variant's value on a unit is its measure averaged over the prompts
-it applies to (the edits for the attribute measures, the source prompt for PSNR, every prompt otherwise). Over the
-n units a table gives
-    mean +- t_{0.975, n-1} * s / sqrt(n)        (s: the sample standard deviation; a 95% t-interval)
-and each variant's paired difference from Tune-A-Video, d_u = value_u(variant) - value_u(Tune-A-Video) on the same
-clip and seed, with the same interval over the d_u; a difference is significant when its interval excludes 0.
-Units that share a clip are not independent draws of clips, so the intervals speak about these clips.
+The analysis, fixed before the study ran:
+- The unit is the clip (runs of one clip correlate; a clip's seeds are averaged first). A variant's value on a clip
+  is its measure averaged over the prompts the measure applies to (every prompt for the primary endpoint: the
+  source prompt and its edits), then over seeds.
+- PRIMARY: `apla.eval.metrics.source_deviation` (0 = the source clip; lower is better), full APLA minus
+  Tune-A-Video at the last budget (300 steps, the default run), paired by clip: mean, percentile bootstrap 95%
+  interval and two-sided sign-flip p (`apla.study.stats`). It is the one test named in advance, so it is not
+  corrected; the opening sentence follows from it by the rule in `primary_sentence`.
+- SECONDARY: every other (measure, comparison, budget): full vs Tune-A-Video, the capacity control vs Tune-A-Video
+  and full vs the capacity control at each budget, and each other variant vs Tune-A-Video at the first budget on
+  the clips it ran on; one family, Holm-adjusted. Count measures (attributes right in k of F frames) use the exact
+  sign test over clips, the others the sign-flip test.
+- Each measure is shown beside the source clip's own value and that of the micro VAE's round trip of the clip (the
+  best the base model can draw): "lower is better" holds for FCI and the warping error only down to the source's.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 from apla import checkpoint as ckpt
 from apla.assets import resolve_video
-from apla.eval.score import sample_stem
+from apla.eval import metrics
+from apla.eval.score import load_measures, pick_clip, quantize, sample_stem, score_video
 from apla.study.measures import samples_dir
+from apla.study.stats import bootstrap_ci, holm, sign_flip_test, sign_test
 from apla.video import read_video
 
 HAND_MARK = "<!-- Written by hand below this line; python -m apla.study keeps it. -->"
+COLUMNS = ("clip", "seed", "variant", "steps", "prompt_kind", "measure", "value")
+PRIMARY = metrics.source_deviation.__name__  # the primary endpoint, by its function's name
+BASELINE, FULL, CONTROL = "Tune-A-Video", "full", "capacity control"
+SOURCE, VAE = "source clip", "VAE round trip"  # the references (steps 0)
 ALL = ("source", "colour", "shape", "edit")
 EDITS = ("colour", "shape", "edit")
-# key in measures.json, label, +1 if higher is better / -1 if lower, prompt kinds it is averaged over, scale
+TRAINING = "training"  # prompt_kind of what is measured on the training run rather than on a sample
+# key, label, +1 if higher is better / -1 if lower, prompt kinds it is averaged over, scale, a count measure
 MEASURES = [
-    ("edited_right", "edited attribute right (% of frames)", +1, EDITS, 100.0),
-    ("kept_right", "unedited attribute kept (% of frames)", +1, EDITS, 100.0),
-    ("path_error", "centroid path error (px)", -1, ALL, 1.0),
-    ("colour_flicker", "colour flicker (RGB, 0-255)", -1, ALL, 1.0),
-    ("size_flicker", "size flicker (px)", -1, ALL, 1.0),
-    ("fci", "FCI", -1, ALL, 1.0),
-    ("warping_error", "warping error (×1000)", -1, ALL, 1000.0),
-    ("clip_frame_consistency", "CLIP frame consistency", +1, ALL, 1.0),
-    ("clip_text_alignment", "CLIP text alignment", +1, ALL, 1.0),
-    ("psnr", "PSNR of the source prompt (dB)", +1, ("source",), 1.0),
+    (PRIMARY, "source deviation (primary)", -1, ALL, 1.0, False),
+    ("edited_right", "edited attribute right (% of frames)", +1, EDITS, 100.0, True),
+    ("kept_right", "unedited attribute kept (% of frames)", +1, EDITS, 100.0, True),
+    ("path_error", "centroid path error (px)", -1, ALL, 1.0, False),
+    ("colour_flicker", "colour flicker (RGB, 0-255)", -1, ALL, 1.0, False),
+    ("size_flicker", "size flicker (px)", -1, ALL, 1.0, False),
+    ("fci", "FCI", -1, ALL, 1.0, False),
+    ("warping_error", "warping error (×1000)", -1, ALL, 1000.0, False),
+    ("clip_frame_consistency", "{clip} frame consistency", +1, ALL, 1.0, False),
+    ("clip_text_alignment", "{clip} text alignment", +1, ALL, 1.0, False),
+    ("psnr", "PSNR of the source prompt (dB)", +1, ("source",), 1.0, False),
 ]
-DIGITS = {"fci": 3, "size_flicker": 3}  # decimals shown (else 2)
+DIAGNOSTICS = ("d_accuracy", "d_real", "d_fake", "grad_share", "grad_adv", "grad_hyper", "linear_d_accuracy",
+               "linear_d_w_norm")
+PHI_BIN = 10  # training steps per phi_ratio row of the CSV
+ALPHA = 0.05
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Statistics
+# The raw data: runs and references -> rows of COLUMNS
 # ---------------------------------------------------------------------------------------------------------------
-def t_quantile(p: float, df: int) -> float:
-    """The p-quantile (p > 1/2) of Student's t with df degrees of freedom: bisection on the CDF, the CDF integrated
-    from the density Gamma((df+1)/2) / (sqrt(df pi) Gamma(df/2)) (1 + x^2/df)^(-(df+1)/2) with Simpson's rule
-    after the substitution x = tan(u), which maps the heavy tails onto a finite interval."""
-    if not 0.5 < p < 1 or df < 1:
-        raise ValueError(f"t_quantile needs 1/2 < p < 1 and df >= 1, got p={p}, df={df}")
-    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-
-    def cdf(x):  # P(T <= x) for x >= 0: 1/2 + integral_0^atan(x) f(tan u) sec^2 u du
-        u = np.linspace(0.0, math.atan(x), 2001)
-        tan = np.tan(u)
-        f = np.exp(log_c - (df + 1) / 2 * np.log1p(tan ** 2 / df)) * (1 + tan ** 2)
-        h = u[1] - u[0]
-        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
-
-    lo, hi = 0.0, 1.0
-    while cdf(hi) < p:
-        hi *= 2
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
-    return (lo + hi) / 2
+def run_rows(r: dict) -> list[dict]:
+    """The rows of one run's measures.json."""
+    base = {"clip": r["clip"], "seed": r["seed"], "variant": r["variant"]}
+    rows = [{**base, "steps": s["step"], "prompt_kind": s["kind"], "measure": k, "value": v}
+            for s in r["samples"] for k, v in s["measures"].items() if isinstance(v, (int, float))]
+    rows += [{**base, "steps": d["step"], "prompt_kind": TRAINING, "measure": k, "value": d[k]}
+             for d in r["diagnostics"] for k in DIAGNOSTICS if k in d]
+    phi = r["phi_ratio"]
+    for i in range(0, len(phi), PHI_BIN):  # the mean of each PHI_BIN steps, at the bin's last step
+        chunk = phi[i:i + PHI_BIN]
+        rows.append({**base, "steps": chunk[-1][0], "prompt_kind": TRAINING, "measure": "phi_ratio",
+                     "value": float(np.mean([x for _, x in chunk]))})
+    last = max(s["step"] for s in r["samples"]) if r["samples"] else len(r["step_time"])
+    rows.append({**base, "steps": last, "prompt_kind": TRAINING, "measure": "step_time",
+                 "value": float(np.mean(r["step_time"][1:] or r["step_time"]))})  # the first step warms up
+    rows.append({**base, "steps": last, "prompt_kind": TRAINING, "measure": "vgt_params", "value": r["vgt_params"]})
+    return rows
 
 
-def mean_ci(values, level: float = 0.95) -> tuple[float, float, int]:
-    """(mean, half-width of the t-interval at `level`, n) of the finite values; half-width NaN when n < 2."""
-    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
-    if len(x) == 0:
-        return math.nan, math.nan, 0
-    if len(x) < 2:
-        return float(x[0]), math.nan, 1
-    half = t_quantile(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
-    return float(x.mean()), float(half), len(x)
-
-
-def paired_ci(values: dict, baseline: dict, level: float = 0.95) -> tuple[float, float, int]:
-    """mean_ci of values[u] - baseline[u] over the units u both have."""
-    return mean_ci([values[u] - baseline[u] for u in values if u in baseline
-                    and all(v is not None and math.isfinite(v) for v in (values[u], baseline[u]))], level)
-
-
-def significant(mean: float, half: float) -> bool:
-    return math.isfinite(half) and abs(mean) > half
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# From measures.json files to per-unit values
-# ---------------------------------------------------------------------------------------------------------------
-def unit_values(runs: list[dict], variant: str, step: int, key: str, kinds) -> dict:
-    """(clip, seed) -> the variant's `key` at `step`, averaged over its samples of the given kinds."""
-    out = {}
-    for r in runs:
-        if r["variant"] != variant:
+def reference_rows(planned) -> list[dict]:
+    """Per clip: the measures of the source clip itself and of the base model's VAE round trip of it (8-bit, as
+    the samples are scored), scored as sample.py scores a sample of the source prompt."""
+    import apla
+    from apla.run import decode_latents, encode_clip
+    rows, seen, sd = [], set(), {}
+    measures = load_measures()
+    for p in planned:
+        if p.clip.name in seen:
             continue
-        vals = [s["measures"][key] for s in r["samples"] if s["step"] == step and s["kind"] in kinds
-                and s["measures"].get(key) is not None and math.isfinite(s["measures"][key])]
-        if vals:
-            out[(r["clip"], r["seed"])] = float(np.mean(vals))
+        seen.add(p.clip.name)
+        cfg = p.config
+        source = read_video(resolve_video(p.clip.video), cfg["frames"], start=cfg["start"], stride=cfg["stride"],
+                            size=cfg["size"])
+        if cfg["pretrained"] not in sd:
+            sd[cfg["pretrained"]] = apla.load_stable_diffusion(cfg["pretrained"])
+        with torch.no_grad():
+            back = quantize(decode_latents(sd[cfg["pretrained"]].vae,
+                                           encode_clip(sd[cfg["pretrained"]].vae, source, "cpu")[0]))
+        clip = pick_clip(p.clip_model, [source], "cpu")[0]
+        for variant, video in ((SOURCE, source), (VAE, back)):
+            scored = score_video(video, measures, p.clip.prompt, source, p.clip.prompt, clip)
+            rows += [{"clip": p.clip.name, "seed": p.seed, "variant": variant, "steps": 0, "prompt_kind": "source",
+                      "measure": k, "value": v} for k, v in scored["metrics"].items()
+                     if isinstance(v, (int, float)) and math.isfinite(v)]
+    return rows
+
+
+def collect(planned) -> list[dict]:
+    """Every row of the study: the finished runs of `planned`, then the references of their clips."""
+    runs = load_runs(planned)
+    done = {r["clip"] for r in runs}
+    return [row for r in runs for row in run_rows(r)] + reference_rows([p for p in planned if p.clip.name in done])
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({**r, "value": repr(float(r["value"]))})
+    ckpt.atomic_write_bytes(Path(path), buf.getvalue().encode())
+
+
+def read_csv(path) -> list[dict]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != COLUMNS:
+            raise ValueError(f"{path}: columns {reader.fieldnames}, expected {list(COLUMNS)}")
+        return [{**r, "seed": int(r["seed"]), "steps": int(r["steps"]), "value": float(r["value"])} for r in reader]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-clip values and comparisons
+# ---------------------------------------------------------------------------------------------------------------
+def clip_values(rows: list[dict], variant: str, steps: int, measure: str, kinds) -> dict:
+    """clip -> the variant's measure at `steps`: the mean over the prompts of `kinds` within each seed, then over
+    seeds."""
+    by = {}
+    for r in rows:
+        if r["variant"] == variant and r["steps"] == steps and r["measure"] == measure and r["prompt_kind"] in kinds \
+                and math.isfinite(r["value"]):
+            by.setdefault(r["clip"], {}).setdefault(r["seed"], []).append(r["value"])
+    return {c: float(np.mean([np.mean(v) for v in seeds.values()])) for c, seeds in by.items()}
+
+
+def reference(rows: list[dict], variant: str, measure: str) -> float:
+    vals = clip_values(rows, variant, 0, measure, ("source",))
+    return float(np.mean(list(vals.values()))) if vals else math.nan
+
+
+def compare(rows, a: str, b: str, steps: int, measure: str, kinds, count: bool) -> dict:
+    """a minus b on the clips both have: mean, bootstrap interval, the test's p (sign test for counts)."""
+    va, vb = clip_values(rows, a, steps, measure, kinds), clip_values(rows, b, steps, measure, kinds)
+    clips = sorted(set(va) & set(vb))
+    d = [va[c] - vb[c] for c in clips]
+    out = {"a": a, "b": b, "steps": steps, "measure": measure, "n": len(d),
+           "mean": float(np.mean(d)) if d else math.nan, "ci": bootstrap_ci(d),
+           "mean_a": float(np.mean([va[c] for c in clips])) if d else math.nan,
+           "mean_b": float(np.mean([vb[c] for c in clips])) if d else math.nan}
+    if count:
+        out["gains"], out["losses"], out["p"] = sign_test(d)
+    else:
+        out["p"] = sign_flip_test(d) if d else math.nan
     return out
 
 
-def fmt(mean: float, half: float, scale: float = 1.0, digits: int = 2, sign: bool = False) -> str:
-    if not math.isfinite(mean):
-        return "–"
-    m = f"{mean * scale:+.{digits}f}" if sign else f"{mean * scale:.{digits}f}"
-    return m + (f" ± {half * scale:.{digits}f}" if math.isfinite(half) else "")
+def budgets_of(rows) -> list[int]:
+    return sorted({r["steps"] for r in rows if r["variant"] == FULL and r["prompt_kind"] != TRAINING})
 
 
-def measure_table(runs: list[dict], names: list[str], step: int, baseline: str, measures=MEASURES) -> tuple[list, list]:
-    """Markdown lines of two tables, a row per measure and a column per variant: the means over the units every
-    variant has (the same clips and seeds), then the paired differences from the baseline; and the significant
-    differences as (variant, label, mean, half, better)."""
-    table = {}
-    for m in measures:
-        vals = {v: unit_values(runs, v, step, m[0], m[3]) for v in names}
-        shared = set.intersection(*(set(x) for x in vals.values()))
-        if shared:
-            table[m] = {v: {u: x[u] for u in shared} for v, x in vals.items()}
-    others = [v for v in names if v != baseline]
-    n = max((len(next(iter(t.values()))) for t in table.values()), default=0)
-    means = [f"| measure (n = {n} clip × seed) | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
-    diffs = [f"| Δ from {baseline} | " + " | ".join(others) + " |", "| --- |" + " --- |" * len(others)]
-    found = []
-    for (key, label, direction, kinds, scale), vals in table.items():
-        title, digits = f"{label} {'↑' if direction > 0 else '↓'}", DIGITS.get(key, 2)
-        means.append(f"| {title} | " + " | ".join(fmt(*mean_ci(vals[v].values())[:2], scale, digits) for v in names)
-                     + " |")
-        cells = []
+def primary(rows) -> dict:
+    """The primary comparison (module doc) from the rows."""
+    return compare(rows, FULL, BASELINE, budgets_of(rows)[-1], PRIMARY, ALL, False)
+
+
+def secondary(rows) -> list[dict]:
+    """Every secondary test (module doc), Holm-adjusted as one family ("p_holm")."""
+    budgets = budgets_of(rows)
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    others = [v for v in variants if v not in (BASELINE, FULL, CONTROL, SOURCE, VAE)]
+    tests = []
+    for key, _, _, kinds, _, count in MEASURES:
+        for steps in budgets:
+            for a, b in ((FULL, BASELINE), (CONTROL, BASELINE), (FULL, CONTROL)):
+                if (a, b, steps, key) != (FULL, BASELINE, budgets[-1], PRIMARY):
+                    tests.append(compare(rows, a, b, steps, key, kinds, count))
         for v in others:
-            dm, dh, _ = paired_ci(vals[v], vals[baseline])
-            sig = significant(dm, dh)
-            cells.append(fmt(dm, dh, scale, digits, sign=True) + (" *" if sig else ""))
-            if sig:
-                found.append((v, label, dm * scale, dh * scale, dm * direction > 0))
-        diffs.append(f"| {title} | " + " | ".join(cells) + " |")
-    return means + ([""] + diffs if others else []), found
+            tests.append(compare(rows, v, BASELINE, budgets[0], key, kinds, count))
+    tests = [t for t in tests if t["n"] > 0]
+    for t, p in zip(tests, holm([t["p"] for t in tests])):
+        t["p_holm"] = p
+    return tests
 
 
-def best_by_measure(runs: list[dict], names: list[str], step: int, measures=MEASURES) -> list[str]:
-    """For each measure, the variant with the best mean (ties: all of them)."""
-    lines = []
-    for key, label, direction, kinds, scale in measures:
-        ms = {v: mean_ci(unit_values(runs, v, step, key, kinds).values())[0] for v in names}
-        ms = {v: m for v, m in ms.items() if math.isfinite(m)}
-        if ms:
-            best = max(direction * m for m in ms.values())
-            winners = [v for v, m in ms.items() if math.isclose(direction * m, best, rel_tol=1e-9, abs_tol=1e-12)]
-            lines.append(f"- {label}: {', '.join(winners)} ({best * direction * scale:.2f})")
-    return lines
+def primary_sentence(p: dict) -> str:
+    """The report's opening sentence, by a rule fixed before the study ran: a difference is claimed only when the
+    sign-flip p is below ALPHA and the bootstrap interval excludes 0; otherwise the interval is stated as the range
+    of effects the data allow."""
+    lo, hi = p["ci"]
+    rel = f"{100 * p['mean'] / p['mean_b']:+.0f}% of Tune-A-Video's mean {p['mean_b']:.3f}"
+    numbers = (f"Δ = {p['mean']:+.3f} (95% CI [{lo:+.3f}, {hi:+.3f}]; {rel}) over {p['n']} clips, sign-flip "
+               f"p = {p['p']:.3g}, the one test named in advance")
+    if p["p"] < ALPHA and (lo > 0 or hi < 0):
+        better = "less" if p["mean"] < 0 else "more"
+        return (f"At {p['steps']} steps full APLA's videos depart {better} from their source clips' motion and "
+                f"appearance than Tune-A-Video's: {numbers}.")
+    return (f"At {p['steps']} steps we find no difference between full APLA and Tune-A-Video in how far their "
+            f"videos depart from the source clips' motion and appearance: {numbers}; the data allow effects from "
+            f"{lo:+.3f} to {hi:+.3f}.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Diagnostics: D's accuracy, the gradient share of lambda L_g, ||phi|| / ||eps_theta||
+# Tables
 # ---------------------------------------------------------------------------------------------------------------
-def diagnostics_table(runs: list[dict], names: list[str]) -> list[str]:
-    with_d = [v for v in names if any(r["variant"] == v and r["diagnostics"] and "d_accuracy" in r["diagnostics"][0]
-                                       for r in runs)]
-    if not with_d:
-        return ["(no variant with a discriminator was run)"]
-    steps = sorted({d["step"] for r in runs if r["variant"] in with_d for d in r["diagnostics"]})
-    lines = ["| variant | measure | " + " | ".join(f"step {s}" for s in steps) + " |",
-             "| --- | --- |" + " --- |" * len(steps)]
-    for v in with_d:
-        for key, label, scale in (("d_accuracy", "D accuracy (%)", 100), ("d_real", "D(ε) mean", 1),
-                                  ("d_fake", "D(ε*) mean", 1), ("grad_share", "λ·L_g share of ‖∇θ‖ (%)", 100)):
-            cells = [fmt(*mean_ci([d[key] for r in runs if r["variant"] == v for d in r["diagnostics"]
-                                   if d["step"] == s])[:2], scale, 3 if scale == 1 else 2) for s in steps]
-            lines.append(f"| {v} | {label} | " + " | ".join(cells) + " |")
-    return lines
+def num(x: float, scale: float = 1.0, digits: int = 3, sign: bool = False) -> str:
+    if x is None or not math.isfinite(x):
+        return "–"
+    return f"{x * scale:{'+' if sign else ''}.{digits}f}"
 
 
-def phi_curves(runs: list[dict], names: list[str]) -> dict:
-    """variant -> (steps, mean over units of ||phi|| / ||eps_theta|| at each step) for variants with VGT."""
-    curves = {}
-    for v in names:
-        series = [dict(r["phi_ratio"]) for r in runs if r["variant"] == v]
-        if not series or not any(val > 0 for s in series for val in s.values()):
+def cell(t: dict, scale: float) -> str:
+    lo, hi = t["ci"]
+    s = f"{num(t['mean'], scale, sign=True)} [{num(lo, scale, sign=True)}, {num(hi, scale, sign=True)}]"
+    if "gains" in t:
+        s += f" {t['gains']}↑{t['losses']}↓"
+    p = t.get("p_holm", t["p"])
+    return s + (f" **p={p:.2g}**" if p < ALPHA else f" p={p:.2g}")
+
+
+def label_of(key: str, clip: str) -> str:
+    return next(m[1] for m in MEASURES if m[0] == key).replace("{clip}", clip)
+
+
+def core_table(rows, tests, steps: int, clip: str) -> list[str]:
+    """Rows: measures; columns: the references, the three core variants' means over clips, the three differences."""
+    index = {(t["a"], t["b"], t["steps"], t["measure"]): t for t in tests}
+    pri = primary(rows)
+    lines = ["| measure | source clip | VAE round trip | Tune-A-Video | full | capacity control | full − TAV | "
+             "control − TAV | full − control |", "| --- |" + " --- |" * 8]
+    for key, _, direction, kinds, scale, _ in MEASURES:
+        means = [clip_values(rows, v, steps, key, kinds) for v in (BASELINE, FULL, CONTROL)]
+        if not any(means):
             continue
-        steps = sorted(set.intersection(*(set(s) for s in series)))
-        curves[v] = (np.asarray(steps), np.asarray([np.mean([s[k] for s in series]) for k in steps]))
+        diffs = []
+        for a, b in ((FULL, BASELINE), (CONTROL, BASELINE), (FULL, CONTROL)):
+            t = pri if (a, b, key) == (FULL, BASELINE, PRIMARY) and steps == pri["steps"] else \
+                index.get((a, b, steps, key))
+            diffs.append(cell(t, scale) + (" (primary)" if t is pri else "") if t else "–")
+        lines.append(f"| {label_of(key, clip)} {'↑' if direction > 0 else '↓'} | "
+                     f"{num(reference(rows, SOURCE, key), scale)} | {num(reference(rows, VAE, key), scale)} | "
+                     + " | ".join(num(np.mean(list(m.values())) if m else math.nan, scale) for m in means)
+                     + " | " + " | ".join(diffs) + " |")
+    return lines
+
+
+def secondary_table(rows, tests, steps: int, clip: str) -> list[str]:
+    others = list(dict.fromkeys(t["a"] for t in tests if t["b"] == BASELINE and t["a"] not in (FULL, CONTROL)))
+    if not others:
+        return []
+    index = {(t["a"], t["measure"]): t for t in tests if t["steps"] == steps and t["b"] == BASELINE}
+    lines = ["| measure | Tune-A-Video | " + " | ".join(f"{v} − TAV" for v in others) + " |",
+             "| --- | --- |" + " --- |" * len(others)]
+    for key, _, direction, kinds, scale, _ in MEASURES:
+        ts = [index.get((v, key)) for v in others]
+        if not any(ts):
+            continue
+        base = next(t for t in ts if t)["mean_b"]
+        lines.append(f"| {label_of(key, clip)} {'↑' if direction > 0 else '↓'} | {num(base, scale)} | "
+                     + " | ".join(cell(t, scale) if t else "–" for t in ts) + " |")
+    return lines
+
+
+def training_mean(rows, variant: str, steps: int, measure: str) -> tuple[float, tuple, int]:
+    vals = clip_values(rows, variant, steps, measure, (TRAINING,))
+    v = list(vals.values())
+    return (float(np.mean(v)) if v else math.nan), bootstrap_ci(v), len(v)
+
+
+def diagnostics_table(rows, variants) -> list[str]:
+    with_d = [v for v in variants if any(r["variant"] == v and r["measure"] == "d_accuracy" for r in rows)]
+    steps = sorted({r["steps"] for r in rows if r["measure"] == "d_accuracy"})
+    lines = ["| variant | step | D accuracy (%) | D(ε) | D(ε*) | best linear D, held out (%) | ‖w‖ of the best "
+             "linear D | gradient share of λ·L_g (%) | clips |", "| --- " * 9 + "|"]
+    for v in with_d:
+        for s in steps:
+            m = {k: training_mean(rows, v, s, k) for k in ("d_accuracy", "d_real", "d_fake", "linear_d_accuracy",
+                                                              "linear_d_w_norm", "grad_share")}
+            if m["d_accuracy"][2] == 0:
+                continue
+            lines.append(f"| {v} | {s} | {num(m['d_accuracy'][0], 100, 2)} | {num(m['d_real'][0])} | "
+                         f"{num(m['d_fake'][0])} | {num(m['linear_d_accuracy'][0], 100, 2)} | "
+                         f"{num(m['linear_d_w_norm'][0], 1, 4)} | {num(m['grad_share'][0], 100, 2)} | "
+                         f"{m['d_accuracy'][2]} |")
+    return lines
+
+
+def phi_curves(rows, variants) -> dict:
+    """variant -> (steps, mean over clips of the binned ||phi|| / ||eps_theta||) for variants with VGT."""
+    curves = {}
+    for v in variants:
+        steps = sorted({r["steps"] for r in rows if r["variant"] == v and r["measure"] == "phi_ratio"})
+        ys = [np.mean(list(clip_values(rows, v, s, "phi_ratio", (TRAINING,)).values())) for s in steps]
+        if steps and max(ys) > 0:
+            curves[v] = (np.asarray(steps), np.asarray(ys))
     return curves
 
 
-def phi_table(runs: list[dict], names: list[str]) -> list[str]:
-    lines = ["| variant | ‖φ‖/‖ε_θ‖ over the first 10 steps | over the last 10 steps | VGT parameters |",
-             "| --- | --- | --- | --- |"]
-    for v in names:
-        rs = [r for r in runs if r["variant"] == v and any(x > 0 for _, x in r["phi_ratio"])]
-        if rs:
-            first = mean_ci([np.mean([x for _, x in r["phi_ratio"][:10]]) for r in rs])
-            last = mean_ci([np.mean([x for _, x in r["phi_ratio"][-10:]]) for r in rs])
-            lines.append(f"| {v} | {fmt(*first[:2], digits=5)} | {fmt(*last[:2], digits=5)} | "
-                         f"{rs[0]['vgt_params']:,} |")
-    return lines
-
-
-def cost_table(runs: list[dict], names: list[str]) -> list[str]:
-    """Mean seconds per training step of each variant (as logged by train.py, under the study's parallel load)."""
-    lines = ["| variant | s per training step | runs |", "| --- | --- | --- |"]
-    for v in names:
-        times = [t for r in runs if r["variant"] == v for t in r["step_time"][1:]]  # the first step warms up
-        if times:
-            lines.append(f"| {v} | {np.mean(times):.3f} | {sum(r['variant'] == v for r in runs)} |")
+def phi_and_cost_table(rows, variants) -> list[str]:
+    lines = ["| variant | ‖φ‖/‖ε_θ‖, first 10 steps | last 10 steps | VGT parameters | s per training step | "
+             "runs |", "| --- " * 6 + "|"]
+    for v in variants:
+        curve = phi_curves(rows, [v]).get(v)
+        params = clip_values(rows, v, max([r["steps"] for r in rows if r["variant"] == v] or [0]), "vgt_params",
+                             (TRAINING,))
+        times = [r["value"] for r in rows if r["variant"] == v and r["measure"] == "step_time"]
+        if not times:
+            continue
+        lines.append(f"| {v} | {num(curve[1][0], 1, 5) if curve else '0'} | {num(curve[1][-1], 1, 5) if curve else '0'}"
+                     f" | {int(max(params.values())) if params else 0:,} | {np.mean(times):.3f} | {len(times)} |")
     return lines
 
 
@@ -228,7 +347,7 @@ def plot_phi(curves: dict, path: Path, smooth: int = 10) -> None:
         ax.plot(steps[k - 1:], np.convolve(ratio, np.ones(k) / k, mode="valid"), label=v)
     ax.set_yscale("log")
     ax.set_xlabel("training step")
-    ax.set_ylabel("‖φ‖ / ‖ε_θ‖ (running mean)")
+    ax.set_ylabel("‖φ‖ / ‖ε_θ‖ ")
     ax.set_title("VGT's perturbation relative to the U-Net's prediction")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -258,27 +377,32 @@ def write_grid(rows: list[tuple[str, np.ndarray]], path: Path, scale: int = 2, l
     ckpt.atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
 
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# The grid: rows = the source clip and each variant's sample, columns = frames
+# ---------------------------------------------------------------------------------------------------------------
+def strip_frames(png: Path, frames: int) -> np.ndarray:
+    """A PNG strip of sample.py (H, F * W, 3) -> (F, H, W, 3) uint8."""
+    a = np.asarray(Image.open(png).convert("RGB"))
+    return np.stack(np.split(a, frames, axis=1))
+
+
+def write_grid(rows: list[tuple[str, np.ndarray]], path: Path, scale: int = 2, label_width: int = 150) -> None:
+    """rows of (label, (F, H, W, 3) uint8 frames) -> one PNG, a label column on the left."""
+    f, h, w, _ = rows[0][1].shape
+    canvas = Image.new("RGB", (label_width + f * w * scale, len(rows) * h * scale), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i, (label, frames) in enumerate(rows):
+        strip = Image.fromarray(np.concatenate(list(frames), axis=1))  # (F, H, W, 3) -> (H, F*W, 3)
+        canvas.paste(strip.resize((strip.width * scale, strip.height * scale), Image.NEAREST),
+                     (label_width, i * h * scale))
+        draw.text((4, i * h * scale + h * scale // 2 - 6), label, fill=(0, 0, 0))
+    ckpt.atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The report
 # ---------------------------------------------------------------------------------------------------------------
-PAPER_ORDER = [  # the paper's orderings, best first, to set ours beside: (question, measure, budget, order)
-    ("Table 3, CLIP score, default budget", "clip_frame_consistency", 1,
-     ["full", "w/o vgt&hyper-loss", "w/o discriminator", "w/o hyper-loss&discriminator", "w/o vgt&discriminator"]),
-    ("Table 3, CLIP score, twice the budget", "clip_frame_consistency", 2,
-     ["full", "w/o vgt&hyper-loss", "w/o vgt&discriminator", "w/o discriminator", "w/o hyper-loss&discriminator"]),
-    ("Table 3, FCI, default budget", "fci", 1,
-     ["w/o vgt&discriminator", "w/o hyper-loss&discriminator", "w/o vgt&hyper-loss", "w/o discriminator", "full"]),
-    ("Table 3, FCI, twice the budget", "fci", 2,
-     ["w/o vgt&hyper-loss", "w/o discriminator", "full", "w/o hyper-loss&discriminator", "w/o vgt&discriminator"]),
-    ("Table 1, PSNR", "psnr", 1, ["VGT-Hyper", "VGT-Pure-EN", "full", "VGT-Hyper-EN"]),
-]
-
-
-def ordering(runs: list[dict], names: list[str], step: int, key: str, kinds, direction: int) -> list[str]:
-    ms = {v: mean_ci(unit_values(runs, v, step, key, kinds).values())[0] for v in names}
-    return sorted([v for v in ms if math.isfinite(ms[v])], key=lambda v: -direction * ms[v])
-
-
 def load_runs(planned) -> list[dict]:
     """The measures.json of every finished run of the plan (apla.study.plan.Run)."""
     return [json.loads((p.dir / "measures.json").read_text()) for p in planned if (p.dir / "measures.json").is_file()]
@@ -301,101 +425,129 @@ def grid_rows(planned, runs: list[dict], step: int) -> tuple[str, list]:
     return f"{first.clip.name}, seed {first.seed}, step {step}: \"{shape_edit}\"", rows
 
 
-def write_report(planned, path, stages: list[dict], command: str, plots: bool = True) -> int:
-    """Write the markdown report (and its PNGs beside it) from every finished run of `planned`; keeps a hand-written
-    tail below HAND_MARK. `stages`: what each `python -m apla.study run` recorded (OUT/stages.json); runs finished by
-    another executor are counted apart, with `command`, the one writing the report. Returns 2 when the plot could not
-    be made (no matplotlib), else 0."""
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+D_ARGUMENT = (
+    "Why D stays at chance. D is a 1×1 convolution, a linear score w·x + b of each pixel's C channels, trained with "
+    "Eq. 19's logistic loss to call ε real and ε* fake. That loss is convex in (w, b). ε ~ N(0, I) is symmetric "
+    "about zero, and ε* = ε_θ + φ is trained to match it and is symmetric about zero as well; then replacing w by "
+    "−w leaves the expected loss unchanged (x → −x maps each distribution onto itself), so by convexity the "
+    "minimum lies at w = 0, where D ≡ ½, whatever the two variances are. A linear D cannot use a difference of "
+    "variance, only of mean. The check: the best linear D, fitted directly (Newton's method on Eq. 19's loss, "
+    "`apla.study.measures.best_linear_d`) to the per-pixel (ε, ε*) pairs of each trained run's last checkpoint, "
+    "scored on held-out pairs.")
+GRAD_SHARE = (
+    "Gradient share: ‖∇θ λL_g‖ / (‖∇θ λL_g‖ + ‖∇θ L_hyper‖), norms of the two terms' gradients over the "
+    "generator's trainable parameters (U-Net's trainable set and VGT) on fresh batches; a ratio of norms, not the "
+    "fraction of the update D causes (the two gradients are not orthogonal).")
+
+
+def render(rows: list[dict], stages: list[dict], command: str, planned=None) -> list[str]:
+    """The report's lines from the rows (and, for the setup and the clips, the plan when given)."""
+    clip = "micro-CLIP" if planned and planned[0].config["pretrained"] == "micro" else "CLIP"
+    if planned is None and any(r["measure"] == "clip_frame_consistency" for r in rows):
+        clip = "micro-CLIP"  # the study's CSV of the micro benchmark
+    budgets = budgets_of(rows)
+    pri, tests = primary(rows), secondary(rows)
+    survivors = sorted([t for t in tests if t["p_holm"] < ALPHA], key=lambda t: t["p_holm"])
+    variants = list(dict.fromkeys(r["variant"] for r in rows if r["variant"] not in (SOURCE, VAE)))
+    clips = sorted({r["clip"] for r in rows if r["variant"] == BASELINE})
+    L = [f"# Does APLA make videos more consistent than Tune-A-Video? {len(clips)} clip{'s' * (len(clips) != 1)}",
+         "",
+         primary_sentence(pri), "",
+         f"Primary endpoint: `apla.eval.metrics.{PRIMARY}`", "",
+         "(Lower is better; 0 is the source clip itself. Full APLA minus Tune-A-Video at the default budget, per "
+         "clip, averaged over the source prompt and its edits; the analysis is fixed in `apla.study.report`'s "
+         "docstring.)", ""]
+    L += [f"Secondary differences surviving Holm's correction over {len(tests)} tests: "
+          + ("; ".join(f"{t['a']} − {t['b']} at {t['steps']} steps, {label_of(t['measure'], clip)}: "
+                       f"{cell(t, next(m[4] for m in MEASURES if m[0] == t['measure']))}" for t in survivors)
+             if survivors else "none") + ".", ""]
+    trend = [compare(rows, FULL, BASELINE, s, PRIMARY, ALL, False) for s in budgets]
+    control = [compare(rows, FULL, CONTROL, s, PRIMARY, ALL, False) for s in budgets]
+    L += ["Full − Tune-A-Video on the primary endpoint by budget (uncorrected, for the trend): "
+          + "; ".join(f"{t['steps']} steps {cell(t, 1)}" for t in trend) + ". Full − capacity control: "
+          + "; ".join(f"{t['steps']} steps {cell(t, 1)}" for t in control) + ".", ""]
+    for s in stages:
+        if s["runs"]:
+            L += [f"Made by `{s['command']}` at commit {s.get('commit', 'unknown')}: {s['wall_s'] / 60:.1f} min wall "
+                  f"for {s['runs']} runs ({s['runs_before']} already finished), {s['jobs']} at a time with "
+                  f"{s['threads']} torch thread(s) each on {s['cpus']} CPU cores (finished {s['finished_at']}).", ""]
+    L += [f"Tables rebuilt from `results.csv` (columns {', '.join(COLUMNS)}) by `{command}` at commit {commit()}.",
+          ""]
+    if planned:
+        cfg = planned[0].config
+        L += ["## Setup", "",
+              f"- Base model `{cfg['pretrained']}`; the first {cfg['frames']} frames of each clip at {cfg['size']} px; "
+              f"AdamW lr {cfg['lr']:g} (D: {cfg['disc_lr']:g}), constant; α, β, γ, λ = {cfg['apla']['alpha']:g}, "
+              f"{cfg['apla']['beta']:g}, {cfg['apla']['gamma']:g}, {cfg['apla']['lam']:g}; seed "
+              f"{', '.join(map(str, sorted({p.seed for p in planned})))}.",
+              f"- Budgets {', '.join(map(str, budgets))}: checkpoints of one {budgets[-1]}-step run per clip and core "
+              f"variant (constant learning rate, the run's own random stream); each sampled by DDIM inversion and "
+              f"{planned[0].sample_steps} guided DDIM steps for the source prompt and each edit.",
+              "- Variants: Tune-A-Video = no VGT (φ = 0), no D, MSE only; full = APLA with VGT-Pure, hyper-loss and "
+              "D; capacity control = full APLA whose VGT has the same parameters and place in Eq. 4 but attends "
+              "only to its own frame (`apla.vgt.frame_mask`); Table 3's other rows (`APLAConfig.ablation`) and Table "
+              f"1's other VGT versions at {budgets[0]} steps on {len(clips_of(rows, variants))} clips.",
+              f"- {clip}: the micro CLIP tower (`apla.micro.tower_check` checks it on generated frames against the "
+              "shapes world's ground truth); its scores are on its own scale.", ""]
+    for s in budgets:
+        L += [f"## Core variants on every clip, {s} steps", "",
+              "Means over clips; differences: mean [95% bootstrap interval] over clips, ↑↓ clips gaining / losing "
+              "(exact sign test) for counts, p Holm-adjusted (the primary: unadjusted).", "",
+              *core_table(rows, tests, s, clip), ""]
+    sec = secondary_table(rows, tests, budgets[0], clip)
+    if sec:
+        L += [f"## Table 3's other rows and Table 1's VGT versions, {budgets[0]} steps", "",
+              f"Differences from Tune-A-Video on the clips each ran on (Tune-A-Video's mean over the same clips).", "",
+              *sec, ""]
+    L += ["## Does the discriminator do anything?", "", D_ARGUMENT, "", GRAD_SHARE, "",
+          *diagnostics_table(rows, variants), "", "## ‖φ‖ / ‖ε_θ‖ over training (Fig. 5b), and cost", "",
+          *phi_and_cost_table(rows, variants), ""]
+    return L
+
+
+def clips_of(rows, variants) -> set:
+    others = [v for v in variants if v not in (BASELINE, FULL, CONTROL)]
+    return {r["clip"] for r in rows if r["variant"] in others}
+
+
+def write_report(planned, path, stages: list[dict], command: str, plots: bool = True, csv_path=None) -> int:
+    """Write the CSV (`results.csv` beside the report; from the finished runs of `planned`, or read from
+    `csv_path` when given), the markdown report and its PNGs; keeps a hand-written tail below HAND_MARK. Returns 2
+    when the plot could not be made (no matplotlib), else 0."""
     path = Path(path)
-    runs = load_runs(planned)
-    names = list(dict.fromkeys(p.variant for p in planned))
-    baseline = names[0]
-    n = min(min(p.sample_at) for p in planned)
-    long_names = [v for v in names if any(2 * n in p.sample_at for p in planned if p.variant == v)]
-    table1 = [v for v in names if v == "full" or v.startswith("VGT-")]
-    cfg = planned[0].config
-    ran = [s for s in stages if s["runs"]] or stages[-1:]
-    clips = list(dict.fromkeys(p.clip.name for p in planned))
-    seeds = sorted({p.seed for p in planned})
+    if csv_path is not None:
+        rows = read_csv(csv_path)
+    else:
+        rows = collect(planned)
+        write_csv(rows, path.parent / "results.csv")
     code = 0
-    L = [f"# Does APLA beat Tune-A-Video? Tables 1 and 3 on {len(clips)} clip(s) × {len(seeds)} seed(s)", ""]
-    for s in ran:  # every invocation that ran runs (one, unless the study was run in stages)
-        L += [f"Made by `{s['command']}`: {s['wall_s'] / 60:.1f} min wall for {s['runs']} runs "
-              f"({s['runs_before']} were already finished), {s['jobs']} at a time with {s['threads']} torch "
-              f"thread(s) each on {s['cpus']} CPU cores; 1-minute load average {s['load_before']:.2f} before the "
-              f"start, {s['load_mean']:.2f} on average and at most {s['load_max']:.2f} while it ran "
-              f"(finished {s['finished_at']}).", ""]
-    if len(ran) > 1:
-        L += [f"In all {sum(s['wall_s'] for s in ran) / 60:.1f} min over {len(ran)} stages.", ""]
-    outside = len(runs) - (stages[-1]["finished"] if stages else 0)
-    if outside > 0:
-        L += [f"{outside} run(s) finished by another executor of the lines of `python -m apla.study plan`, which "
-              f"records no wall time or load; reported by `{command}`.", ""]
-    train_min = sum(sum(r["step_time"]) for r in runs) / 60
-    L += ["## Setup", "",
-          f"- Base model `{cfg['pretrained']}`; {cfg['frames']} frames at {cfg['size']}×{cfg['size']}; AdamW lr "
-          f"{cfg['lr']:g} (D: {cfg['disc_lr']:g}), constant; loss weights α, β, γ, λ = {cfg['apla']['alpha']:g}, "
-          f"{cfg['apla']['beta']:g}, {cfg['apla']['gamma']:g}, {cfg['apla']['lam']:g}; U-Net GroupNorm "
-          f"`{cfg['groupnorm']}` for every variant.",
-          f"- Budget: N = {n} steps (the default column) and 2N = {2 * n} (Table 3's second column, the same runs "
-          f"continued: constant learning rate, same random stream). Sampling: DDIM inversion of the clip, then "
-          f"{planned[0].sample_steps} guided DDIM steps (guidance {cfg['guidance']:g}) for the source prompt and each "
-          f"edit.",
-          f"- Seeds {', '.join(map(str, seeds))}: each run's seed sets its noise, timesteps and the initial weights "
-          f"of VGT, D and the random VGG features; every variant sees the same clip, seed and budget.",
-          f"- Runs: {len(runs)} of {len(planned)} finished; {train_min:.1f} min of training steps in all.",
-          "- Variants: Tune-A-Video = no VGT (φ = 0), no D (λ = 0), MSE only; Table 3's rows by "
-          "`APLAConfig.ablation`; Table 1's VGT versions in full APLA (`full` is VGT-Pure).",
-          "- Statistics: mean ± 95% t-interval over clips × seeds; Δ = the paired difference from Tune-A-Video on "
-          "the same clip and seed, with its interval; * marks an interval that excludes 0.", "",
-          "## Clips", "", "| clip | source caption | edits |", "| --- | --- | --- |"]
-    seen = {}
-    for p in planned:
-        seen.setdefault(p.clip.name, p.clip)
-    L += [f"| {c.name} | {c.prompt} | {'; '.join(c.edits)} |" for c in seen.values()]
-    sig_all = []
-    for title, vs, step in ((f"Table 3 at the default budget ({n} steps)", long_names, n),
-                            (f"Table 3 at twice the budget ({2 * n} steps)", long_names, 2 * n),
-                            (f"Table 1: VGT versions in full APLA ({n} steps)",
-                             list(dict.fromkeys([baseline] + table1)), n)):
-        if len(vs) < 1 or not any(step in p.sample_at for p in planned if p.variant in vs):
-            continue
-        lines, found = measure_table(runs, vs, step, baseline)
-        sig_all += [(title, *f) for f in found]
-        L += ["", f"## {title}", "", *lines, "", "Best mean per measure:", "", *best_by_measure(runs, vs, step)]
-    L += ["", "## Orderings beside the paper's", "",
-          "Best first, by mean (the paper: one run per row on DAVIS; ours: the means above, whose intervals say "
-          "which places are told apart).", "", "| question | the paper | ours |", "| --- | --- | --- |"]
-    for question, key, budget, paper in PAPER_ORDER:
-        _, _, d, kinds, _ = next(m for m in MEASURES if m[0] == key)
-        ours = ordering(runs, [v for v in paper if v in names], budget * n, key, kinds, d)
-        L.append(f"| {question} | {' > '.join(paper)} | {' > '.join(ours) or '– (not measured)'} |")
-    L += ["", "## Does the discriminator do anything?", "",
-          "Measured after training from the saved checkpoints (`apla.study.measures.diagnostics`): APLA.forward on "
-          "fresh seeded batches, D's per-pixel accuracy on real noise ε and on ε*, D's mean outputs, and the share of "
-          "the generator's gradient norm (over U-Net trainable set + VGT) that λ·L_g carries against the hyper-loss.",
-          "", *diagnostics_table(runs, names), "", "## ‖φ‖ / ‖ε_θ‖ over training (Fig. 5b)", "",
-          *phi_table(runs, names)]
-    curves = phi_curves(runs, [v for v in names if v in table1] or names)
+    L = render(rows, stages, command, planned)
+    curves = phi_curves(rows, [v for v in dict.fromkeys(r["variant"] for r in rows) if v not in (SOURCE, VAE)])
     if plots and curves:
         try:
             plot_phi(curves, path.parent / "phi_ratio.png")
-            L += ["", "![‖φ‖/‖ε_θ‖ over training](phi_ratio.png)"]
+            L += ["![‖φ‖/‖ε_θ‖ over training](phi_ratio.png)", ""]
         except ImportError:
             print("error: the plot of ||phi|| / ||eps_theta|| needs matplotlib (pip install matplotlib, or the "
                   "extra apla[plots]); the rest of the report is written", file=sys.stderr)
             code = 2
-    caption, rows = grid_rows(planned, runs, n)
-    if len(rows) > 1:
-        write_grid(rows, path.parent / "grid.png")
-        L += ["", "## Frames", "", f"{caption} (rows: the source clip, then each variant; columns: frames).", "",
-              "![variants × frames](grid.png)"]
-    L += ["", "## Cost", "", *cost_table(runs, names)]
-    L += ["", "## Significant differences from Tune-A-Video", ""]
-    L += [f"- {t}: {v}, {label}: {m:+.2f} ± {h:.2f} ({'better' if b else 'worse'})" for t, v, label, m, h, b
-          in sig_all] or ["- none: every interval includes 0"]
+    if planned and csv_path is None:
+        caption, grid = grid_rows(planned, None, budgets_of(rows)[-1])
+        if len(grid) > 1:
+            write_grid(grid, path.parent / "grid.png")
+    if (path.parent / "grid.png").is_file():
+        L += ["## Frames", "", "The first clip's shape edit at the last budget (rows: the source clip, then each "
+              "variant; columns: frames).", "", "![variants × frames](grid.png)", ""]
     tail = ""
     if path.is_file() and HAND_MARK in path.read_text():
         tail = path.read_text().split(HAND_MARK, 1)[1]
-    ckpt.atomic_write_bytes(path, ("\n".join(L) + "\n\n" + HAND_MARK + tail.rstrip("\n") + "\n").encode())
+    ckpt.atomic_write_bytes(path, ("\n".join(L) + "\n" + HAND_MARK + tail.rstrip("\n") + "\n").encode())
     return code
