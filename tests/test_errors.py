@@ -48,8 +48,10 @@ TRAIN_FLAGS = [  # flag, value, the field named in the message
     ("--frames", "0", "frames must be an integer >= 1, got 0"),
     ("--start", "-1", "start must be an integer >= 0, got -1"),
     ("--stride", "0", "stride must be an integer >= 1, got 0"),
-    ("--size", "60", "size must be a positive multiple of 8 (the VAE downsamples by 8), got 60"),
-    ("--size", "-8", "size must be a positive multiple of 8 (the VAE downsamples by 8), got -8"),
+    ("--size", "60", "size must be a positive multiple of 8, or height x width as HxW (e.g. 320x576) or [H, W], each "
+                     "a positive multiple of 8 (the VAE downsamples by 8), got 60"),
+    ("--size", "-8", "size must be a positive multiple of 8, or height x width as HxW (e.g. 320x576) or [H, W], each "
+                     "a positive multiple of 8 (the VAE downsamples by 8), got -8"),
     ("--checkpoint-every", "0", "checkpoint_every must be an integer >= 1, got 0"),
     ("--seed", "-1", "seed must be an integer in [0, 9223372036854775807], got -1"),
 ]
