@@ -32,9 +32,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+import apla
 from apla import checkpoint as ckpt
 from apla.assets import resolve_video
 from apla.eval import metrics
+from apla.run import decode_latents, encode_clip
 from apla.eval.score import load_measures, pick_clip, quantize, sample_stem, score_video
 from apla.study.measures import samples_dir
 from apla.study.stats import bootstrap_ci, holm, sign_flip_test, sign_test
@@ -93,8 +95,6 @@ def run_rows(r: dict) -> list[dict]:
 def reference_rows(planned) -> list[dict]:
     """Per clip: the measures of the source clip itself and of the base model's VAE round trip of it (8-bit, as
     the samples are scored), scored as sample.py scores a sample of the source prompt."""
-    import apla
-    from apla.run import decode_latents, encode_clip
     rows, seen, sd = [], set(), {}
     measures = load_measures()
     for p in planned:
@@ -378,26 +378,6 @@ def write_grid(rows: list[tuple[str, np.ndarray]], path: Path, scale: int = 2, l
 
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The grid: rows = the source clip and each variant's sample, columns = frames
-# ---------------------------------------------------------------------------------------------------------------
-def strip_frames(png: Path, frames: int) -> np.ndarray:
-    """A PNG strip of sample.py (H, F * W, 3) -> (F, H, W, 3) uint8."""
-    a = np.asarray(Image.open(png).convert("RGB"))
-    return np.stack(np.split(a, frames, axis=1))
-
-
-def write_grid(rows: list[tuple[str, np.ndarray]], path: Path, scale: int = 2, label_width: int = 150) -> None:
-    """rows of (label, (F, H, W, 3) uint8 frames) -> one PNG, a label column on the left."""
-    f, h, w, _ = rows[0][1].shape
-    canvas = Image.new("RGB", (label_width + f * w * scale, len(rows) * h * scale), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for i, (label, frames) in enumerate(rows):
-        strip = Image.fromarray(np.concatenate(list(frames), axis=1))  # (F, H, W, 3) -> (H, F*W, 3)
-        canvas.paste(strip.resize((strip.width * scale, strip.height * scale), Image.NEAREST),
-                     (label_width, i * h * scale))
-        draw.text((4, i * h * scale + h * scale // 2 - 6), label, fill=(0, 0, 0))
-    ckpt.atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
