@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -210,30 +211,52 @@ def principal_axis(source: torch.Tensor):
     return read
 
 
-def source_deviation_terms(video: torch.Tensor, source: torch.Tensor,
-                           cfg: FlowConfig = FlowConfig()) -> tuple[float, float]:
-    """(motion, appearance), the two terms of `source_deviation`, each 0 for the source itself."""
+class SourceMotion(NamedTuple):
+    """What `source_deviation` reads from the source alone (`source_motion`), computed once per source."""
+
+    read: Callable  # `principal_axis(source)`
+    flow: torch.Tensor  # (F-1, 2, H, W): w^s, the source's motion
+    keep: torch.Tensor  # (F-1, 1, H, W): 1 where the source's motion stays in the frame
+    residual: torch.Tensor  # r(s)
+    change: torch.Tensor  # the source's mean frame-to-frame change, uncompensated
+
+
+def appearance_residual(x: torch.Tensor, flow: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """r(u) of `source_deviation`: mean |u_{k+1}(p + w^s_k(p)) - u_k(p)| over the kept pixels, in [0, 1] units."""
+    x = (x + 1) / 2
+    return ((warp(x[1:], flow) - x[:-1]).abs().mean(1, keepdim=True) * keep).sum() / keep.sum().clamp_min(1)
+
+
+def source_motion(source: torch.Tensor, cfg: FlowConfig = FlowConfig()) -> SourceMotion:
+    """The source's side of `source_deviation`, for scoring several videos against one source."""
+    check_video(source)
+    read = principal_axis(source)
+    flow = optical_flow(read(source[:-1]), read(source[1:]), cfg)
+    keep = inside(flow).to(source.dtype)
+    change = ((source[1:] - source[:-1]).abs() / 2).mean()
+    return SourceMotion(read, flow, keep, appearance_residual(source, flow, keep), change)
+
+
+def source_deviation_terms(video: torch.Tensor, source: torch.Tensor, cfg: FlowConfig = FlowConfig(),
+                           motion: SourceMotion | None = None) -> tuple[float, float]:
+    """(motion, appearance), the two terms of `source_deviation`, each 0 for the source itself; `motion` may pass
+    `source_motion(source, cfg)` already computed."""
     check_video(video)
     if video.shape != source.shape:
         raise MetricsError(f"source_deviation of a video {tuple(video.shape)} against a source "
                            f"{tuple(source.shape)}: they must have the same shape")
-    read = principal_axis(source)
-    w_s = optical_flow(read(source[:-1]), read(source[1:]), cfg)  # (F-1, 2, H, W), the source's motion
-    w_v = optical_flow(read(video[:-1]), read(video[1:]), cfg)
+    s = motion if motion is not None else source_motion(source, cfg)
+    w_s = s.flow
+    w_v = optical_flow(s.read(video[:-1]), s.read(video[1:]), cfg)
     # $$m = \frac{\overline{\|w^v_k(x) - w^s_k(x)\|}}{\overline{\|w^s_k(x)\|}}$$
-    motion = (w_v - w_s).pow(2).sum(1).sqrt().mean() / w_s.pow(2).sum(1).sqrt().mean().clamp_min(MOTION_FLOOR)
-    keep = inside(w_s).to(video.dtype)  # (F-1, 1, H, W): pixels whose source motion stays in the frame
-
-    def residual(x: torch.Tensor) -> torch.Tensor:  # mean |x_{k+1}(p + w^s_k(p)) - x_k(p)|, [0, 1] units
-        x = (x + 1) / 2
-        return ((warp(x[1:], w_s) - x[:-1]).abs().mean(1, keepdim=True) * keep).sum() / keep.sum().clamp_min(1)
-    change = ((source[1:] - source[:-1]).abs() / 2).mean()  # the source's frame-to-frame change, uncompensated
+    m = (w_v - w_s).pow(2).sum(1).sqrt().mean() / w_s.pow(2).sum(1).sqrt().mean().clamp_min(MOTION_FLOOR)
     # $$a = \frac{|r(v) - r(s)|}{\overline{|s_{k+1} - s_k|}}$$
-    appearance = (residual(video) - residual(source)).abs() / change.clamp_min(CHANGE_FLOOR)
-    return motion.item(), appearance.item()
+    a = (appearance_residual(video, w_s, s.keep) - s.residual).abs() / s.change.clamp_min(CHANGE_FLOOR)
+    return m.item(), a.item()
 
 
-def source_deviation(video: torch.Tensor, source: torch.Tensor, cfg: FlowConfig = FlowConfig()) -> float:
+def source_deviation(video: torch.Tensor, source: torch.Tensor, cfg: FlowConfig = FlowConfig(),
+                     motion: SourceMotion | None = None) -> float:
     """The ablation study's primary endpoint (lower is better, 0 for the source itself): how far a video departs
     from its source clip's motion and from the way the source's appearance carries along that motion, in units of
     the source's own motion. Both (F, 3, H, W) in [-1, 1], the same shape.
@@ -256,10 +279,11 @@ def source_deviation(video: torch.Tensor, source: torch.Tensor, cfg: FlowConfig 
     no more than one that moves a little: D = 1 is "about as far as standing still". The denominators are floored
     (MOTION_FLOOR, CHANGE_FLOOR) for sources that hardly move. Validated on perturbations of the benchmark's clips
     (tests/study/test_endpoint.py): the source scores 0 and a frozen first frame, half and double the motion,
-    shape flips, colour flips and size jitter each score clearly more.
+    shape flips, colour flips and size jitter each score clearly more. `motion` may pass `source_motion(source, cfg)`
+    already computed (several videos against one source).
     """
-    motion, appearance = source_deviation_terms(video, source, cfg)
-    return motion + appearance
+    m, a = source_deviation_terms(video, source, cfg, motion)
+    return m + a
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from apla.config import TrainConfig, default_config, height_width, slug
 from apla.eval.flow import FlowConfig, video_flow
 from apla.eval.metrics import (CLIP_MODELS, MEASURES, METRICS, MetricsError, clip_frame_consistency,
                                clip_text_alignment, fci, load_clip, load_plugin, psnr, registered, source_deviation,
-                               warping_error)
+                               source_motion, warping_error)
 from apla.video import AV_EXTENSIONS, GIF_EXTENSIONS, VideoError, count_frames, read_video
 
 VIDEO_EXTENSIONS = GIF_EXTENSIONS + AV_EXTENSIONS
@@ -114,10 +114,12 @@ def columns(measures: dict) -> dict:
 
 
 def score_video(video: torch.Tensor, measures: dict, prompt: str | None = None, source: torch.Tensor | None = None,
-                source_prompt: str | None = None, clip=None, device="cpu", cfg: FlowConfig = FlowConfig()) -> dict:
+                source_prompt: str | None = None, clip=None, device="cpu", cfg: FlowConfig = FlowConfig(),
+                motion=None) -> dict:
     """Every measure of `apla.eval.metrics` that applies to one video (F, 3, H, W) in [-1, 1], and every one of the
     projects' `measures` (`load_measures()`) that applies; see the module doc. The flow is computed once (forward
-    and backward, all pairs in one batch) on `device`."""
+    and backward, all pairs in one batch) on `device`; `motion` may pass the source's `source_motion` already
+    computed on `device`."""
     if video.shape[0] < 2:
         raise MetricsError(f"a video of {video.shape[0]} frame: frame consistency needs at least 2 frames")
     x = video.to(device)
@@ -141,7 +143,7 @@ def score_video(video: torch.Tensor, measures: dict, prompt: str | None = None, 
     if source is not None and not is_edit:
         out["psnr"] = psnr(video, source)
     if source is not None:
-        out["source_deviation"] = source_deviation(x, source.to(device), cfg)
+        out["source_deviation"] = source_deviation(x, source.to(device), cfg, motion)
     return {"metrics": {**{k: out[k] for k in METRICS if k in out}, **extra}, "edited": edited}
 
 
@@ -180,13 +182,14 @@ def score_videos(items: list[dict], source=None, source_prompt: str | None = Non
     rows, sources = [], {}
     for it in items:
         video = it["video"]
-        src = None
+        src, motion = None, None
         if source is not None:
             key = (video.shape[0], *video.shape[-2:])
-            if key not in sources:
-                sources[key] = read_source(source, key[0], key[1:], start, stride)
-            src = sources[key]
-        scored = score_video(video, measures, it.get("prompt"), src, source_prompt, scorer, device)
+            if key not in sources:  # read, and its motion found, once per frame count and size
+                read = read_source(source, key[0], key[1:], start, stride)
+                sources[key] = (read, source_motion(read.to(device)))
+            src, motion = sources[key]
+        scored = score_video(video, measures, it.get("prompt"), src, source_prompt, scorer, device, motion=motion)
         rows.append({"name": it["name"], "path": it.get("path"), "prompt": it.get("prompt"),
                      "frames": int(video.shape[0]), "height": int(video.shape[-2]), "width": int(video.shape[-1]),
                      **scored})
