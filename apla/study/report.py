@@ -36,8 +36,8 @@ import apla
 from apla import checkpoint as ckpt
 from apla.assets import resolve_video
 from apla.eval import metrics
-from apla.run import decode_latents, encode_clip
 from apla.eval.score import load_measures, pick_clip, quantize, sample_stem, score_video
+from apla.run import decode_latents, encode_clip
 from apla.study.measures import samples_dir
 from apla.study.stats import bootstrap_ci, holm, sign_flip_test, sign_test
 from apla.video import read_video
@@ -95,7 +95,7 @@ def run_rows(r: dict) -> list[dict]:
 def reference_rows(planned) -> list[dict]:
     """Per clip: the measures of the source clip itself and of the base model's VAE round trip of it (8-bit, as
     the samples are scored), scored as sample.py scores a sample of the source prompt."""
-    rows, seen, sd = [], set(), {}
+    rows, seen, sd, scorers = [], set(), {}, {}
     measures = load_measures()
     for p in planned:
         if p.clip.name in seen:
@@ -109,9 +109,13 @@ def reference_rows(planned) -> list[dict]:
         with torch.no_grad():
             back = quantize(decode_latents(sd[cfg["pretrained"]].vae,
                                            encode_clip(sd[cfg["pretrained"]].vae, source, "cpu")[0]))
-        clip = pick_clip(p.clip_model, [source], "cpu")[0]
+        key = (p.clip_model, tuple(source.shape[-2:]))  # None: the model the frame size implies
+        if key not in scorers:  # each CLIP model loaded once
+            scorers[key] = pick_clip(p.clip_model, [source], "cpu")[0]
+        clip = scorers[key]
+        motion = metrics.source_motion(source)
         for variant, video in ((SOURCE, source), (VAE, back)):
-            scored = score_video(video, measures, p.clip.prompt, source, p.clip.prompt, clip)
+            scored = score_video(video, measures, p.clip.prompt, source, p.clip.prompt, clip, motion=motion)
             rows += [{"clip": p.clip.name, "seed": p.seed, "variant": variant, "steps": 0, "prompt_kind": "source",
                       "measure": k, "value": v} for k, v in scored["metrics"].items()
                      if isinstance(v, (int, float)) and math.isfinite(v)]
@@ -244,10 +248,9 @@ def label_of(key: str, clip: str) -> str:
     return next(m[1] for m in MEASURES if m[0] == key).replace("{clip}", clip)
 
 
-def core_table(rows, tests, steps: int, clip: str) -> list[str]:
+def core_table(rows, tests, pri: dict, steps: int, clip: str) -> list[str]:
     """Rows: measures; columns: the references, the three core variants' means over clips, the three differences."""
     index = {(t["a"], t["b"], t["steps"], t["measure"]): t for t in tests}
-    pri = primary(rows)
     lines = ["| measure | source clip | VAE round trip | Tune-A-Video | full | capacity control | full − TAV | "
              "control − TAV | full − control |", "| --- |" + " --- |" * 8]
     for key, _, direction, kinds, scale, _ in MEASURES:
@@ -323,19 +326,18 @@ def phi_and_cost_table(rows, variants) -> list[str]:
              "runs |", "| --- " * 6 + "|"]
     for v in variants:
         curve = phi_curves(rows, [v]).get(v)
-        params = clip_values(rows, v, max([r["steps"] for r in rows if r["variant"] == v] or [0]), "vgt_params",
-                             (TRAINING,))
+        params = [r["value"] for r in rows if r["variant"] == v and r["measure"] == "vgt_params"]
         times = [r["value"] for r in rows if r["variant"] == v and r["measure"] == "step_time"]
         if not times:
             continue
         lines.append(f"| {v} | {num(curve[1][0], 1, 5) if curve else '0'} | {num(curve[1][-1], 1, 5) if curve else '0'}"
-                     f" | {int(max(params.values())) if params else 0:,} | {np.mean(times):.3f} | {len(times)} |")
+                     f" | {int(max(params, default=0)):,} | {np.mean(times):.3f} | {len(times)} |")
     return lines
 
 
-def plot_phi(curves: dict, path: Path, smooth: int = 10) -> None:
-    """The paper's Fig. 5b on our runs: ||phi|| / ||eps_theta|| over training steps (running mean of `smooth`
-    steps), one line per VGT variant. Needs matplotlib (ImportError otherwise)."""
+def plot_phi(curves: dict, path: Path) -> None:
+    """The paper's Fig. 5b on our runs: ||phi|| / ||eps_theta|| over training steps (`phi_curves`: the mean of each
+    PHI_BIN steps, averaged over clips), one line per VGT variant. Needs matplotlib (ImportError otherwise)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -343,11 +345,10 @@ def plot_phi(curves: dict, path: Path, smooth: int = 10) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     for v, (steps, ratio) in curves.items():
-        k = min(smooth, len(ratio))
-        ax.plot(steps[k - 1:], np.convolve(ratio, np.ones(k) / k, mode="valid"), label=v)
+        ax.plot(steps, ratio, label=v)
     ax.set_yscale("log")
     ax.set_xlabel("training step")
-    ax.set_ylabel("‖φ‖ / ‖ε_θ‖ ")
+    ax.set_ylabel(f"‖φ‖ / ‖ε_θ‖ (mean of {PHI_BIN} steps, over clips)")
     ax.set_title("VGT's perturbation relative to the U-Net's prediction")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -481,7 +482,7 @@ def render(rows: list[dict], stages: list[dict], command: str, planned=None) -> 
         L += [f"## Core variants on every clip, {s} steps", "",
               "Means over clips; differences: mean [95% bootstrap interval] over clips, ↑↓ clips gaining / losing "
               "(exact sign test) for counts, p Holm-adjusted (the primary: unadjusted).", "",
-              *core_table(rows, tests, s, clip), ""]
+              *core_table(rows, tests, pri, s, clip), ""]
     sec = secondary_table(rows, tests, budgets[0], clip)
     if sec:
         L += [f"## Table 3's other rows and Table 1's VGT versions, {budgets[0]} steps", "",
