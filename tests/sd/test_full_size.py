@@ -1,14 +1,14 @@
 """The researcher's path at SD v1.5's real size: train.py and sample.py end to end on full-size networks of random
-weights, in the three layouts a user brings (a float32 single file, a float16 "-fp16" single file, a diffusers
-folder). Each command runs in its own process, one after the other, so no two full-size models are ever held at
-once. Small frames (2 of 64 px), 2 training steps and 2 DDIM steps keep it to minutes on a CPU."""
+weights, in the three layouts a user brings: a float32 single file, a float16 "-fp16" single file, and a diffusers
+folder named by a Tune-A-Video config (its YAML as its repository writes them). Each command runs in its own
+process, one after the other, and each layout's files are made just before its run and deleted after it, so no two
+full-size models are ever held in memory, and at most two on disk. Small frames (2 of 64 px), 2 training steps and
+2 DDIM steps keep it to about 3 minutes on 2 CPU cores."""
 import json
-import os
 import shutil
 import subprocess
 import sys
 
-import pytest
 import torch
 from PIL import Image
 
@@ -17,11 +17,52 @@ from tests.conftest import ldm_entries, write_checkpoint
 from tests.helpers.runs import BBB, ROOT, trained_weights
 
 PROMPT, EDIT = "a rabbit in a meadow", "a tiger in a meadow"
-# About 8 minutes on 2 CPU cores (six processes each load 4.5 GB), so the default suite leaves it out.
-pytestmark = pytest.mark.skipif(os.environ.get("APLA_FULL_SIZE") != "1",
-                                reason="SD at full size end to end: set APLA_FULL_SIZE=1 to run it (about 8 minutes)")
 FOLDER_WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
                   "text_encoder": "model.safetensors"}
+# Tune-A-Video's configs/*.yaml, with its field names and layout; the model folder and the clip are local
+TAV_CONFIG = """\
+pretrained_model_path: "{model}"
+output_dir: "{out}"
+
+train_data:
+  video_path: "{clip}"
+  prompt: "{prompt}"
+  n_sample_frames: 2
+  width: 64
+  height: 64
+  sample_start_idx: 0
+  sample_frame_rate: 1
+
+validation_data:
+  prompts:
+    - "{edit}"
+  video_length: 2
+  width: 64
+  height: 64
+  num_inference_steps: 2
+  guidance_scale: 12.5
+  use_inv_latent: True
+  num_inv_steps: 2
+
+learning_rate: 3e-5
+train_batch_size: 1
+max_train_steps: 2
+checkpointing_steps: 2
+validation_steps: 2
+trainable_modules:
+  - "attn1.to_q"
+  - "attn2.to_q"
+  - "attn_temp"
+
+seed: 33
+mixed_precision: fp16
+use_8bit_adam: False
+gradient_checkpointing: True
+enable_xformers_memory_efficient_attention: True
+
+apla:
+  vgt: pure
+"""
 
 
 def diffusers_folder(root, manifest):
@@ -37,27 +78,39 @@ def run_script(name, *args):
     res = subprocess.run([sys.executable, str(ROOT / name), *map(str, args), "--no-progress", "--device", "cpu"],
                          capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, f"{name} {' '.join(map(str, args))}:\n{res.stderr[-2000:]}"
+    return res
 
 
 def test_train_and_sample_at_full_size_in_every_layout(sd15_single_file, sd15_manifest, tmp_path):
-    weights_dir = tmp_path / "weights"  # gigabytes: deleted at the end, whatever happens
-    weights_dir.mkdir()
+    weights = tmp_path / "weights"  # gigabytes: each layout deleted after its run, all at the end whatever happens
+    weights.mkdir()
     try:
-        fp16 = write_checkpoint(weights_dir / "sd15-fp16.safetensors", ldm_entries(sd15_manifest),
+        flags = ["--video", BBB, "--prompt", PROMPT, "--frames", 2, "--size", 64, "--max-steps", 2, "--vgt", "pure",
+                 "--seed", 0]
+        check_run("fp32", tmp_path, ["--pretrained", sd15_single_file, *flags], ["--prompt", EDIT])
+
+        fp16 = write_checkpoint(weights / "sd15-fp16.safetensors", ldm_entries(sd15_manifest),
                                 float_dtype=torch.float16)
-        folder = diffusers_folder(weights_dir / "sd15", sd15_manifest)
-        layouts = {"fp32": sd15_single_file, "fp16": fp16, "folder": folder}
-        for name, pretrained in layouts.items():
-            train_and_sample(name, pretrained, tmp_path)
+        check_run("fp16", tmp_path, ["--pretrained", fp16, *flags], ["--prompt", EDIT])
+        fp16.unlink()
+
+        folder = diffusers_folder(weights / "sd15", sd15_manifest)
+        yaml_path = tmp_path / "rabbit.yaml"
+        yaml_path.write_text(TAV_CONFIG.format(model=folder, out=tmp_path / "run-folder", clip=BBB, prompt=PROMPT,
+                                               edit=EDIT))
+        res = check_run("folder", tmp_path, ["--config", yaml_path], [])
+        assert sum(line.startswith("note:") for line in res.stderr.splitlines()) == 1  # xformers, 8-bit Adam, ...
     finally:
-        shutil.rmtree(weights_dir, ignore_errors=True)
+        shutil.rmtree(weights, ignore_errors=True)
 
 
-def train_and_sample(name, pretrained, tmp_path):
-    """2 steps of VGT-Pure with the hyper-loss and D, then DDIM inversion of the clip and one edit of 2 steps."""
+def check_run(name, tmp_path, train_args, sample_args):
+    """2 steps of VGT-Pure with the hyper-loss and D, then DDIM inversion of the clip and the edit (2 steps each);
+    the run's checkpoint and samples are deleted once checked. Returns train.py's result."""
     run = tmp_path / f"run-{name}"
-    run_script("train.py", "--pretrained", pretrained, "--video", BBB, "--prompt", PROMPT, "--frames", 2, "--size", 64,
-               "--max-steps", 2, "--vgt", "pure", "--seed", 0, "--output-dir", run)
+    if "--config" not in map(str, train_args):
+        train_args = [*train_args, "--output-dir", run]
+    res = run_script("train.py", *train_args)
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2], name
     assert all(torch.isfinite(torch.tensor(r["total"])) for r in log), name
@@ -67,8 +120,20 @@ def train_and_sample(name, pretrained, tmp_path):
         assert any(k.startswith(part) for k in weights), (name, part)
     assert all(".attn_temp." in k or ".attn1.to_q." in k or ".attn2.to_q." in k or ".norm_temp." in k
                for k in weights if k.startswith("unet.")), name  # Tune-A-Video's trainable set only
+    cfg = json.loads((run / "config.json").read_text())
+    sampled = [r["step"] for r in log if "sample_time" in r]  # 100 at SD size unless the config says otherwise
+    assert sampled == [s for s in (1, 2) if s % cfg["sample_every"] == 0], name
+    if sampled:  # samples while training: a GIF per prompt at step 2, and the progression
+        gifs = sorted(p.name for p in (run / "samples" / "step-000002").glob("*.gif"))
+        assert gifs == sorted(f"{sample_stem(p)}.gif" for p in (PROMPT, EDIT)), name
+        with Image.open(run / "samples" / "progression.png") as im:
+            assert im.size == (64, 2 * 3 * 64), name  # one step's column; per prompt its first, middle, last frame
 
     out = tmp_path / f"samples-{name}"
-    run_script("sample.py", "--run", run, "--steps", 2, "--prompt", EDIT, "--out", out)
-    with Image.open(out / f"{sample_stem(EDIT)}.gif") as im:
-        assert im.size == (64, 64) and im.n_frames == 2, name
+    run_script("sample.py", "--run", run, "--steps", 2, *sample_args, "--out", out)
+    prompts = [EDIT] if sample_args else [cfg["prompt"], *cfg["edit_prompts"]]  # a config's validation prompts
+    for prompt in prompts:
+        with Image.open(out / f"{sample_stem(prompt)}.gif") as im:
+            assert im.size == (64, 64) and im.n_frames == 2, (name, prompt)
+    shutil.rmtree(run), shutil.rmtree(out)
+    return res
