@@ -29,7 +29,7 @@ import apla
 from apla import checkpoint as ckpt
 from apla import run
 from apla.eval import score as evaluate
-from apla.cli import autocast_for, fail, pick_device, resolve_mixed_precision, sample_parser
+from apla.cli import autocast_for, fail, pick_device, resolve_mixed_precision, sample_parser, unet_dtype
 from apla.scheduler import ddim_timesteps
 from apla.video import PyAVMissing, require_av, write_gif, write_mp4, write_png_strip
 
@@ -75,10 +75,11 @@ def generate(args) -> int:
     steps = args.steps if args.steps is not None else cfg.sample_steps
     guidance = args.guidance if args.guidance is not None else cfg.guidance
     pretrained = args.pretrained or cfg.pretrained
+    precision = resolve_mixed_precision(args.mixed_precision, device)                # auto: as train.py
 
-    # ---- the base model + the run's tuned weights (U-Net trainable set, VGT) ------------------------------------
+    # ---- the base model (on CUDA its U-Net in the autocast dtype) + the run's tuned weights (trainable set, VGT) --
     try:
-        sd = apla.load_stable_diffusion(pretrained, device=device)
+        sd = apla.load_stable_diffusion(pretrained, device=device, dtype={"unet": unet_dtype(precision, device)})
     except (ValueError, OSError) as e:
         fail(f"cannot load base model {pretrained!r}: {e}")
     z0 = run.read_source(run_dir)["z0_mean"].to(device)                        # (1, 4, F, h, w)
@@ -98,7 +99,7 @@ def generate(args) -> int:
     out_dir = Path(args.out) if args.out else run_dir / "samples"
     out_dir.mkdir(parents=True, exist_ok=True)                                 # an unwritable --out fails here
     print(f"sample.py: checkpoint {used}", file=sys.stderr)
-    amp = autocast_for(resolve_mixed_precision(args.mixed_precision, device), device)       # auto: as train.py
+    amp = autocast_for(precision, device)
 
     # ---- z_T: DDIM inversion of the clip with the empty prompt, on eps* (or seeded noise) ----------------------
     with torch.no_grad():

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from apla import checkpoint as ckpt
@@ -368,6 +368,9 @@ def guided_sample(model: APLA, z_T, uncond, cond, timesteps, guidance: float, am
                            model.alpha_bar, progress=progress)
 
 
+PROGRESSION_HEADER = 12  # px: the row of step numbers above progression.png's columns
+
+
 class TrainingSamples:
     """train.py's --sample-every: at a step, a GIF per prompt in samples/step-NNNNNN/ (the clip inverted and sampled
     again with WATCH_STEPS guided DDIM steps, as sample.py does in full), so that a run overfitting to its clip shows
@@ -396,9 +399,9 @@ class TrainingSamples:
         return time.perf_counter() - start
 
     def progression(self) -> Path | None:
-        """samples/progression.png: for each prompt, a band of three rows (its first, middle and last frame), one
-        column per sampled step in order, read back from every step-NNNNNN/ (those of a resumed run's earlier
-        part too); None when none was written."""
+        """samples/progression.png: a header of step numbers, then for each prompt a band of three rows (its
+        first, middle and last frame), one column per sampled step in order, read back from every step-NNNNNN/
+        (those of a resumed run's earlier part too); None when none was written."""
         steps = sorted(self.dir.glob("step-[0-9]*"))
         if not steps:
             return None
@@ -406,7 +409,11 @@ class TrainingSamples:
         for prompt in self.prompts:
             cells = [gif_frames(step / f"{sample_stem(prompt)}.gif") for step in steps]
             rows += [np.concatenate([c[k] for c in cells], axis=1) for k in range(3)]  # first, middle, last
-        image = Image.fromarray(np.concatenate(rows, axis=0))
+        header = Image.new("RGB", (rows[0].shape[1], PROGRESSION_HEADER), "white")
+        draw, width = ImageDraw.Draw(header), rows[0].shape[1] // len(steps)
+        for j, step in enumerate(steps):
+            draw.text((j * width + 2, 1), str(int(step.name.removeprefix("step-"))), fill="black")
+        image = Image.fromarray(np.concatenate([np.asarray(header), *rows], axis=0))
         return Path(ckpt.atomic_write(self.dir / "progression.png", lambda tmp: image.save(tmp, format="PNG")))
 
 

@@ -339,14 +339,15 @@ def _load_single_file(path: Path, components, device, dtype) -> StableDiffusion:
     if "vae" in components:
         cfg = VAEConfig()
         names = {k: vae_key_from_ldm(k, len(cfg.block_out_channels)) for k in keys if k.startswith(LDM_PREFIX["vae"])}
-        sd.vae = load_into(_empty_vae(cfg), file, names, device=device, dtype=dtype).eval()
+        sd.vae = load_into(_empty_vae(cfg), file, names, device=device, dtype=dtype["vae"]).eval()
     if "text_encoder" in components:
         model = _empty_text_encoder()
         names = _text_names(model, keys, LDM_PREFIX["text_encoder"])
-        sd.text_encoder = load_into(model, file, names, device=device, dtype=dtype, init_fresh=_fill_position_ids).eval()
+        sd.text_encoder = load_into(model, file, names, device=device, dtype=dtype["text_encoder"],
+                                    init_fresh=_fill_position_ids).eval()
     if "unet" in components:
         names = {k: _mapped(unet_key_from_ldm, k, file) for k in keys if k.startswith(LDM_PREFIX["unet"])}
-        sd.unet = load_into(_empty_unet(UNetConfig()), file, names, device=device, dtype=dtype,
+        sd.unet = load_into(_empty_unet(UNetConfig()), file, names, device=device, dtype=dtype["unet"],
                             keep_fresh=is_temporal_param, init_fresh=_init_temporal).eval()
     return sd
 
@@ -374,17 +375,19 @@ def _load_folder(folder: Path, components, device, dtype) -> StableDiffusion:
     if "vae" in components:
         file, cfg = _component_file(folder, "vae")
         names = {k: k for k in file.keys()}
-        sd.vae = load_into(_empty_vae(VAEConfig.from_diffusers(cfg)), file, names, device=device, dtype=dtype).eval()
+        sd.vae = load_into(_empty_vae(VAEConfig.from_diffusers(cfg)), file, names, device=device,
+                           dtype=dtype["vae"]).eval()
     if "text_encoder" in components:
         file, cfg = _component_file(folder, "text_encoder")
         model = _empty_text_encoder(cfg)
         names = _text_names(model, file.keys())
-        sd.text_encoder = load_into(model, file, names, device=device, dtype=dtype, init_fresh=_fill_position_ids).eval()
+        sd.text_encoder = load_into(model, file, names, device=device, dtype=dtype["text_encoder"],
+                                    init_fresh=_fill_position_ids).eval()
     if "unet" in components:
         file, cfg = _component_file(folder, "unet")
         names = {k: k for k in file.keys()}
-        sd.unet = load_into(_empty_unet(UNetConfig.from_diffusers(cfg)), file, names, device=device, dtype=dtype,
-                            keep_fresh=is_temporal_param, init_fresh=_init_temporal).eval()
+        sd.unet = load_into(_empty_unet(UNetConfig.from_diffusers(cfg)), file, names, device=device,
+                            dtype=dtype["unet"], keep_fresh=is_temporal_param, init_fresh=_init_temporal).eval()
     return sd
 
 
@@ -409,19 +412,21 @@ def resolve_hub_id(repo_id: str, components=COMPONENTS, revision: str | None = N
 def load_stable_diffusion(
     source: str | Path,
     device="cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | dict[str, torch.dtype] = torch.float32,
     components: Iterable[str] = COMPONENTS,
 ) -> StableDiffusion:
-    """SD v1.5 from a single file, a diffusers folder or a hub id; `components` picks what to build.
+    """SD v1.5 from a single file, a diffusers folder or a hub id; `components` picks what to build, `dtype` the
+    dtype of every network, or of each component it names (float32 for the others).
 
     Returns a `StableDiffusion` with `.vae`, `.text_encoder`, `.tokenizer`, `.alpha_bar`, `.unet` (None
     for components not asked for) and `.source`.
     """
     components = tuple(components)
     source = model_path(source) or source  # a bundled model's name ("micro") -> its folder (apla.assets)
-    unknown = [c for c in components if c not in COMPONENTS]
+    unknown = [c for c in [*components, *(dtype if isinstance(dtype, dict) else ())] if c not in COMPONENTS]
     if unknown:
         raise ValueError(f"unknown component {unknown[0]!r}: choose from {COMPONENTS}")
+    dtype = {c: dtype.get(c, torch.float32) if isinstance(dtype, dict) else dtype for c in COMPONENTS}
     path = Path(source).expanduser()
     if path.is_dir():
         return _load_folder(path, components, device, dtype)

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from apla.eval.score import sample_stem
+from apla.run import PROGRESSION_HEADER
 from tests.conftest import ldm_entries, write_checkpoint
 from tests.helpers.runs import BBB, ROOT, trained_weights
 
@@ -127,7 +128,7 @@ def check_run(name, tmp_path, train_args, sample_args):
         gifs = sorted(p.name for p in (run / "samples" / "step-000002").glob("*.gif"))
         assert gifs == sorted(f"{sample_stem(p)}.gif" for p in (PROMPT, EDIT)), name
         with Image.open(run / "samples" / "progression.png") as im:
-            assert im.size == (64, 2 * 3 * 64), name  # one step's column; per prompt its first, middle, last frame
+            assert im.size == (64, PROGRESSION_HEADER + 2 * 3 * 64), name  # one step; per prompt 3 frames
 
     out = tmp_path / f"samples-{name}"
     run_script("sample.py", "--run", run, "--steps", 2, *sample_args, "--out", out)

@@ -92,6 +92,15 @@ def test_folder_with_pickled_weights_loads_through_weights_only(tiny_folder, tmp
         apla.load_stable_diffusion(tmp_path / "sd", components=("vae",))
 
 
+def test_a_dtype_per_component_leaves_the_others_float32(tiny_folder):
+    root, _, _ = tiny_folder
+    sd = apla.load_stable_diffusion(root, components=VAE_TEXT, dtype={"vae": torch.float64})
+    assert sd.vae.decoder.conv_out.weight.dtype == torch.float64
+    assert {p.dtype for p in sd.text_encoder.parameters()} == {torch.float32}
+    with pytest.raises(ValueError, match="unknown component 'clip'"):
+        apla.load_stable_diffusion(root, components=VAE_TEXT, dtype={"clip": torch.float16})
+
+
 def test_hub_id_resolves_through_a_local_cache(tiny_folder, tmp_path, monkeypatch):
     import huggingface_hub.constants as hf
 
