@@ -11,6 +11,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA device (torch.cuda.is_available() is False on this machine)")
 pytest.importorskip("diffusers")
 
+from apla.eval.score import sample_stem  # noqa: E402
 from tests.test_train import SHAPES_GIF, sample, train  # noqa: E402  (the scripts, loaded as modules)
 from tests.helpers.tiny_sd import TINY_RUN, make_tiny_sd  # noqa: E402
 
@@ -47,7 +48,7 @@ def test_train_and_sample_on_cuda(tiny, tmp_path, precision):
     assert sample.main(["--run", str(run), "--steps", "3", "--prompt", "a blue square moving to the right", "--out",
                         str(out), "--no-progress", "--device", "cuda", "--mixed-precision", precision,
                         "--no-metrics"]) == 0
-    assert (out / "a_blue_square_moving_to_the_right.gif").is_file()
+    assert (out / f"{sample_stem('a blue square moving to the right')}.gif").is_file()
 
 
 def test_auto_defaults_on_cuda(tiny, tmp_path):
