@@ -88,29 +88,29 @@ def test_train_and_sample_at_full_size_in_every_layout(sd15_single_file, sd15_ma
     try:
         flags = ["--video", BBB, "--prompt", PROMPT, "--frames", 2, "--size", 64, "--max-steps", 2, "--vgt", "pure",
                  "--seed", 0]
-        check_run("fp32", tmp_path, ["--pretrained", sd15_single_file, *flags], ["--prompt", EDIT])
+        run = tmp_path / "run-fp32"
+        check_run(run, ["--pretrained", sd15_single_file, *flags, "--output-dir", run], ["--prompt", EDIT])
 
         fp16 = write_checkpoint(weights / "sd15-fp16.safetensors", ldm_entries(sd15_manifest),
                                 float_dtype=torch.float16)
-        check_run("fp16", tmp_path, ["--pretrained", fp16, *flags], ["--prompt", EDIT])
+        run = tmp_path / "run-fp16"
+        check_run(run, ["--pretrained", fp16, *flags, "--output-dir", run], ["--prompt", EDIT])
         fp16.unlink()
 
         folder = diffusers_folder(weights / "sd15", sd15_manifest)
         yaml_path = tmp_path / "rabbit.yaml"
-        yaml_path.write_text(TAV_CONFIG.format(model=folder, out=tmp_path / "run-folder", clip=BBB, prompt=PROMPT,
-                                               edit=EDIT))
-        res = check_run("folder", tmp_path, ["--config", yaml_path], [])
+        run = tmp_path / "run-folder"  # the config's output_dir
+        yaml_path.write_text(TAV_CONFIG.format(model=folder, out=run, clip=BBB, prompt=PROMPT, edit=EDIT))
+        res = check_run(run, ["--config", yaml_path], [])
         assert sum(line.startswith("note:") for line in res.stderr.splitlines()) == 1  # xformers, 8-bit Adam, ...
     finally:
         shutil.rmtree(weights, ignore_errors=True)
 
 
-def check_run(name, tmp_path, train_args, sample_args):
-    """2 steps of VGT-Pure with the hyper-loss and D, then DDIM inversion of the clip and the edit (2 steps each);
-    the run's checkpoint and samples are deleted once checked. Returns train.py's result."""
-    run = tmp_path / f"run-{name}"
-    if "--config" not in map(str, train_args):
-        train_args = [*train_args, "--output-dir", run]
+def check_run(run, train_args, sample_args):
+    """2 steps of VGT-Pure with the hyper-loss and D into `run` (which train_args name), then DDIM inversion of the
+    clip and the edit (2 steps each); the run and its samples are deleted once checked. Returns train.py's result."""
+    name = run.name
     res = run_script("train.py", *train_args)
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2], name
@@ -130,11 +130,12 @@ def check_run(name, tmp_path, train_args, sample_args):
         with Image.open(run / "samples" / "progression.png") as im:
             assert im.size == (64, PROGRESSION_HEADER + 2 * 3 * 64), name  # one step; per prompt 3 frames
 
-    out = tmp_path / f"samples-{name}"
+    out = run.parent / f"samples-{name}"
     run_script("sample.py", "--run", run, "--steps", 2, *sample_args, "--out", out)
     prompts = [EDIT] if sample_args else [cfg["prompt"], *cfg["edit_prompts"]]  # a config's validation prompts
     for prompt in prompts:
         with Image.open(out / f"{sample_stem(prompt)}.gif") as im:
             assert im.size == (64, 64) and im.n_frames == 2, (name, prompt)
-    shutil.rmtree(run), shutil.rmtree(out)
+    shutil.rmtree(run)
+    shutil.rmtree(out)
     return res
