@@ -139,22 +139,27 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
         self.norm_temp = nn.LayerNorm(dim, eps=eps)
         self.attn_temp = Attention(dim, heads)
-        self._zero_temporal_output()
+        self.start_temporal_output()
 
-    def _zero_temporal_output(self) -> None:
-        # the new layer starts as the identity map (residual only), so the inflated net is SD frame by frame
+    def start_temporal_output(self) -> None:
+        """The temporal attention's start, exactly as Tune-A-Video's: it zeroes `attn_temp.to_out[0].weight` alone
+        (`nn.init.zeros_` on the weight in its BasicTransformerBlock); the bias keeps PyTorch's default init,
+        uniform in ±1/√C. So the new layer's output is that bias whatever the frames hold: at the start it passes
+        nothing between frames, and a fresh inflated U-Net is SD's (with sparse-causal self-attention) up to a
+        per-channel constant added after each temporal attention, which the layers after it then see. Zeroing
+        the bias too would start from SD's output exactly, a point Tune-A-Video's tuning never starts from."""
         nn.init.zeros_(self.attn_temp.to_out[0].weight)
-        nn.init.zeros_(self.attn_temp.to_out[0].bias)
 
     def init_temporal(self, device="cpu") -> None:
         """Allocate and initialise the temporal layers alone, as construction does (PyTorch's default init, the
-        output projection zero): for a block built on the meta device whose other weights come from a file."""
+        output projection's weight zero): for a block built on the meta device whose other weights come from a
+        file."""
         for module in (self.norm_temp, self.attn_temp):
             module.to_empty(device=device)
             for m in module.modules():
                 if isinstance(m, (nn.Linear, nn.LayerNorm)):
                     m.reset_parameters()
-        self._zero_temporal_output()
+        self.start_temporal_output()
 
     def forward(self, x, context, num_frames: int):
         # x: (B*F, L, C) with L = H*W tokens per frame; LayerNorm is per token, so it needs no other layout

@@ -11,7 +11,8 @@ Inflation (Tune-A-Video, Sec. 4.2 of Wu et al.):
   * the spatial self-attention becomes sparse-causal attention: the queries of frame i attend to the keys and
     values of frame 0 and frame i-1 together (frame 0 attends to itself twice);
   * after the feed-forward, a temporal self-attention across frames at each spatial position (`attn_temp`,
-    with its own LayerNorm `norm_temp`), no positional encoding; its output projection starts at zero;
+    with its own LayerNorm `norm_temp`), no positional encoding; its output projection's weight starts at zero,
+    its bias at PyTorch's default init, as in Tune-A-Video (`apla.sd.attention.TransformerBlock.start_temporal_output`);
   * the cross-attention to the text runs per frame.
 
 The attention kinds live in `apla/sd/attention.py` (`TransformerBlock`); every attention is one call of

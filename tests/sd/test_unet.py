@@ -73,9 +73,12 @@ def _inputs(B=2, Fr=4, C=32, seed=0):
 
 @pytest.mark.parametrize("norm_over_frames", [True, False])
 def test_tiny_parity_with_diffusers_f1_and_identical_frames(tiny_folder, norm_over_frames):
+    """The spatial path against diffusers' 2D U-Net: with the temporal attention's output at zero (weight zero as
+    loaded, bias taken to zero here), one frame, or F identical frames, give the 2D model's output."""
     folder, ref = tiny_folder
     unet = _load_folder(folder, norm_over_frames=norm_over_frames)
     z, t, context = _inputs(Fr=1)
+    _temporal_output_zero(unet)
     with torch.no_grad():
         eps_ref = ref(z[:, :, 0], t, context).sample  # (B, 4, h, w)
         eps_f1 = unet(z, t, context)
@@ -85,6 +88,15 @@ def test_tiny_parity_with_diffusers_f1_and_identical_frames(tiny_folder, norm_ov
     torch.testing.assert_close(eps_f1[:, :, 0], eps_ref, rtol=0, atol=1e-5)
     for i in range(4):
         torch.testing.assert_close(eps_f4[:, :, i], eps_ref, rtol=0, atol=1e-5)
+
+
+def _temporal_output_zero(unet):
+    """The temporal attention's bias taken to zero: with its weight at zero (the start), the layer adds nothing, and
+    the inflated U-Net on one frame is the 2D U-Net."""
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if n.endswith("attn_temp.to_out.0.bias"):
+                p.zero_()
 
 
 def _manifest():
@@ -126,6 +138,7 @@ def test_full_size_single_file_parity_with_diffusers(sd15_single_file):
     del ldm, ref_sd
     gc.collect()
 
+    _temporal_output_zero(unet)
     z, t, context = torch.randn(1, 4, 1, 8, 8), 999, torch.randn(1, 77, 768)
     with torch.no_grad():
         eps_ref = ref(z[:, :, 0], t, context).sample
@@ -232,6 +245,29 @@ def _perturb_last_frame(unet):
     z2[:, :, -1] += torch.randn(z2[:, :, -1].shape, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         return unet(z, t, context), unet(z2, t, context)
+
+
+def test_fresh_inflation_starts_as_tune_a_video_does(tiny_folder):
+    """Tune-A-Video zeroes attn_temp.to_out[0].weight only: built here or loaded from a file (meta device, temporal
+    layers made alone), every temporal output weight is zero and every bias at PyTorch's default init (uniform in
+    ±1/sqrt(C), not zero); the temporal attention then outputs that bias whatever the frames hold."""
+    folder, _ = tiny_folder
+    for unet in (_tiny_unet(), _load_folder(folder)):
+        outs = {n: p for n, p in unet.named_parameters() if ".attn_temp.to_out.0." in n}
+        assert len(outs) == 2 * len([m for m in unet.modules() if type(m).__name__ == "TransformerBlock"]) > 0
+        for name, p in outs.items():
+            if name.endswith("weight"):
+                assert torch.count_nonzero(p) == 0, name
+                continue
+            bound = 1 / math.sqrt(p.numel())  # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            assert p.abs().max() <= bound and p.abs().max() > 0.5 * bound, name
+            assert abs(p.float().std().item() - bound / math.sqrt(3)) < 0.35 * bound / math.sqrt(3), name
+        block = next(m for m in unet.modules() if type(m).__name__ == "TransformerBlock")
+        C = block.attn_temp.to_out[0].bias.numel()
+        x = torch.randn(2 * 4, 6, C)  # (B*F, L, C), frames all different
+        with torch.no_grad():
+            out = block.attn_temp.temporal(block.norm_temp(x), 4)
+        torch.testing.assert_close(out, block.attn_temp.to_out[0].bias.expand_as(out), rtol=0, atol=1e-6)
 
 
 def test_whole_model_causal_in_frames_until_temporal_attention_is_nonzero():
