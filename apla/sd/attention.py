@@ -26,10 +26,10 @@ from torch import nn
 def attention(q, k, v, upcast: bool = False):
     """softmax(q kᵀ / sqrt(d)) v on (N, heads, L, d) tensors, in float32 when `upcast` and q is half precision.
 
-    `upcast` is diffusers' `upcast_attention`, which SD 2.1 (768)'s config sets: in float16 its logits q kᵀ overflow.
-    Stability's own code computes them in float32 for every SD 2 model (`ATTN_PRECISION`, "fp32" by default); here the
-    whole attention (q, k and v) runs in float32, outside autocast, and its output returns to q's dtype, so only the
-    projections around it stay in half precision."""
+    `upcast` is diffusers' `upcast_attention`, which SD 2.1 (768)'s config sets; Stability's own code computes the
+    logits q kᵀ in float32 for every SD 2 model (`ATTN_PRECISION`, "fp32" by default), against overflow in float16.
+    Here the whole attention (q, k and v) runs in float32, outside autocast, and its output returns to q's dtype, so
+    only the projections around it stay in half precision."""
     if not upcast or q.dtype not in (torch.float16, torch.bfloat16):
         # $$\mathrm{softmax}\left(QK^\top/\sqrt{d}\right)V$$
         return F.scaled_dot_product_attention(q, k, v)
