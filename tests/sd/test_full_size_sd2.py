@@ -1,10 +1,12 @@
 """SD 2.1 (768, v-prediction) and SD 2.1-base (512, ε) at full size, random weights, in the two layouts a user brings:
 an original single file (float16, named as published) and a diffusers folder converted from that file by diffusers'
-own functions. Per variant: train.py 2 steps and sample.py 2 steps on the single file, the folder written, its three
-networks loaded equal to the single file's tensor for tensor, the single file deleted, train.py and sample.py on the
-folder. One model on disk and in memory at a time (2.6 GB each in float16). Small frames (2 of 64 px).
+own functions.
 
-Marked slow (several minutes on 2 cores), so not in the default run: python -m pytest -m slow tests/sd/test_full_size_sd2.py
+In the default run: the three networks loaded from a single file equal those loaded from its folder, tensor for
+tensor (one network at a time, in float16). Marked slow (minutes on 2 cores), per variant: train.py 2 steps and
+sample.py 2 steps on the single file, the folder written and checked as above, the single file deleted, train.py and
+sample.py on the folder, at 2 frames of 64 px; one model on disk and in memory at a time (2.6 GB each in float16):
+python -m pytest -m slow tests/sd/test_full_size_sd2.py
 """
 import shutil
 import time
@@ -48,6 +50,18 @@ def assert_same_networks(single, folder, variant):
             assert net_a.config.num_hidden_layers == net_b.config.num_hidden_layers == 23
             assert a.tokenizer.pad_token_id == b.tokenizer.pad_token_id == 0
         del a, b, net_a, net_b, sa, sb
+
+
+def test_single_file_and_its_folder_load_the_same_three_networks(tmp_path):
+    """SD 2.1-base, the variant whose single file and folder differ in a setting (upcast attention)."""
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    try:
+        single = write_checkpoint(weights / "v2-1_512-ema-pruned.safetensors", sd2_entries(),
+                                  float_dtype=torch.float16, seed=2)
+        assert_same_networks(single, folder_from_single_file(single, weights / "folder", "2.1-base"), "2.1-base")
+    finally:
+        shutil.rmtree(weights, ignore_errors=True)
 
 
 @pytest.mark.slow
