@@ -99,8 +99,7 @@ def test_flags_override_a_tuneavideo_config(tmp_path):
 @pytest.mark.parametrize("extra, words", [
     ("frobnicate: 3\n", "unknown key frobnicate"),
     ("train_data_extra: 1\n", "unknown key train_data_extra"),
-    ("lr_scheduler: cosine\n", "lr_scheduler"),
-    ("gradient_accumulation_steps: 4\n", "gradient_accumulation_steps"),
+    ("train_batch_size: 2\n", "train_batch_size"),
     ("resume_from_checkpoint: latest\n", "--resume"),
 ])
 def test_unknown_or_unsupported_key_is_one_line_and_exit_2(tmp_path, capsys, extra, words):
