@@ -1,7 +1,8 @@
 """Fault injection on a run directory: what a hostile but ordinary user does to train.py and sample.py (two writers,
-a torn log, kills and Ctrl-C at any moment, a blow-up, a full disk, an unwritable folder, damaged files, colliding
-prompts, settings that cannot hold), and what each must leave: one line on stderr, a run that `--resume` continues,
-each step logged once, final weights bit-equal to an uninterrupted run.
+a torn log, a log that lost its tail, kills, Ctrl-C and a cluster's SIGTERM or SIGUSR1 at any moment, a blow-up, a
+full disk, an unwritable folder, damaged files, colliding prompts, settings that cannot hold), and what each must
+leave: one line on stderr, a run that `--resume` continues, each step logged once, final weights bit-equal to an
+uninterrupted run.
 
 Runs use the tiny model of tests/helpers/tiny_sd.py on 2 frames at 32x32 px. The full-disk and read-only cases mount
 a small tmpfs where the test runs as root and `mount` works, and are skipped elsewhere.
