@@ -60,12 +60,12 @@ class LRSchedule:
 
     A step is an update, as Tune-A-Video's max_train_steps and its global_step count them: the warmup takes
     lr_warmup_steps updates and the decay ends at max_steps, whatever gradient_accumulation_steps is. Tune-A-Video's
-    script passes both counts to get_scheduler multiplied by gradient_accumulation_steps, because the accelerate of
-    its day stepped the schedule at every accumulated batch ("Scheduler always steps when training with gradient
-    accumulation", huggingface/accelerate#963); since that was fixed the product makes its schedule k times too
-    slow (huggingface/diffusers#4387). We keep what it meant. D follows the same schedule as theta (Tune-A-Video's
-    configs give one learning rate, which D shares), so their balance stays as set. A resumed run that changes
-    max_steps follows the new horizon from the step it resumes at."""
+    script passes both counts to get_scheduler multiplied by gradient_accumulation_steps, which was right for the
+    accelerate it was written against: that stepped the schedule at every accumulated batch (huggingface/accelerate
+    #963, "Scheduler always steps when training with gradient accumulation", changed by #999 in January 2023);
+    since then the product makes its schedule k times too slow (huggingface/diffusers#4387). We keep what it meant.
+    D follows the same schedule as theta (Tune-A-Video's configs give one learning rate, which D shares), so their
+    balance stays as set. A resumed run that changes max_steps follows the new horizon from the step it resumes at."""
 
     def __init__(self, cfg, *optimizers):
         """cfg: the run's TrainConfig (lr_scheduler, lr_warmup_steps, lr_num_cycles, lr_power, max_steps); the
@@ -141,8 +141,9 @@ TENSORBOARD_DIR = "tensorboard"  # RUN/tensorboard/: `tensorboard --logdir RUN` 
 
 class TensorBoard:
     """log.jsonl's records as TensorBoard sees them, through torch's SummaryWriter: each number of a record as the
-    scalar train/<key> at its step (the loss terms, t, the learning rate lr, step_time, sample_time), and each GIF
-    written while training at that step as the image samples/<file name> (its frames side by side).
+    scalar train/<key> at its step (the loss terms, t, the learning rate lr, step_time, sample_time; t is a list,
+    no scalar, for an accumulated update), and each GIF written while training at that step as the image
+    samples/<file name> (its frames side by side).
 
     Made before anything is written (train.py), so that a missing package is one line, ImportError; the event file
     is opened at the first record. Its purge_step is that record's step: TensorBoard then drops what an earlier,
