@@ -23,7 +23,8 @@ from tests.conftest import write_checkpoint
 from tests.helpers.sd2 import (OPEN_CLIP, SCHEDULER_2, UNET_2_1, VAE_2, random_open_clip, sd2_entries,
                                write_tokenizer)
 from tests.sd.test_text import PROMPTS, reference_ids, reference_vocab_and_merges
-from tests.sd.test_unet import _randomise, _temporal_output_zero
+from tests.helpers.inflation import temporal_output_zero
+from tests.sd.test_unet import _randomise
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers (a dev extra) is the reference")
 from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint  # noqa: E402
@@ -130,11 +131,10 @@ def test_unet_parity_with_diffusers_f1_and_identical_frames(sd2_folder, norm_ove
     assert sorted({b.attn1.heads for b in blocks}) == [2, 4, 8]
     assert all(b.attn_temp.heads == b.attn1.heads and b.attn_temp.upcast for b in blocks)  # the block's, as TAV's
     assert isinstance(unet.down_blocks[0].attentions[0].proj_in, torch.nn.Linear)
-    _temporal_output_zero(unet)
     g = torch.Generator().manual_seed(0)
     z = torch.randn(2, 4, 1, 8, 8, generator=g, dtype=torch.float64)
     t, context = torch.tensor([10, 700]), torch.randn(2, 77, 128, generator=g, dtype=torch.float64)
-    with torch.no_grad():
+    with torch.no_grad(), temporal_output_zero(unet):
         eps_ref = ref.double()(z[:, :, 0], t, context).sample
         eps_f1 = unet(z, t, context)
         eps_f3 = unet(z.expand(-1, -1, 3, -1, -1).contiguous(), t, context)
