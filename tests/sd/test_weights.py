@@ -193,6 +193,27 @@ def test_loading_vae_and_text_from_the_single_file_stays_under_1_5x_their_size(s
 
 # ---- refusals: sparse files (names and shapes only; the checks run before any data is read) ----
 
+def test_prediction_type_comes_from_the_scheduler_config_or_the_argument(tiny_folder, tmp_path):
+    root, _, _ = tiny_folder
+    assert apla.load_stable_diffusion(root, components=("vae",)).prediction_type == "epsilon"  # none named
+    shutil.copytree(root, tmp_path / "v")
+    sched = tmp_path / "v" / "scheduler" / "scheduler_config.json"
+    sched.write_text(json.dumps({"_class_name": "DDIMScheduler", **SCHEDULER, "prediction_type": "v_prediction"}))
+    assert apla.load_stable_diffusion(tmp_path / "v", components=("vae",)).prediction_type == "v_prediction"
+    sd = apla.load_stable_diffusion(tmp_path / "v", components=("vae",), prediction_type="epsilon")
+    assert sd.prediction_type == "epsilon"  # the argument wins
+    sched.write_text(json.dumps({**SCHEDULER, "prediction_type": "sample"}))
+    with pytest.raises(WeightsError, match=r"scheduler_config.json: prediction_type 'sample' is not supported") as e:
+        apla.load_stable_diffusion(tmp_path / "v", components=("vae",))
+    assert "\n" not in str(e.value)
+    with pytest.raises(WeightsError, match="prediction_type 'sample' is not supported"):
+        apla.load_stable_diffusion(root, components=("vae",), prediction_type="sample")
+    file = write_checkpoint(tmp_path / "sd.safetensors", vae_text_entries(), fill="zeros")
+    assert apla.load_stable_diffusion(file, components=("vae",)).prediction_type == "epsilon"  # an SD v1 file
+    assert apla.load_stable_diffusion(file, components=("vae",),
+                                      prediction_type="v_prediction").prediction_type == "v_prediction"
+
+
 def vae_text_entries():
     return {k: s for k, s in ldm_entries().items() if not k.startswith("model.diffusion_model.")}
 
