@@ -9,6 +9,9 @@ Sources `load_stable_diffusion` takes:
   `model.diffusion_model.`, VAE under `first_stage_model.`, CLIP under `cond_stage_model.transformer.`);
   carries no config, so SD v1.5's defaults are used;
 - a diffusers folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`), names by identity;
+- a folder that Tune-A-Video's `pipeline.save_pretrained` wrote (its tuned outputs/<run>: the same layout, its
+  unet/config.json of `UNet3DConditionModel` with "...3D" blocks, its weights a pickle holding the temporal
+  layers): the U-Net as it was tuned, temporal weights included, nothing inflated afresh;
 - a hub id ("org/name"), resolved to such a folder through huggingface_hub's cache;
 - `.ckpt` / `.bin` pickles, only through `torch.load(weights_only=True)`.
 
@@ -42,7 +45,7 @@ from apla.checkpoint import WeightsError
 from apla.scheduler import PREDICTION_TYPES, make_alpha_bar
 from apla.sd.text import build_text_encoder, load_tokenizer
 from apla.sd.attention import TransformerBlock
-from apla.sd.unet import UNet3DConditionModel, UNetConfig, is_temporal_param
+from apla.sd.unet import UNet3DConditionModel, UNetConfig, is_temporal_param, is_tune_a_video
 from apla.sd.vae import VAE_LDM_PREFIX, AutoencoderKL, VAEConfig, vae_key_from_ldm
 
 COMPONENTS = ("vae", "text_encoder", "unet")
@@ -398,8 +401,13 @@ def _load_folder(folder: Path, components, device, dtype, prediction_type: str |
     if "unet" in components:
         file, cfg = _component_file(folder, "unet")
         names = {k: k for k in file.keys()}
+        # an SD folder's U-Net is inflated here, its temporal layers new; a Tune-A-Video folder's (or any whose file
+        # holds temporal weights) is loaded as it was tuned, every temporal weight from its file (one missing is an
+        # error) and none made afresh
+        tuned = is_tune_a_video(cfg) or any(map(is_temporal_param, names))
         sd.unet = load_into(_empty_unet(UNetConfig.from_diffusers(cfg)), file, names, device=device,
-                            dtype=dtype["unet"], keep_fresh=is_temporal_param, init_fresh=_init_temporal).eval()
+                            dtype=dtype["unet"], keep_fresh=(lambda name: False) if tuned else is_temporal_param,
+                            init_fresh=None if tuned else _init_temporal).eval()
     return sd
 
 
