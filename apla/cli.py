@@ -55,13 +55,14 @@ def run_precision(setting: str, device: torch.device) -> tuple[str, str | None]:
     """--mixed-precision as train.py and sample.py run it, and the line to print when that is not what was asked:
     resolve_mixed_precision's value, except fp16 on a CPU, which runs float32 ('no', as config.json records it).
 
-    A CPU's float16 kernels are slow and its float32 weights gain nothing from them: a step of the micro run took
-    2.98 s in fp16 autocast against 0.36 s in float32 (12.0 against 3.06 s at SD size), so a Tune-A-Video config,
-    written for a GPU (`mixed_precision: fp16`), would run 4 to 8 times slower on a CPU, and run so unsaid. bf16 is
-    kept (0.41 s); `python -m apla.bench --mixed-precision fp16` still measures fp16 on a CPU."""
+    A CPU's float16 kernels are slow and its float32 weights gain nothing from them: an APLA step of the micro model
+    took 6.17 s in fp16 autocast against 0.52 s in float32 and 0.42 s in bf16 (`python -m apla.bench --model micro
+    --measure step --threads 1 --mixed-precision fp16`, medians of 5 on a busy 2-core machine; 12.0 against 3.06 s
+    per step was measured for a larger run), so a Tune-A-Video config, written for a GPU (`mixed_precision: fp16`),
+    would run 4 to 12 times slower on a CPU. bf16 is kept; the bench still measures fp16 on a CPU as asked."""
     resolved = resolve_mixed_precision(setting, device)
     if resolved == "fp16" and device.type == "cpu":
-        return "no", ("--mixed-precision fp16 on a CPU runs float32: float16 autocast is 4 to 8 times slower here "
+        return "no", ("--mixed-precision fp16 on a CPU runs float32: float16 autocast is 4 to 12 times slower here "
                       "and gains nothing (bf16 is kept if asked)")
     return resolved, None
 
@@ -187,7 +188,7 @@ def train_parser() -> argparse.ArgumentParser:
            "torchvision's vgg16-397923af.pth from the torch hub cache if present, else random features)")
     a("--mixed-precision", choices=PRECISIONS,
       help="autocast dtype; auto: bf16 on a CUDA device with native bfloat16, fp16 with the gradient scaler on an "
-           "older one, no (float32) on a CPU, where fp16 runs float32 too (4 to 8 times faster); config.json records "
+           "older one, no (float32) on a CPU, where fp16 runs float32 too (4 to 12 times faster); config.json records "
            f"the resolved value (default: {d.mixed_precision})")
     a("--gradient-checkpointing", nargs="?", const=True, type=on_off, metavar="{" + ",".join(CHECKPOINTING) + "}",
       help="recompute each U-Net block and VGT block in backward instead of storing its activations (the bare flag "
