@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from apla import cli
-from apla.assets import model_path
+from apla.assets import clip_scorer, model_path
 from apla.config import TrainConfig
 from tests.helpers.runs import SHAPES_GIF, make_tiny, sample, train, train_args, trained_weights
 from tests.helpers.tiny_sd import TINY_RUN, make_tiny_sd, make_tune_a_video_folder
@@ -45,6 +45,8 @@ def test_the_micro_model_named_by_its_path_or_copied_trains_with_the_micro_prese
     micro = TrainConfig().to_dict()
     assert {k: cfg[k] for k in ("video", "size", "lr", "vgt_model", "guidance")} == \
         {k: micro[k] for k in ("video", "size", "lr", "vgt_model", "guidance")}
+    if where == "its path":  # its samples are scored with the micro world's CLIP, as a run on `micro`'s are
+        assert clip_scorer(cfg["pretrained"]) == clip_scorer("micro") == "micro"
 
 
 def test_a_v_prediction_folder_trains_and_samples_as_a_v_model(tmp_path):
