@@ -18,7 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Tuple
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from apla.assets import model_path
 # T bounds the DDIM steps; it stays with the schedule it belongs to, as do the prediction types a base model may have
@@ -280,8 +280,9 @@ class TrainConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
-# The preset of a run on an SD-size base model (preset): the paper's settings ("we uniformly sample 24 frames at a resolution of 512 x 512 ... 750 steps and 1500 steps with
-# a learning rate of 3e-5 and a batch size of 1") and Tune-A-Video's sampling (50 DDIM steps, guidance 12.5).
+# The preset of a run on an SD-size base model (preset): the paper's settings ("we uniformly sample 24 frames at a
+# resolution of 512 x 512 ... 750 steps and 1500 steps with a learning rate of 3e-5 and a batch size of 1") and
+# Tune-A-Video's sampling (50 DDIM steps, guidance 12.5).
 SD_V15 = {
     "pretrained": "runwayml/stable-diffusion-v1-5",
     "video": "bigbuckbunny",             # 24 frames of Big Buck Bunny, bundled (apla.assets.CLIPS)
@@ -309,7 +310,8 @@ def unet_size(pretrained: str) -> tuple[int, int, str]:
     loading a weight: the unet/config.json of a folder (a bundled name's, a path's, or a hub id's in the local hub
     cache); a single .safetensors file's header (its conv_in's shape), with SD's sample size, which the file does
     not record. ValueError, with the reason, for what cannot be read so (a pickle, a path that is not there, a hub
-    id not in the cache); OSError or KeyError for a config or header that is unreadable or lacks the entry."""
+    id not in the cache); OSError, KeyError or SafetensorError for a config or file that is unreadable or lacks
+    the entry."""
     path = model_path(pretrained) or Path(pretrained).expanduser()
     config = path / "unet" / "config.json"
     if not path.exists() and str(pretrained).count("/") == 1:  # a hub id, read from the cache if it is there
@@ -340,7 +342,7 @@ def preset(pretrained: str) -> tuple[dict, str]:
     768 for 2.1). A model that cannot be read before loading is taken for SD v1.5, at 512 px."""
     try:
         width, sample_size, where = unet_size(pretrained)
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+    except (OSError, ValueError, KeyError, TypeError, IndexError, SafetensorError) as e:  # loading will say more
         return SD_V15, (f"the SD preset at {SD_V15['size']} px: the U-Net of {pretrained} cannot be read before "
                         f"loading ({e}), so it is taken for SD v1.5's")
     if width < SD_WIDTH:

@@ -69,8 +69,10 @@ def test_an_sd_size_model_gets_the_sd_preset_at_its_sample_size(tmp_path):
         save_file({SINGLE_FILE_CONV_IN: torch.zeros(width, 4, 3, 3)}, single)
         values, why = preset(str(single))
         assert (values == {}) is micro and (micro or values["size"] == 512) and "header" in why, why
+    (tmp_path / "garbage.safetensors").write_text("not weights\n")
     for absent, reason in ((tmp_path / "nothing-here.safetensors", "no such path"),
-                           ("some-org/not-cached", "not in the local hub cache")):
+                           ("some-org/not-cached", "not in the local hub cache"),
+                           (tmp_path / "garbage.safetensors", "header")):
         values, why = preset(str(absent))
         assert values == SD_V15 and why.startswith("the SD preset at 512 px") and reason in why, why
 
