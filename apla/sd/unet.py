@@ -89,9 +89,11 @@ class UNetConfig:
         Tune-A-Video's `UNet3DConditionModel` writes the config of SD's U-Net with its blocks named "...3D"
         (`CrossAttnDownBlock3D`, `UNetMidBlock3DCrossAttn`, ...); its modules are SD's with the temporal layers
         added, which is this network, so those names are read as SD's 2D ones (`is_tune_a_video` tells them)."""
-        config = {k: ([b.replace("3D", "2D") for b in v] if k.endswith("block_types") else
-                      v.replace("3D", "2D") if k == "mid_block_type" and isinstance(v, str) else v)
-                  for k, v in config.items()}
+        as_2d = {k: [b.replace("3D", "2D") for b in config[k]] for k in ("down_block_types", "up_block_types")
+                 if k in config}
+        if isinstance(config.get("mid_block_type"), str):
+            as_2d["mid_block_type"] = config["mid_block_type"].replace("3D", "2D")
+        config = {**config, **as_2d}
         for key, sd_value in cls._SD_ONLY.items():
             value = config.get(key, sd_value)
             if isinstance(value, list) and len(set(map(str, value))) == 1:
