@@ -29,7 +29,7 @@ import apla
 from apla import checkpoint as ckpt
 from apla import run
 from apla.eval import score as evaluate
-from apla.cli import autocast_for, fail, pick_device, resolve_mixed_precision, sample_parser, unet_dtype
+from apla.cli import autocast_for, fail, pick_device, run_precision, sample_parser, unet_dtype
 from apla.scheduler import ddim_timesteps
 from apla.sd.weights import assumption_note
 from apla.video import PyAVMissing, require_av, write_gif, write_mp4, write_png_strip
@@ -76,11 +76,15 @@ def generate(args) -> int:
     steps = args.steps if args.steps is not None else cfg.sample_steps
     guidance = args.guidance if args.guidance is not None else cfg.guidance
     pretrained = args.pretrained or cfg.pretrained
-    precision = resolve_mixed_precision(args.mixed_precision, device)                # auto: as train.py
+    prediction_type = args.prediction_type or cfg.prediction_type                   # None in runs saved before it
+    precision, why = run_precision(args.mixed_precision, device)                     # auto: as train.py
+    if why:
+        print(f"sample.py: {why}", file=sys.stderr)
 
     # ---- the base model (on CUDA its U-Net in the autocast dtype) + the run's tuned weights (trainable set, VGT) --
     try:
-        sd = apla.load_stable_diffusion(pretrained, device=device, dtype={"unet": unet_dtype(precision, device)})
+        sd = apla.load_stable_diffusion(pretrained, device=device, dtype={"unet": unet_dtype(precision, device)},
+                                        prediction_type=prediction_type)
     except (ValueError, OSError) as e:
         fail(f"cannot load base model {pretrained!r}: {e}")
     if assumption_note(sd):                                                    # what an SD 2.x single file is silent on

@@ -34,7 +34,8 @@ from apla import checkpoint as ckpt
 from apla import loop, run
 from apla.assets import resolve_video
 from apla.cli import (autocast_for, fail, parse_train_args, pick_device, resolve_gradient_checkpointing,
-                      resolve_mixed_precision)
+                      run_precision)
+from apla.config import preset
 from apla.sd.weights import assumption_note
 from apla.video import VideoError, read_video
 
@@ -108,13 +109,14 @@ def train(cfg, resume: bool, lock: ckpt.RunLock, stop: loop.StopOnSignal) -> int
         board = loop.TensorBoard(run_dir) if cfg.report_to == "tensorboard" else None    # the optional extra
         frames = read_video(resolve_video(cfg.video), cfg.frames, start=cfg.start, stride=cfg.stride,
                             size=cfg.size)                                                 # (F, 3, H, W)
-        sd = apla.load_stable_diffusion(cfg.pretrained, device=device)
+        sd = apla.load_stable_diffusion(cfg.pretrained, device=device, prediction_type=cfg.prediction_type)
     except (VideoError, ImportError) as e:
         fail(str(e))
     except (ValueError, OSError) as e:
         fail(f"cannot load --pretrained {cfg.pretrained!r}: {e}")
     if assumption_note(sd):                                                    # what an SD 2.x single file is silent on
         print(f"note: {assumption_note(sd)}", file=sys.stderr)
+    cfg.prediction_type = sd.prediction_type                                   # recorded in config.json
     cfg.apla.perceptual_weights = run.resolve_perceptual_weights(cfg.apla)          # recorded in config.json
 
     # ---- the clip and the prompt, encoded once -----------------------------------------------------------------
@@ -130,7 +132,9 @@ def train(cfg, resume: bool, lock: ckpt.RunLock, stop: loop.StopOnSignal) -> int
         model = run.build_apla(cfg, sd, z0_mean.shape, device)
     except ValueError as e:
         fail(str(e))
-    cfg.mixed_precision = resolve_mixed_precision(cfg.mixed_precision, device)              # "auto" -> as run
+    cfg.mixed_precision, why = run_precision(cfg.mixed_precision, device)                   # "auto" -> as run
+    if why:
+        print(f"apla: {why}", file=sys.stderr)
     cfg.gradient_checkpointing = resolve_gradient_checkpointing(cfg.gradient_checkpointing, device, model.unet.config)
     model.enable_gradient_checkpointing(cfg.gradient_checkpointing)
     if cfg.compile:
@@ -152,6 +156,8 @@ def train(cfg, resume: bool, lock: ckpt.RunLock, stop: loop.StopOnSignal) -> int
     ckpt.atomic_write_json(run_dir / "config.json", cfg.to_dict())
     ckpt.atomic_save_safetensors({"z0_mean": z0_mean, "z0_std": z0_std, "context": context},
                                  run_dir / "source.safetensors", metadata={"prompt": cfg.prompt})
+    if start is None:  # a new run started from its base model's preset: which, and why
+        print(f"apla: {preset(cfg.pretrained)[1]}", file=sys.stderr)
     sizes = {k: sum(p.numel() for p in m.parameters() if p.requires_grad)
              for k, m in (("U-Net", model.unet), (f"VGT-{cfg.apla.vgt}", model.vgt), ("D", model.disc)) if m}
     print(f"apla: trains {', '.join(f'{k} {v:,}' for k, v in sizes.items())} parameters; {frames.shape[0]} "

@@ -65,7 +65,8 @@ def resolve_perceptual_weights(cfg: APLAConfig) -> str | None:
 
 
 def build_apla(cfg: TrainConfig, sd, latent_shape, device, train: bool = True) -> APLA:
-    """The models of a run on the base model `sd`: the U-Net with the run's trainable set and GroupNorm setting,
+    """The models of a run on the base model `sd`: the U-Net with the run's trainable set and GroupNorm setting (its
+    output read as `sd.prediction_type` says),
     VGT sized from the clip's latents (B, C, F, h, w), D for its frame count, and (for training, gamma > 0) the
     VGG features of L_per from cfg.apla.perceptual_weights (resolved, see resolve_perceptual_weights)."""
     seeds = init_seeds(cfg)
@@ -86,7 +87,7 @@ def build_apla(cfg: TrainConfig, sd, latent_shape, device, train: bool = True) -
             raise ValueError(f"latents of {latent_shape[-2]}x{latent_shape[-1]} are smaller than the "
                              f"{perceptual.min_side}x{perceptual.min_side} the perceptual term's VGG features take "
                              f"(Eq. 17); choose a larger --size")
-    return APLA(unet, vgt, disc, perceptual, cfg.apla, sd.alpha_bar).to(device)
+    return APLA(unet, vgt, disc, perceptual, cfg.apla, sd.alpha_bar, sd.prediction_type).to(device)
 
 
 def optimizers(cfg: TrainConfig, model: APLA):

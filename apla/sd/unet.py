@@ -92,7 +92,16 @@ class UNetConfig:
     @classmethod
     def from_diffusers(cls, config: dict) -> "UNetConfig":
         """Read a diffusers `unet/config.json` dict (SD v1.x or 2.x); reject settings outside their architecture by
-        name."""
+        name.
+
+        Tune-A-Video's `UNet3DConditionModel` writes the config of SD's U-Net with its blocks named "...3D"
+        (`CrossAttnDownBlock3D`, `UNetMidBlock3DCrossAttn`, ...); its modules are SD's with the temporal layers
+        added, which is this network, so those names are read as SD's 2D ones (`is_tune_a_video` tells them)."""
+        as_2d = {k: [b.replace("3D", "2D") for b in config[k]] for k in ("down_block_types", "up_block_types")
+                 if k in config}
+        if isinstance(config.get("mid_block_type"), str):
+            as_2d["mid_block_type"] = config["mid_block_type"].replace("3D", "2D")
+        config = {**config, **as_2d}
         for key, sd_value in cls._SD_ONLY.items():
             value = config.get(key, sd_value)
             if isinstance(value, list) and len(set(map(str, value))) == 1:
@@ -110,6 +119,13 @@ class UNetConfig:
         level's; an up block has its level's, as diffusers reverses the list for the way up)."""
         h = self.attention_head_dim
         return int(h if isinstance(h, int) else h[level])
+
+
+def is_tune_a_video(config: dict) -> bool:
+    """Whether a diffusers `unet/config.json` dict is one Tune-A-Video's `UNet3DConditionModel` wrote (its class, or
+    its blocks named "...3D"): a U-Net already inflated and tuned, whose file holds the temporal weights."""
+    blocks = [*config.get("down_block_types", ()), *config.get("up_block_types", ()), config.get("mid_block_type", "")]
+    return config.get("_class_name") == "UNet3DConditionModel" or any("3D" in str(b) for b in blocks)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,9 @@ Sources `load_stable_diffusion` takes:
   v2-1_512-ema-pruned.safetensors) is told by its OpenCLIP text tower under `cond_stage_model.model.`, and what
   it cannot tell is assumed (`single_file_config`, `SD2_VARIANTS`) and said (`assumption_note`);
 - a diffusers folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`), names by identity;
+- a folder that Tune-A-Video's `pipeline.save_pretrained` wrote (its tuned outputs/<run>: the same layout, its
+  unet/config.json of `UNet3DConditionModel` with "...3D" blocks, its weights a pickle holding the temporal
+  layers): the U-Net as it was tuned, temporal weights included, nothing inflated afresh;
 - a hub id ("org/name"), resolved to such a folder through huggingface_hub's cache;
 - `.ckpt` / `.bin` pickles, only through `torch.load(weights_only=True)`.
 
@@ -41,10 +44,10 @@ except ImportError:  # transformers 4
 
 from apla.assets import model_path
 from apla.checkpoint import WeightsError
-from apla.scheduler import make_alpha_bar
+from apla.scheduler import PREDICTION_TYPES, make_alpha_bar
 from apla.sd.text import EOS, PAD_SD2, build_text_encoder, load_tokenizer
 from apla.sd.attention import TransformerBlock
-from apla.sd.unet import UNet3DConditionModel, UNetConfig, is_temporal_param
+from apla.sd.unet import UNet3DConditionModel, UNetConfig, is_temporal_param, is_tune_a_video
 from apla.sd.vae import VAE_LDM_PREFIX, AutoencoderKL, VAEConfig, vae_key_from_ldm
 
 COMPONENTS = ("vae", "text_encoder", "unet")
@@ -99,6 +102,9 @@ class StableDiffusion:
     alpha_bar: torch.Tensor  # (1000,) float64, the training schedule's \bar\alpha_t
     unet: nn.Module | None = None
     source: str = ""
+    # what the U-Net predicts, one of apla.scheduler.PREDICTION_TYPES: "epsilon", or "v_prediction", which
+    # apla.algorithm.APLA turns into eps (apla.scheduler.eps_from_v); see load_stable_diffusion
+    prediction_type: str = "epsilon"
     # what the source did not say and the loader assumed (an SD 2.x single file: single_file_config), else empty
     assumed: dict = field(default_factory=dict)
 
@@ -331,13 +337,15 @@ def single_file_config(path: str | Path) -> tuple[UNetConfig, dict]:
 
 
 def assumption_note(sd: StableDiffusion) -> str | None:
-    """The one line that says what loading `sd` assumed (None when its source said everything)."""
+    """The one line that says what loading `sd` assumed (None when its source said everything); a prediction type
+    that was given, not assumed, is said as given."""
     a = sd.assumed
     if not a:
         return None
     side = a["sample_size"]
+    kind = a["prediction_type"] if "prediction_type" in a else f"{sd.prediction_type} (as given)"
     return (f"{sd.source}: a single SD 2.x file does not say its variant; assumed {a['variant']} ({a['from']}): "
-            f"{a['prediction_type']}, {side}x{side} latents ({8 * side} px), attention upcast to float32")
+            f"{kind}, {side}x{side} latents ({8 * side} px), attention upcast to float32")
 
 
 def _mapped(rule: Callable[[str], str], key: str, file: TensorFile) -> str:
@@ -460,14 +468,17 @@ def _open_clip_names(model: nn.Module, file: TensorFile, prefix: str) -> dict[st
     return names
 
 
-def _load_single_file(path: Path, components, device, dtype) -> StableDiffusion:
+def _load_single_file(path: Path, components, device, dtype, prediction_type: str | None) -> StableDiffusion:
     file = TensorFile(path)
     prefixes = _generation(file)
     sd2 = prefixes is SD2_PREFIX
     unet_cfg, assumed = single_file_config(file)
     keys = file.keys()
+    if prediction_type is not None:  # given: not assumed
+        assumed = {k: v for k, v in assumed.items() if k != "prediction_type"}
     tokenizer = load_tokenizer(pad_token=PAD_SD2 if sd2 else EOS)
-    sd = StableDiffusion(None, None, tokenizer, make_alpha_bar(), source=str(path), assumed=assumed)
+    sd = StableDiffusion(None, None, tokenizer, make_alpha_bar(), source=str(path), assumed=assumed,
+                         prediction_type=prediction_type or assumed.get("prediction_type", "epsilon"))
     if "vae" in components:
         cfg = VAEConfig()
         names = {k: vae_key_from_ldm(k, len(cfg.block_out_channels)) for k in keys if k.startswith(prefixes["vae"])}
@@ -496,15 +507,23 @@ def _component_file(folder: Path, component: str) -> tuple[TensorFile, dict]:
     return TensorFile(found), json.loads((sub / config).read_text(encoding="utf-8"))
 
 
-def _load_folder(folder: Path, components, device, dtype) -> StableDiffusion:
+def checked_prediction_type(value, where: Path | None = None) -> str:
+    """`value` if it is a prediction type we build (apla.scheduler.PREDICTION_TYPES), else WeightsError naming the
+    file it came from (a scheduler config), if any."""
+    if value not in PREDICTION_TYPES:
+        raise WeightsError(f"{f'{where}: ' if where else ''}prediction_type {value!r} is not supported (one of "
+                           f"{', '.join(PREDICTION_TYPES)})")
+    return value
+
+
+def _load_folder(folder: Path, components, device, dtype, prediction_type: str | None) -> StableDiffusion:
     sched = folder / "scheduler" / "scheduler_config.json"
-    if sched.is_file():
-        s = json.loads(sched.read_text(encoding="utf-8"))
-        alpha_bar = make_alpha_bar(s.get("num_train_timesteps", 1000), s.get("beta_start", 0.00085),
-                                   s.get("beta_end", 0.012), s.get("beta_schedule", "scaled_linear"))
-    else:
-        alpha_bar = make_alpha_bar()
-    sd = StableDiffusion(None, None, load_tokenizer(folder), alpha_bar, source=str(folder))
+    s = json.loads(sched.read_text(encoding="utf-8")) if sched.is_file() else {}
+    alpha_bar = make_alpha_bar(s.get("num_train_timesteps", 1000), s.get("beta_start", 0.00085),
+                               s.get("beta_end", 0.012), s.get("beta_schedule", "scaled_linear"))
+    prediction_type = prediction_type or checked_prediction_type(s.get("prediction_type", "epsilon"), sched)
+    sd = StableDiffusion(None, None, load_tokenizer(folder), alpha_bar, source=str(folder),
+                         prediction_type=prediction_type)
     if "vae" in components:
         file, cfg = _component_file(folder, "vae")
         names = {k: k for k in file.keys()}
@@ -519,8 +538,13 @@ def _load_folder(folder: Path, components, device, dtype) -> StableDiffusion:
     if "unet" in components:
         file, cfg = _component_file(folder, "unet")
         names = {k: k for k in file.keys()}
+        # an SD folder's U-Net is inflated here, its temporal layers new; a Tune-A-Video folder's (or any whose file
+        # holds temporal weights) is loaded as it was tuned, every temporal weight from its file (one missing is an
+        # error) and none made afresh
+        tuned = is_tune_a_video(cfg) or any(map(is_temporal_param, names))
         sd.unet = load_into(_empty_unet(UNetConfig.from_diffusers(cfg)), file, names, device=device,
-                            dtype=dtype["unet"], keep_fresh=is_temporal_param, init_fresh=_init_temporal).eval()
+                            dtype=dtype["unet"], keep_fresh=(lambda name: False) if tuned else is_temporal_param,
+                            init_fresh=None if tuned else _init_temporal).eval()
     return sd
 
 
@@ -547,14 +571,25 @@ def load_stable_diffusion(
     device="cpu",
     dtype: torch.dtype | dict[str, torch.dtype] = torch.float32,
     components: Iterable[str] = COMPONENTS,
+    prediction_type: str | None = None,
 ) -> StableDiffusion:
     """SD v1.x or 2.x from a single file, a diffusers folder or a hub id; `components` picks what to build, `dtype`
     the dtype of every network, or of each component it names (float32 for the others).
 
+    `prediction_type` says what the U-Net predicts ("epsilon" or "v_prediction"); None takes a folder's
+    scheduler/scheduler_config.json (epsilon when it names none, as diffusers does) and, for a single file, which
+    carries no config, "epsilon" (every SD v1.x file is an eps-model), or for an SD 2.x file its assumed variant's
+    (single_file_config). Given, it wins over the folder's, so a
+    folder whose config is wrong or names a type we do not build can still be read as what it is. A type we do
+    not build ("sample") is a WeightsError naming where it came from.
+
     Returns a `StableDiffusion` with `.vae`, `.text_encoder`, `.tokenizer`, `.alpha_bar`, `.unet` (None
-    for components not asked for), `.source` and `.assumed` (`assumption_note` says it in one line).
+    for components not asked for), `.source`, `.prediction_type` and `.assumed` (`assumption_note` says it in one
+    line).
     """
     components = tuple(components)
+    if prediction_type is not None:
+        checked_prediction_type(prediction_type)
     source = model_path(source) or source  # a bundled model's name ("micro") -> its folder (apla.assets)
     unknown = [c for c in [*components, *(dtype if isinstance(dtype, dict) else ())] if c not in COMPONENTS]
     if unknown:
@@ -562,11 +597,11 @@ def load_stable_diffusion(
     dtype = {c: dtype.get(c, torch.float32) if isinstance(dtype, dict) else dtype for c in COMPONENTS}
     path = Path(source).expanduser()
     if path.is_dir():
-        return _load_folder(path, components, device, dtype)
+        return _load_folder(path, components, device, dtype, prediction_type)
     if path.is_file():
-        return _load_single_file(path, components, device, dtype)
+        return _load_single_file(path, components, device, dtype, prediction_type)
     if isinstance(source, str) and HUB_ID.match(source) and path.suffix not in (".safetensors", ".ckpt", ".bin"):
-        sd = _load_folder(resolve_hub_id(source, components), components, device, dtype)
+        sd = _load_folder(resolve_hub_id(source, components), components, device, dtype, prediction_type)
         sd.source = source
         return sd
     raise WeightsError(f"{source}: neither a checkpoint file, a diffusers folder nor a hub id 'org/name'")

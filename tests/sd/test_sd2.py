@@ -317,13 +317,16 @@ def test_whole_sd2_folder_loads_with_its_sample_size_and_tokenizer(sd2_folder):
 def test_single_sd2_file_is_told_by_its_keys_and_its_variant_assumed_from_its_name(tmp_path, name, variant, said):
     """Full-size names and shapes (a sparse file: no data read): SD 2 is told by its OpenCLIP keys; the U-Net config
     is SD 2's with upcast attention; prediction type and sample size follow the variant the name gives, said in one
-    note line."""
+    note line; a prediction type given wins."""
     path = write_checkpoint(tmp_path / name, sd2_entries(), fill="zeros")
     cfg, assumed = single_file_config(path)
     v = {"768-v": ("v_prediction", 96), "512-base": ("epsilon", 64)}[variant]
     assert (assumed["variant"], assumed["from"], assumed["prediction_type"], assumed["sample_size"]) == (variant, said, *v)
     assert cfg == UNetConfig(**SD2_UNET, upcast_attention=True, sample_size=v[1])
     sd = apla.load_stable_diffusion(path, components=())
-    assert sd.assumed == assumed and sd.tokenizer.pad_token_id == 0
+    assert sd.assumed == assumed and sd.tokenizer.pad_token_id == 0 and sd.prediction_type == v[0]
     note = assumption_note(sd)
     assert "\n" not in note and str(path) in note and variant in note and v[0] in note and f"{8 * v[1]} px" in note
+    other = {"v_prediction": "epsilon", "epsilon": "v_prediction"}[v[0]]  # a type given wins, and is said as given
+    sd = apla.load_stable_diffusion(path, components=(), prediction_type=other)
+    assert sd.prediction_type == other and f"{other} (as given)" in assumption_note(sd)
