@@ -31,6 +31,7 @@ from apla import run
 from apla.eval import score as evaluate
 from apla.cli import autocast_for, fail, pick_device, run_precision, sample_parser, unet_dtype
 from apla.scheduler import ddim_timesteps
+from apla.sd.weights import assumption_note
 from apla.video import PyAVMissing, require_av, write_gif, write_mp4, write_png_strip
 
 
@@ -86,6 +87,8 @@ def generate(args) -> int:
                                         prediction_type=prediction_type)
     except (ValueError, OSError) as e:
         fail(f"cannot load base model {pretrained!r}: {e}")
+    if assumption_note(sd):                                                    # what an SD 2.x single file is silent on
+        print(f"note: {assumption_note(sd)}", file=sys.stderr)
     z0 = run.read_source(run_dir)["z0_mean"].to(device)                        # (1, 4, F, h, w)
     model = run.build_apla(cfg, sd, z0.shape, device, train=False)
     if args.checkpoint:

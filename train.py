@@ -36,6 +36,7 @@ from apla.assets import resolve_video
 from apla.cli import (autocast_for, fail, parse_train_args, pick_device, resolve_gradient_checkpointing,
                       run_precision)
 from apla.config import preset
+from apla.sd.weights import assumption_note
 from apla.video import VideoError, read_video
 
 
@@ -113,6 +114,8 @@ def train(cfg, resume: bool, lock: ckpt.RunLock, stop: loop.StopOnSignal) -> int
         fail(str(e))
     except (ValueError, OSError) as e:
         fail(f"cannot load --pretrained {cfg.pretrained!r}: {e}")
+    if assumption_note(sd):                                                    # what an SD 2.x single file is silent on
+        print(f"note: {assumption_note(sd)}", file=sys.stderr)
     cfg.prediction_type = sd.prediction_type                                   # recorded in config.json
     cfg.apla.perceptual_weights = run.resolve_perceptual_weights(cfg.apla)          # recorded in config.json
 

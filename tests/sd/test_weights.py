@@ -279,10 +279,15 @@ def test_wrong_shape_is_named(tmp_path):
     refuse(tmp_path, {**vae_text_entries(), key: [1024]}, rf"wrong shape for '{key}': \[1024\]")
 
 
-@pytest.mark.parametrize("key", ["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight",
-                                 "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"])
-def test_later_generations_are_refused_in_one_line(tmp_path, key):
-    refuse(tmp_path, {**vae_text_entries(), key: [8]}, "not a Stable Diffusion v1 checkpoint")
+@pytest.mark.parametrize("key, match", [
+    ("conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+     r"not a Stable Diffusion 1\.x or 2\.x checkpoint \(has SDXL keys"),
+    # an OpenCLIP key makes the file SD 2.x, whose text tower is not CLIP's: SD v1's text keys are then refused
+    ("cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight",
+     r"unknown key 'cond_stage_model\.transformer\..*' \(outside the U-Net, VAE and text encoder\)"),
+])
+def test_sdxl_and_mixed_generations_are_refused_in_one_line(tmp_path, key, match):
+    refuse(tmp_path, {**vae_text_entries(), key: [8]}, match)
 
 
 def test_truncated_or_foreign_files_get_a_clear_error(tmp_path):
