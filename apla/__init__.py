@@ -12,6 +12,7 @@ Reading order: the paper, then what the two scripts share, then the measures.
     sd/vae.py                 the autoencoder: frames <-> latents z0
     sd/text.py                the prompt's condition c (CLIP, transformers)
     sd/weights.py             load_stable_diffusion: SD 1.x / 2.x files and folders
+    sd/variants.py            what a single file is, from its names: SD 1.x or 2.x, its SD 2 variant
   vgt.py                    Eqs. 4, 7-15: VGT's perturbation phi        03_vgt
   discriminator.py          Eq. 19 and L_g: the 1x1-convolution D       04_losses_and_discriminator
   losses.py                 Eqs. 5-6, 16-18, 20: the hyper-loss         04_losses_and_discriminator

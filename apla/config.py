@@ -21,6 +21,7 @@ from typing import Tuple
 from safetensors import SafetensorError, safe_open
 
 from apla.assets import model_path
+from apla.sd.variants import SD2_VARIANTS, is_sd2, sd2_variant
 from apla.loop import LR_SCHEDULES, POLYNOMIAL_LR_END
 # T bounds the DDIM steps; it stays with the schedule it belongs to, as do the prediction types a base model may have
 from apla.scheduler import NUM_TRAIN_TIMESTEPS, PREDICTION_TYPES
@@ -347,7 +348,10 @@ def unet_size(pretrained: str) -> tuple[int, int, str]:
         return unet["block_out_channels"][0], unet.get("sample_size", SD_SAMPLE_SIZE), str(config)
     if path.is_file() and path.suffix == ".safetensors":
         with safe_open(str(path), framework="pt") as f:
-            width = f.get_slice(SINGLE_FILE_CONV_IN).get_shape()[0]
+            width, sd2 = f.get_slice(SINGLE_FILE_CONV_IN).get_shape()[0], is_sd2(f.keys())
+        if sd2:  # an SD 2.x file's variant, and so its sample size, is read from its name as the loader reads it
+            variant, _ = sd2_variant(path)
+            return width, SD2_VARIANTS[variant]["sample_size"], f"the header of {path}: SD 2.x, {variant} by its name"
         return width, SD_SAMPLE_SIZE, f"the header of {path}; a single file records no sample size"
     raise ValueError("a pickle, whose shapes are not read before loading" if path.is_file() else "no such path")
 

@@ -54,7 +54,7 @@ def test_the_bundled_model_by_its_path_or_as_a_copy_gets_the_micro_preset(tmp_pa
 def test_an_sd_size_model_gets_the_sd_preset_at_its_sample_size(tmp_path):
     """An SD-size U-Net (320 channels at its first level) gets SD_V15, its frames sample_size x 8: 768 px for SD 2.1's
     config (sample_size 96), 512 for 2.1-base's and 1.5's (64); a single file's width is read from its header, its
-    sample size SD's. A model that cannot be read before loading (no such path, a hub id not cached) is taken
+    sample size SD's (an SD 2.x file's, its variant's by its name, as the loader assumes). A model that cannot be read before loading (no such path, a hub id not cached) is taken
     for SD v1.5 at 512 px, and the line says so."""
     for sample_size, px in ((96, 768), (64, 512)):
         folder = tmp_path / f"sd-{sample_size}"
@@ -69,6 +69,12 @@ def test_an_sd_size_model_gets_the_sd_preset_at_its_sample_size(tmp_path):
         save_file({SINGLE_FILE_CONV_IN: torch.zeros(width, 4, 3, 3)}, single)
         values, why = preset(str(single))
         assert (values == {}) is micro and (micro or values["size"] == 512) and "header" in why, why
+    for name, px in (("v2-1_768-ema-pruned", 768), ("v2-1_512-ema-pruned", 512), ("sd21-base-dreambooth", 512)):
+        single = tmp_path / f"{name}.safetensors"  # an SD 2.x file (OpenCLIP text keys): its variant from its name
+        save_file({SINGLE_FILE_CONV_IN: torch.zeros(320, 4, 3, 3),
+                   "cond_stage_model.model.ln_final.weight": torch.zeros(4)}, single)
+        values, why = preset(str(single))
+        assert values == {**SD_V15, "size": px} and "SD 2.x" in why, why
     (tmp_path / "garbage.safetensors").write_text("not weights\n")
     for absent, reason in ((tmp_path / "nothing-here.safetensors", "no such path"),
                            ("some-org/not-cached", "not in the local hub cache"),

@@ -48,13 +48,14 @@ from apla.scheduler import PREDICTION_TYPES, make_alpha_bar
 from apla.sd.text import EOS, PAD_SD2, build_text_encoder, load_tokenizer
 from apla.sd.attention import TransformerBlock
 from apla.sd.unet import UNet3DConditionModel, UNetConfig, is_temporal_param, is_tune_a_video
+from apla.sd.variants import SD2_TEXT_PREFIX, SD2_VARIANTS, is_sd2, sd2_variant
 from apla.sd.vae import VAE_LDM_PREFIX, AutoencoderKL, VAEConfig, vae_key_from_ldm
 
 COMPONENTS = ("vae", "text_encoder", "unet")
 
 # Single-file prefixes of the three networks, per generation (SD 2.x: OpenCLIP's text tower, not CLIP's)
 LDM_PREFIX = {"unet": "model.diffusion_model.", "vae": VAE_LDM_PREFIX, "text_encoder": "cond_stage_model.transformer."}
-SD2_PREFIX = {**LDM_PREFIX, "text_encoder": "cond_stage_model.model."}
+SD2_PREFIX = {**LDM_PREFIX, "text_encoder": SD2_TEXT_PREFIX}
 # Entries real single files carry besides the networks' weights: noise-schedule buffers, EMA bookkeeping
 # (and EMA copies), the text encoder's int64 position_ids. They are skipped.
 LDM_SKIPPED = re.compile(
@@ -72,10 +73,6 @@ OTHER_GENERATIONS = {"conditioner.embedders.": "SDXL"}
 SD2_UNET = dict(attention_head_dim=(5, 10, 20, 20), use_linear_projection=True, cross_attention_dim=1024)
 # The two SD 2.x variants a single file can be: 768 px v-prediction (v2-1_768-ema-pruned, 768-v-ema; Stability's
 # v2-inference-v.yaml, `parameterization: "v"`) and 512 px ε (v2-1_512-ema-pruned, 512-base-ema; v2-inference.yaml).
-SD2_VARIANTS = {
-    "768-v": dict(prediction_type="v_prediction", sample_size=96),
-    "512-base": dict(prediction_type="epsilon", sample_size=64),
-}
 
 # Files of a diffusers folder, per component: (weights, in order of preference), config.
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -305,7 +302,7 @@ def _generation(file: TensorFile) -> dict[str, str]:
         if any(k.startswith(prefix) for k in keys):
             raise WeightsError(f"{file.path}: not a Stable Diffusion 1.x or 2.x checkpoint (has {generation} keys "
                                f"'{prefix}...')")
-    prefixes = SD2_PREFIX if any(k.startswith(SD2_PREFIX["text_encoder"]) for k in keys) else LDM_PREFIX
+    prefixes = SD2_PREFIX if is_sd2(keys) else LDM_PREFIX
     if not any(k.startswith(p) for k in keys for p in prefixes.values()):
         raise WeightsError(f"{file.path}: not a Stable Diffusion 1.x or 2.x checkpoint (no keys under "
                            f"{', '.join(prefixes.values())})")
@@ -327,9 +324,7 @@ def single_file_config(path: str | Path) -> tuple[UNetConfig, dict]:
     file = path if isinstance(path, TensorFile) else TensorFile(path)
     if _generation(file) is LDM_PREFIX:
         return UNetConfig(), {}
-    stem = file.path.stem.lower()
-    variant = "768-v" if "768" in stem or not ("512" in stem or "base" in stem) else "512-base"
-    named = any(w in stem for w in ("768", "512", "base"))
+    variant, named = sd2_variant(file.path)
     assumed = {"variant": variant, "from": "its name" if named else "no word in its name", **SD2_VARIANTS[variant],
                "upcast_attention": True}
     cfg = UNetConfig(**SD2_UNET, upcast_attention=True, sample_size=assumed["sample_size"])
