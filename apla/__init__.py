@@ -24,7 +24,8 @@ Reading order: the paper, then what the two scripts share, then the measures.
   video.py                  reading clips, writing GIF / MP4 / PNG strips
   cli.py                    command lines and one-line errors
   tav.py                    Tune-A-Video's YAML configs mapped onto TrainConfig
-  show.py                   the library's own source on a notebook's page (show(apla.vgt.perturbed_eps))
+  show.py                   the library's own source on a notebook's page (show(apla.vgt.perturbed_eps)), and
+                            a network's data flow traced from one forward pass and drawn (trace, draw)
   eval/                     the paper's measures                        05_algorithm1_end_to_end
     eval/flow.py              optical flow by hand (Horn-Schunck)
     eval/metrics.py           FCI, warping error, CLIP scores, PSNR

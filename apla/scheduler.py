@@ -3,13 +3,17 @@
 Paper: APLA (Yao et al., AAAI 2024), built on DDPM (Ho et al. 2020) and DDIM (Song et al. 2020).
 
 Implements
-  Eq. (1)  z_t = phi(z_{t-1}, t-1)        the forward (noising) process      -> q_step, q_sample
+  Eq. (1)  z_t ~ q(z_t | z_{t-1})         the forward (noising) process      -> q_step, q_sample
   Eq. (2)  z_hat_{T-1} = pi(z_T, T)       one denoising step of the sampler  -> ddim_step
   Eq. (3)  z_hat_{t-1} = pi(z_hat_t, t)   the denoising recursion            -> ddim_sample
 and the two tools APLA takes from Tune-A-Video: DDIM inversion of a clip (ddim_invert_step, ddim_invert)
 and classifier-free guidance (Ho & Salimans 2022). A base model that predicts v instead of eps (SD 2.1) is read as
 an eps-model through `eps_from_v`, so that every equation here and in APLA stays on eps. Also here, as the one place both networks read t from: the
 sinusoidal timestep embedding (`timestep_embedding`) of the U-Net eps_theta(z_t, t) and of VGT phi(z_t, t).
+
+Symbols: the paper writes the forward process phi ("z_t = phi(z_{t-1}, t - 1)"); here it is q, as in DDPM, since
+phi is VGT's perturbation (Eq. 4). The paper calls pi "the U-Net", and Eqs. (2)-(3) use it as a map z_hat_t ->
+z_hat_{t-1}: pi is one reverse step, the DDIM step with the U-Net's noise prediction eps_theta (`apla.sd.unet`).
 
 Choice: the paper fixes no schedule ("The diffusion process and U-Net are represented by phi and pi respectively";
 "During inference, we employ the DDIM sampler"), so the schedule is Stable Diffusion v1.5's, whose weights it tunes: "scaled_linear" betas from 0.00085 to 0.012 over T = 1000 steps,
@@ -84,7 +88,7 @@ def _gather(table: torch.Tensor, t: Timestep, like: torch.Tensor) -> torch.Tenso
 
 
 def q_step(z_prev: torch.Tensor, t: Timestep, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """Eq. (1), one step: z_t = phi(z_{t-1}, t-1) = sqrt(1 - beta_t) z_{t-1} + sqrt(beta_t) eps (DDPM Eq. 2).
+    """Eq. (1), one step: z_t ~ q(z_t | z_{t-1}), z_t = sqrt(1 - beta_t) z_{t-1} + sqrt(beta_t) eps (DDPM Eq. 2).
 
     beta_t is recovered from the table as 1 - alpha_bar_t / alpha_bar_{t-1} (beta_0 = 1 - alpha_bar_0).
     Iterating it from z_0 gives the same distribution as q_sample's closed form.
@@ -166,18 +170,15 @@ def ddim_step(eps: torch.Tensor, t: Timestep, t_prev: Timestep, z_t: torch.Tenso
 
 def ddim_invert_step(eps: torch.Tensor, t: Timestep, t_next: Timestep, z_t: torch.Tensor,
                      alpha_bar: torch.Tensor) -> torch.Tensor:
-    """One DDIM inversion step z_t -> z_{t_next} (t_next > t), the deterministic DDIM step run backwards.
+    """One DDIM inversion step z_t -> z_{t_next} (t_next > t): the deterministic DDIM step (`ddim_step`, eta = 0)
+    taken upward, from alpha_bar_t to alpha_bar_{t_next}.
 
     Tune-A-Video obtains the starting noise of a source clip this way: the noise prediction is taken at the
-    *next* timestep's label and the ODE step is taken from alpha_bar_t up to alpha_bar_{t_next}.
+    *next* timestep's label (`ddim_invert`) and the step re-noises z_hat_0 to t_next with that same prediction.
     t < 0 stands for the clean latent (alpha_bar_0, as in sampling's final step).
     """
-    a_t = _gather(alpha_bar, t, z_t)
-    a_next = _gather(alpha_bar, t_next, z_t)
-    # $\hat z_0 = (z_t - \sqrt{1-\bar\alpha_t}\,\epsilon_\theta)/\sqrt{\bar\alpha_t}$
-    z0_pred = (z_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-    # $z_{t'} = \sqrt{\bar\alpha_{t'}}\,\hat z_0 + \sqrt{1-\bar\alpha_{t'}}\,\epsilon_\theta$
-    return a_next.sqrt() * z0_pred + (1 - a_next).sqrt() * eps
+    # $z_{t'} = \sqrt{\bar\alpha_{t'}}\,\hat z_0 + \sqrt{1-\bar\alpha_{t'}}\,\epsilon_\theta$, with $t' > t$
+    return ddim_step(eps, t, t_next, z_t, alpha_bar)
 
 
 def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:

@@ -98,3 +98,68 @@ def test_notebook_imports_the_package_and_rewrites_none_of_it(path):
 def test_committed_notebooks_stay_small():
     total = sum(p.stat().st_size for p in NOTEBOOKS)
     assert total < MAX_TOTAL_BYTES, f"the notebooks take {total / 2**20:.1f} MiB; keep figures small (JPEG, modest size)"
+
+
+# ---- the code on the page (apla.show): every equation function shown, from the source as it is now -------------
+MAX_MARKDOWN_LINES = 15  # a cell a student reads at once; a longer story is several cells, each before its code
+
+
+def shown_sources(nb) -> dict[str, list[str]]:
+    """{object name: its shown code lines} for every apla.show block in a notebook's outputs."""
+    from apla.show import MARK
+
+    found = {}
+    for cell in code_cells(nb):
+        for out in cell.get("outputs", []):
+            md = out.get("data", {}).get("text/markdown", "")
+            head = re.match(re.escape(MARK).replace(r"\{\}", r"(\S+)"), md)
+            if head:
+                found[head.group(1)] = md.split("```python\n", 1)[1].rsplit("\n```", 1)[0].split("\n")
+    return found
+
+
+def notebook_of(n: int, dotted: str) -> list[Path]:
+    """The notebooks whose markdown names Eq. (n) beside `dotted` on one line."""
+    return [p for p in NOTEBOOKS if any(re.search(rf"Eq\. \({n}\)", ln) and f"`{dotted}`" in ln
+                                        for c in read(p).cells if c.cell_type == "markdown" for ln in c.source.splitlines())]
+
+
+def test_every_equation_function_is_shown_in_its_notebook_and_names_its_test():
+    for n, dotted, path, test in equation_rows():
+        homes = notebook_of(n, dotted)
+        showing = [p for p in homes if dotted in shown_sources(read(p))]
+        assert showing, f"Eq. ({n}): no notebook naming it beside `{dotted}` shows its source (apla.show.show)"
+        for p in showing:
+            text = "\n".join(c.source for c in read(p).cells if c.cell_type == "markdown")
+            assert f"{path}::{test}" in text, f"{p.name} shows Eq. ({n})'s `{dotted}` but never names its test {path}::{test}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_shown_source_is_the_source_as_it_is_now(path):
+    """Each apla.show block's lines stand, in order, in the object's source today (so a notebook that shows a function
+    is re-run when the function changes)."""
+    import inspect
+    import textwrap
+
+    from apla.show import ELIDED
+    from tests.test_readme import resolve
+
+    for name, lines in shown_sources(read(path)).items():
+        source = textwrap.dedent(inspect.getsource(inspect.unwrap(resolve(name)))).rstrip("\n").split("\n")
+        it = iter(source)
+        missing = [ln for ln in lines if not ln.strip().startswith(ELIDED) and not any(ln == s for s in it)]
+        assert not missing, f"{path.name} shows {name} as it no longer is (re-run the notebook): {missing[0]!r}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_cells_a_student_can_follow(path):
+    """No markdown cell over MAX_MARKDOWN_LINES lines; no temporary path in any output."""
+    nb = read(path)
+    for i, c in enumerate(nb.cells):
+        if c.cell_type == "markdown":
+            n = len(c.source.strip().splitlines())
+            assert n <= MAX_MARKDOWN_LINES, f"{path.name}, cell {i}: a {n}-line markdown cell (at most {MAX_MARKDOWN_LINES})"
+    for i, c in enumerate(code_cells(nb)):
+        for out in c.get("outputs", []):
+            text = out.get("text", "") + "".join(v for k, v in out.get("data", {}).items() if k.startswith("text/"))
+            assert "/tmp/" not in text and "/var/folders/" not in text, f"{path.name}, code cell {i} prints a temporary path"

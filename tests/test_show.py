@@ -2,10 +2,11 @@
 import inspect
 
 import pytest
+import torch
 
 import apla.scheduler
 import apla.vgt
-from apla.show import ELIDED, MARK, show
+from apla.show import ELIDED, MARK, blocks, draw, show, trace
 
 
 def _file_lines(obj):
@@ -47,3 +48,73 @@ def test_start_end_show_the_lines_that_matter_under_the_signature():
 def test_a_start_that_is_not_there_is_an_error():
     with pytest.raises(ValueError, match="no line containing 'nothing like this'"):
         show(apla.vgt.perturbed_eps, start="nothing like this")
+
+
+# ---- trace and draw: a network's data flow from one real forward pass -------------------------------------------
+def _tiny_unet():
+    from apla.sd.unet import UNet3DConditionModel, UNetConfig
+
+    torch.manual_seed(0)
+    cfg = UNetConfig(block_out_channels=(8, 16), layers_per_block=1, attention_head_dim=2, cross_attention_dim=8,
+                     norm_num_groups=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    return UNet3DConditionModel(cfg).eval()
+
+
+def test_trace_follows_the_data_through_any_operation_and_only_what_is_used():
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(3, 3)
+            self.b = torch.nn.ModuleList([torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)])
+
+        def forward(self, x, unused, pool):
+            h = self.a(x)
+            return self.b[1](self.b[0](h) + h.t().t() + pool.pop())  # the residual through two transposes
+
+    toy = Toy()
+    calls = trace(toy, torch.randn(2, 3), torch.randn(2, 3), [torch.randn(2, 3), torch.randn(2, 3)])
+    assert [(c.name, c.kind, c.shape) for c in calls] == [("a", "Linear", (2, 3)), ("b.0", "Linear", (2, 3)),
+                                                           ("b.1", "Linear", (2, 3))]
+    assert [c.reads for c in calls] == [["x"], ["a"], ["a", "b.0", "pool"]]  # `unused` is never read
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in toy.modules())  # the model is left as it was
+
+
+def test_trace_of_the_unet_shows_its_path_and_its_skips_last_in_first_out():
+    unet = _tiny_unet()
+    z, context = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 77, 8)
+    assert list(blocks(unet, 1)) == ["conv_in", "time_embedding", "down_blocks.0", "down_blocks.1", "mid_block",
+                                     "up_blocks.0", "up_blocks.1", "conv_norm_out", "conv_out"]
+    calls = trace(unet, z, torch.tensor(10), context, level=2)
+    names = [c.name for c in calls]
+    assert sorted(names) == sorted(blocks(unet, 2)) and names[:2] == ["time_embedding", "conv_in"]  # order of calls
+    by = {c.name: c for c in calls}
+    assert by["conv_in"].shape == (3, 8, 8, 8) and by["down_blocks.0.downsamplers.0"].shape == (3, 8, 4, 4)
+    assert by["conv_out"].shape == (3, 4, 8, 8) and by["time_embedding"].shape == (1, 32)
+    assert by["down_blocks.0.attentions.0"].reads == ["context", "down_blocks.0.resnets.0"]
+    # each up-path ResNet reads the previous call, the time embedding, and one skip: the down path's, in reverse
+    ups = [c for c in calls if c.name.startswith("up_blocks") and c.kind == "ResnetBlock"]
+    skips = [next(r for r in c.reads if r not in (names[names.index(c.name) - 1], "time_embedding")) for c in ups]
+    assert skips == ["down_blocks.1.resnets.0", "down_blocks.0.downsamplers.0", "down_blocks.0.attentions.0",
+                     "conv_in"]
+    assert all(len(c.reads) == 3 for c in ups)
+
+
+def test_draw_has_a_box_per_call_and_an_arrow_per_drawn_read():
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    calls = trace(_tiny_unet(), torch.randn(1, 4, 2, 8, 8), torch.tensor(10), torch.randn(1, 77, 8), level=2)
+    ax = draw(calls)
+    arrows = [t for t in ax.texts if getattr(t, "arrow_patch", None) is not None]
+    names = [c.name for c in calls]
+    drawn = [(c.name, r) for c in calls for r in c.reads if r in names and r != "time_embedding"]
+    assert len(ax.patches) == len(calls) and len(arrows) == len(drawn)
+    dashed = [a for a in arrows if a.arrow_patch.get_linestyle() != "-"]
+    assert len(dashed) == sum(names.index(r) != names.index(n) - 1 for n, r in drawn) == 4  # the four skips
+    legend = {t.get_text() for t in ax.get_legend().get_texts()}
+    assert legend >= {"reads context", "reads time_embedding", "ResnetBlock"}
+    plt.close(ax.figure)

@@ -4,7 +4,8 @@ block to video (Wu et al. 2022, Sec. 4.2):
   * sparse-causal self-attention: the queries of frame i attend to the keys and values of frames 0 and i-1;
   * cross-attention to the text, per frame;
   * after the feed-forward, temporal self-attention over the F frames at each spatial position (`attn_temp`, with
-    its own LayerNorm `norm_temp`), no positional encoding, its output projection starting at zero.
+    its own LayerNorm `norm_temp`), no positional encoding, its output projection's weight starting at zero
+    (`TransformerBlock.start_temporal_output`).
 
 Tokens are (B*F, L, C) with L = H*W per frame, and stay in that layout through the whole block: every attention is
 one call of `torch.nn.functional.scaled_dot_product_attention` (`attention`) on views of it (no attention matrix is built here,

@@ -3,9 +3,10 @@
 Paper: "APLA: Additional Perturbation for Latent Noise with Adversarial Training Enables Consistency"
 (AAAI 2024). APLA "build[s] the model based on Tune-A-Video (Wu et al. 2022) and utilize[s] the pre-trained
 weights of the Stable Diffusion" (Sec. Experiments). This file is that network: the Stable Diffusion v1.5
-U-Net (Rombach et al. 2022), inflated to video as Tune-A-Video does. SD 2.x's U-Net is the same network under other
-`UNetConfig` values (linear projections, a head count per level, 1024-wide text states, upcast attention). It is the U-Net π of Eqs. (2)–(4) and the
-noise predictor ε_θ(z_t, t) of Eq. (5); Eq. (4) adds the VGT's perturbation φ to its output (ε* = ε_θ + φ).
+U-Net (Rombach et al. 2022), inflated to video as Tune-A-Video does; SD 2.x's U-Net is the same network under other
+`UNetConfig` values (linear projections, a head count per level, 1024-wide text states, upcast attention). It is
+the noise predictor ε_θ(z_t, t, c) of Eqs. (2)–(6): the paper's "U-Net" π of Eqs. (2)–(3) is one DDIM step with it
+(`apla.scheduler.ddim_step`), and Eq. (4) adds VGT's perturbation φ to its output (ε* = ε_θ + φ).
 
 Inflation (Tune-A-Video, Sec. 4.2 of Wu et al.):
   * every 2D convolution runs per frame: (B, C, F, H, W) -> (B*F, C, H, W), so SD's 2D weights load unchanged;
