@@ -14,8 +14,9 @@ Table 3's ablations are values, not branches (`effective_weights`): without VGT 
 the hyper-loss beta = gamma = 0 (Eq. 18 becomes alpha * Eq. 6), without the discriminator lambda = 0 (no D).
 
 Eq. 6 reads eps_theta(z*_t, t): we take it as the perturbed prediction eps* = eps_theta(z_t, t) + phi(z_t, t) of
-Eq. 4, since Eq. 4 is where the paper defines the starred quantity ("we add the perturbation to the U-Net"); the
-literal alternative, the U-Net evaluated on a perturbed input z*_t, is defined nowhere in the paper.
+Eq. 4 as we read it (`apla.vgt.perturbed_eps`), since Eq. 4 is where the paper defines a starred quantity ("we add
+the perturbation to the U-Net"); the literal alternative, the U-Net evaluated on a perturbed input z*_t, is defined
+nowhere in the paper.
 """
 from __future__ import annotations
 
