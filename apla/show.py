@@ -186,6 +186,8 @@ class Diagram:
                 out.append(_text(*at, label, ' font-size="11" fill="#333"'))
         return "\n".join(out + ["</svg>"])
 
+    __repr__ = __str__
+
 
 def _shape(x) -> str:
     return str(tuple(x.shape))
