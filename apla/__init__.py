@@ -18,6 +18,7 @@ Reading order: the paper, then what the two scripts share, then the measures.
   algorithm.py              Algorithm 1: APLA.forward, one step         05_algorithm1_end_to_end
   config.py                 a run's settings (TrainConfig), Table 3's ablations as values
   run.py                    a run's models, clip encoding, checkpoints (what train.py and sample.py share)
+  loop.py                   the training loop's conventions: learning-rate schedules, a stop on SIGTERM, TensorBoard
   checkpoint.py             run directories, atomic writes
   video.py                  reading clips, writing GIF / MP4 / PNG strips
   cli.py                    command lines and one-line errors

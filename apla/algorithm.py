@@ -115,24 +115,39 @@ class APLA(nn.Module):
 
     def train_step(self, z0, context, t, eps, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer | None,
                    scaler: torch.amp.GradScaler | None = None, max_grad_norm: float = 0.0,
-                   autocast=None) -> dict:
+                   autocast=None, accumulation_steps: int = 1) -> dict:
         """forward, then theta's AdamW step on Eq. 20 (gradients clipped at max_grad_norm when > 0), then D's step
-        on Eq. 19. Returns the logged terms as 0-d tensors (no host synchronisation here)."""
+        on Eq. 19. Returns the logged terms as 0-d tensors (no host synchronisation here).
+
+        Gradient accumulation: z0, t and eps hold `accumulation_steps` = k micro-batches along dim 0 (train.py: k
+        draws of batch 1). Each runs forward and backward alone (the memory of one), with both losses divided by k,
+        so that each optimiser steps once on the gradient of the mean of the k losses. D stays as it is for all k
+        draws (their L_g and L_D see the same D) and steps after theta, as with one draw; L_g's backward reaches
+        theta only, L_D's D only. The terms returned are the means over the k draws."""
         scaler = scaler or torch.amp.GradScaler(enabled=False)
-        with autocast or nullcontext():
-            out = self(z0, context, t, eps)
+        theta, k = self.generator_parameters(), accumulation_steps
+        if k < 1 or z0.shape[0] % k:
+            raise ValueError(f"accumulation_steps {k} does not divide the batch of {z0.shape[0]}")
+        d_params = list(self.disc.parameters()) if self.disc is not None else []
         opt_g.zero_grad(set_to_none=True)
-        scaler.scale(out.loss_g).backward()
+        if opt_d is not None:
+            opt_d.zero_grad(set_to_none=True)
+        draws = []
+        for z0_i, t_i, eps_i in zip(z0.chunk(k), t.chunk(k), eps.chunk(k)):  # (k B, ...) -> k x (B, ...)
+            with autocast or nullcontext():
+                out = self(z0_i, context, t_i, eps_i)
+            scaler.scale(out.loss_g / k).backward(inputs=theta)
+            if out.loss_d is not None:
+                scaler.scale(out.loss_d / k).backward(inputs=d_params)
+            draws.append(out.terms)
         if max_grad_norm > 0:
             scaler.unscale_(opt_g)
-            torch.nn.utils.clip_grad_norm_(self.generator_parameters(), max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(theta, max_grad_norm)
         scaler.step(opt_g)
-        if out.loss_d is not None:
-            opt_d.zero_grad(set_to_none=True)  # also drops the gradients L_g left on D
-            scaler.scale(out.loss_d).backward()
+        if self.disc is not None:
             scaler.step(opt_d)
         scaler.update()
-        return out.terms
+        return {name: torch.stack([terms[name] for terms in draws]).mean() for name in draws[0]}
 
     @torch.no_grad()
     def guided_eps(self, z_t: torch.Tensor, t, uncond: torch.Tensor, cond: torch.Tensor, scale: float,

@@ -20,8 +20,8 @@ import torch
 import yaml
 
 from apla import tav
-from apla.config import (CHECKPOINTING, DDIM_STEPS, GROUPNORM, NON_NEGATIVE, PRECISIONS, SD_V15, SEED, TrainConfig,
-                         integer, merge, preset, problem)
+from apla.config import (CHECKPOINTING, DDIM_STEPS, GROUPNORM, LR_SCHEDULES, NON_NEGATIVE, PRECISIONS, REPORTERS,
+                         SD_V15, SEED, TrainConfig, integer, merge, preset, problem)
 from apla.vgt import ALL_VARIANTS
 
 SD_WIDTH = 320  # channels of SD v1.5's first U-Net level; 'auto' checkpoints U-Nets this wide on CUDA
@@ -155,6 +155,13 @@ def train_parser() -> argparse.ArgumentParser:
                                f"random VGG features (default: {d.seed})")
     a("--lr", type=float, help=f"AdamW learning rate of the U-Net's trainable set and VGT (default: {d.lr})")
     a("--disc-lr", type=float, help=f"AdamW learning rate of the discriminator (default: {d.disc_lr})")
+    a("--lr-scheduler", choices=LR_SCHEDULES, help="the learning rates over the updates, diffusers' schedules "
+                                                   f"(apla.loop.lr_factor) (default: {d.lr_scheduler})")
+    a("--lr-warmup-steps", type=int, help=f"updates of linear warmup from 0 (default: {d.lr_warmup_steps})")
+    a("--lr-num-cycles", type=int, help=f"cosine_with_restarts' cycles (default: {d.lr_num_cycles})")
+    a("--lr-power", type=float, help=f"polynomial's power (default: {d.lr_power})")
+    a("--gradient-accumulation-steps", type=int, help="draws of the posterior sample, t and the noise that each "
+                                                      f"update averages (default: {d.gradient_accumulation_steps})")
     a("--vgt", dest="apla.vgt", choices=ALL_VARIANTS + ("none",),
       help=f"VGT variant (Table 1); 'none' is the 'w/o VGT' ablation (default: {d.apla.vgt})")
     a("--no-discriminator", dest="apla.use_discriminator", action="store_const", const=False,
@@ -181,6 +188,9 @@ def train_parser() -> argparse.ArgumentParser:
                                        "a PNG of their first, middle and last frames; 0: never (default: "
                                        f"{d.sample_every}; {SD_V15['sample_every']} at SD size)")
     a("--device", help=f"'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ... (default: {d.device})")
+    a("--report-to", choices=REPORTERS, help="tensorboard: log.jsonl's numbers and the samples also as TensorBoard "
+                                             "events in RUN/tensorboard (pip install tensorboard) (default: "
+                                             f"{d.report_to})")
     a("--resume", action="store_true", help="continue the run in --output-dir from its latest checkpoint")
     a("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar (default: shown)")
     return p

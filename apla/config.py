@@ -16,6 +16,7 @@ from functools import partial
 from typing import Tuple
 
 from apla.assets import model_path
+from apla.loop import LR_SCHEDULES, POLYNOMIAL_LR_END
 from apla.scheduler import NUM_TRAIN_TIMESTEPS  # T bounds the DDIM steps; it stays with the schedule it belongs to
 from apla.vgt import ALL_VARIANTS, VGTConfig
 
@@ -36,6 +37,7 @@ VAE_DOWNSAMPLE = 8  # SD v1.5's VAE divides height and width by 8: a frame side 
 GROUPNORM = ("frames", "per-frame")  # TrainConfig.groupnorm
 PRECISIONS = ("auto", "no", "bf16", "fp16")  # TrainConfig.mixed_precision, sample.py's --mixed-precision
 CHECKPOINTING = ("auto", "on", "off")  # train.py's --gradient-checkpointing (TrainConfig: "auto", true, false)
+REPORTERS = ("none", "tensorboard")  # TrainConfig.report_to (diffusers' key; its "wandb" and others are not ours)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -206,6 +208,16 @@ class TrainConfig:
     weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0           # 0: no clipping
+    # the learning rate over the updates, by diffusers' names (apla.loop.lr_factor): "constant",
+    # "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"; warmup and decay count
+    # updates, the decay ends at max_steps (apla.loop.LRSchedule); theta's and D's rates follow it alike
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_num_cycles: int = 1               # cosine_with_restarts' cycles (diffusers' --lr_num_cycles)
+    lr_power: float = 1.0                # polynomial's power (diffusers' --lr_power)
+    # draws of (posterior sample, t, eps) that each update averages (apla.algorithm.APLA.train_step); a step of
+    # max_steps, checkpoint_every and log.jsonl is one update
+    gradient_accumulation_steps: int = 1
     # "auto" (resolved by train.py, the resolved value saved): bf16 on CUDA with native bfloat16, fp16 on older
     # CUDA devices, "no" (float32) on a CPU (apla.cli.resolve_mixed_precision)
     mixed_precision: str = "auto"
@@ -218,6 +230,7 @@ class TrainConfig:
     keep_checkpoints: int = 2            # 0: keep all
     device: str = "auto"
     progress: bool = True
+    report_to: str = "none"              # "tensorboard": log.jsonl's numbers and the samples also in RUN/tensorboard/
     trainable: Tuple[str, ...] = DEFAULT_TRAINABLE
     # GroupNorm of the U-Net's ResNet blocks and output: "frames" pools statistics over the clip's frames, as
     # Tune-A-Video's code does (the paper "build[s] the model based on Tune-A-Video"); "per-frame" normalises each
@@ -238,6 +251,8 @@ class TrainConfig:
         "size": SIZE, "seed": SEED, "init_seed": (lambda v: v is None or SEED[0](v), SEED[1]),
         "lr": POSITIVE, "disc_lr": POSITIVE, "adam_beta1": BETA, "adam_beta2": BETA, "weight_decay": NON_NEGATIVE,
         "adam_epsilon": POSITIVE, "max_grad_norm": NON_NEGATIVE, "mixed_precision": one_of(PRECISIONS),
+        "lr_scheduler": one_of(LR_SCHEDULES), "lr_warmup_steps": AT_LEAST_ZERO, "lr_num_cycles": AT_LEAST_ONE,
+        "lr_power": POSITIVE, "gradient_accumulation_steps": AT_LEAST_ONE, "report_to": one_of(REPORTERS),
         "gradient_checkpointing": (lambda v: isinstance(v, bool) or v == "auto", 'true, false or "auto"'),
         "checkpoint_every": AT_LEAST_ONE, "sample_every": AT_LEAST_ZERO, "keep_checkpoints": AT_LEAST_ZERO,
         "groupnorm": one_of(GROUPNORM),
@@ -252,6 +267,9 @@ class TrainConfig:
         """ValueError naming the first field out of `RANGES` (or of APLAConfig's, as "apla.<field>")."""
         check(self)
         self.apla.validate()
+        if self.lr_scheduler == "polynomial" and min(self.lr, self.disc_lr) <= POLYNOMIAL_LR_END:
+            raise ValueError(f"lr_scheduler polynomial decays to {POLYNOMIAL_LR_END}: lr and disc_lr must be above it, "
+                             f"got {self.lr} and {self.disc_lr}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

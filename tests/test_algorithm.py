@@ -177,3 +177,29 @@ def test_guidance_adds_phi_once():
     torch.testing.assert_close(model.guided_eps(z_t, t, uncond, cond, 7.5), guided, rtol=1e-5, atol=1e-4)
     assert (model.guided_eps(z_t, t, uncond, cond, 7.5) - model.guided_eps(z_t, t, uncond, cond, 7.5, use_vgt=False)
             - model.perturbation(z_t, t)).abs().max() < 1e-5
+
+
+def test_an_accumulated_step_is_the_mean_of_its_draws():
+    """train_step over k = 2 micro-batches moves theta and D as one SGD step on the mean of the two draws' gradients
+    (theta's of Eq. 20, D's of Eq. 19 only, both at the weights before the step), and returns the terms' means."""
+    model = _model("full")
+    g = torch.Generator().manual_seed(5)
+    draws = [_batch(g) for _ in range(2)]
+    context = torch.randn(1, 77, 32, generator=g)
+    theta, d_params = model.generator_parameters(), list(model.disc.parameters())
+    grads, terms = [], []
+    for z0, t, eps in draws:  # each draw alone, at the starting weights
+        out = model(z0, context, t, eps)
+        grads.append((torch.autograd.grad(out.loss_g, theta), torch.autograd.grad(out.loss_d, d_params)))
+        terms.append(out.terms)
+    before = [p.detach().clone() for p in theta + d_params]
+    opt_g, opt_d = _optimisers(model)
+    z0, t, eps = (torch.cat(parts) for parts in zip(*draws))  # (2, ...): the two draws along dim 0
+    got = model.train_step(z0, context, t, eps, opt_g, opt_d, accumulation_steps=2)
+    mean = [(a + b) / 2 for a, b in zip(grads[0][0] + grads[0][1], grads[1][0] + grads[1][1])]
+    for p, p0, grad in zip(theta + d_params, before, mean):
+        torch.testing.assert_close(p.detach(), p0 - 0.05 * grad, rtol=1e-5, atol=1e-7)
+    for name, value in got.items():
+        assert value.item() == pytest.approx((terms[0][name].item() + terms[1][name].item()) / 2, rel=1e-5), name
+    with pytest.raises(ValueError, match="does not divide"):
+        model.train_step(z0, context, t, eps, opt_g, opt_d, accumulation_steps=3)
