@@ -18,8 +18,9 @@ eps-model by the schedule there (apla.scheduler.eps_from_v, which argues the cho
 unchanged for it.
 
 Eq. 6 reads eps_theta(z*_t, t): we take it as the perturbed prediction eps* = eps_theta(z_t, t) + phi(z_t, t) of
-Eq. 4, since Eq. 4 is where the paper defines the starred quantity ("we add the perturbation to the U-Net"); the
-literal alternative, the U-Net evaluated on a perturbed input z*_t, is defined nowhere in the paper.
+Eq. 4 as we read it (`apla.vgt.perturbed_eps`), since Eq. 4 is where the paper defines a starred quantity ("we add
+the perturbation to the U-Net"); the literal alternative, the U-Net evaluated on a perturbed input z*_t, is defined
+nowhere in the paper.
 """
 from __future__ import annotations
 

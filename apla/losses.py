@@ -5,7 +5,7 @@
     Eq. (16)  L_L1  = E ||eps - eps*||_1                                      l1_loss
     Eq. (17)  L_per = E dist_per(eps, eps*)                                   perceptual_loss
     Eq. (18)  L_hyper = alpha L_MSE + beta L_L1 + gamma L_per                 hyper_loss
-    Eq. (20)  min_theta (L_hyper + lambda L_g) + max_D L_g                    final_objective
+    Eq. (20)  min_theta (L_hyper + lambda L_g) + max_G L_g  (max over D)      final_objective
 
 One training step combines them in `apla.algorithm.APLA.forward`. Expectations are means over all elements (as in
 Tune-A-Video's F.mse_loss), computed in float32.
@@ -176,7 +176,9 @@ def hyper_loss(
 def final_objective(l_hyper: torch.Tensor, l_g: torch.Tensor, lam: float) -> torch.Tensor:
     """Eq. (20), the generator's side: L_hyper + lambda * L_g, minimised over theta (U-Net and VGT).
 
-    The other side of Eq. 20, "max_G L_g" (read: max over D), is D's step, `discriminator_adversarial_loss`.
+    The paper writes min_theta (L_hyper + lambda L_g) + max_G L_g. G, "the united block of U-Net and VGT", has the
+    parameters theta, so a max over G would undo the min over theta; we read it as the max over D of Eq. 19's
+    max_D min_G, D's own step on its own optimiser (`discriminator_adversarial_loss`, the negated objective).
     """
     # $$\mathcal{L}_{hyper} + \lambda L_g$$
     return l_hyper + lam * l_g

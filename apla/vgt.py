@@ -8,7 +8,7 @@ the U-Net's noise prediction. The paper writes the temporal token sequence z_t^l
     Eq. (4)   eps* = eps_theta(z_t, t, c) + phi(z_t, t)                     perturbed_eps
     Eq. (7)   z_s^{l+1} = MMSA(LN(z_s^l)) + z_s^l                          DecoderBlock.forward (VGT.spatial)
     Eq. (8)   z_tmp^{l+1} = MMSA(LN(z_tmp^l)) + z_tmp^l                    DecoderBlock.forward (VGT.temporal)
-    Eq. (9)   z_s^0 = [z_cls,s, z_s^1, ..., z_s^N] + p                     spatial_tokens
+    Eq. (9)   z_s^0 = [z_cls,s, z_s^1, ..., z_s^N] + p   (paper: z_s^L)     spatial_tokens
     Eq. (10)  z_tmp^1 = [z_cls,t, D z_cls,s^{1,L}, ..., D z_cls,s^{F,L}] + p  temporal_input
     Eq. (11)  z_tmp^M = [z_cls,t^M, z_tmp^{1,M}, ..., z_tmp^{F,M}]         temporal_output
     Eq. (12)  y = z_s^{C,L} (Hadamard) z_tmp^{C,M}                         hadamard_fusion      (VGT-Pure)
@@ -72,7 +72,12 @@ ALL_VARIANTS = VARIANTS + ("pure-frame",)  # and the ablation study's capacity c
 
 @dataclass
 class VGTConfig:
-    """VGT hyper-parameters. Defaults are the paper-size model (Table 1) at SD v1.5's latents."""
+    """VGT hyper-parameters. Defaults are the paper-size model (Table 1) at SD v1.5's latents.
+
+    At initialisation ||phi|| / ||eps_theta|| (Fig. 5b) is about 2e-3 at this paper size (VGT-Pure 1.8e-3, VGT-Hyper
+    1.1e-3; tests/test_vgt.py::test_initial_perturbation_is_tiny_paper_size prints it) and about 1e-4 for the micro
+    run's VGT (`apla.config.TrainConfig.vgt_model`, notebook 03): `out_init_std` sets the scale, the width the rest.
+    """
 
     variant: str = "pure"  # "pure" | "hyper" | "pure-en" | "hyper-en" (Table 1); paper experiments: "pure";
     # "pure-frame": VGT-Pure with no information across frames (`frame_mask`), the ablation study's capacity control
@@ -128,8 +133,12 @@ class VGTShapeError(ValueError):
 def perturbed_eps(eps_pred: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
     """Eq. (4): the perturbed noise prediction eps* = eps_theta(z_t, t, c) + phi(z_t, t).
 
-    The paper writes Eq. 4 on the U-Net's output pi(z_t, t); with an epsilon-predicting U-Net that output is
-    eps_theta, so the perturbation is added to the predicted noise. Same shape in, same shape out.
+    The paper writes Eq. 4 on the latent after a denoising step, z*_{t-1} = pi(z_t, t) + phi(z_t, t), with pi the
+    DDIM step of Eqs. 2-3 (`apla.scheduler.ddim_step`), and says "we add the perturbation to the U-Net". We add phi
+    to the U-Net's output, its noise prediction eps_theta, so that training (Eq. 6) and sampling use the same eps*.
+    The DDIM step is linear in its eps, so this adds c_t phi to z_{t-1}, with
+    c_t = sqrt(1 - alpha_bar_{t-1}) - sqrt(alpha_bar_{t-1} (1 - alpha_bar_t) / alpha_bar_t): the paper's reading
+    up to that t-dependent scale (phi sees t, so either reading can learn the other's). Same shape in and out.
     """
     # $$\epsilon^* = \epsilon_\theta(z_t, t, c) + \varphi(z_t, t)$$
     return eps_pred + phi
@@ -187,6 +196,11 @@ def unpatchify(tokens: torch.Tensor, patch_size: int, channels: int, height: int
 
 def spatial_tokens(patch_tokens: torch.Tensor, cls_token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """Eq. (9): one frame's input token sequence z_s^0 = [z_cls,s, z_s^1, ..., z_s^N] + p.
+
+    The paper writes Eq. 9 as z_s^L = [z_cls,s^L, z_s^{1,L}, ..., z_s^{F,L}] + p: the spatial decoder's output after
+    L blocks, its tokens indexed by frames. We build what that sequence starts as: a class token in front of one
+    frame's N patch tokens, plus p, added once at the input (file header); the frames go into the batch, and L blocks
+    of Eq. 7 turn z_s^0 into z_s^L, whose class tokens (one per frame) Eq. 10 reads.
 
     patch_tokens (B*F, N, d) embedded patches; cls_token (B*F, 1, d) or (1, 1, d); pos (1, 1+N, d).
     Returns (B*F, 1+N, d). The class token comes first, as in the paper.

@@ -1,12 +1,14 @@
-"""apla.show: the library's source as the notebooks put it on the page, read from the file, with its line numbers."""
+"""apla.show: the library's source as the notebooks put it on the page, read from the file, with its line numbers;
+and the drawings made from a model (vgt_diagram)."""
 import inspect
+import xml.etree.ElementTree as ET
 
 import pytest
 import torch
 
 import apla.scheduler
 import apla.vgt
-from apla.show import ELIDED, MARK, blocks, draw, show, trace
+from apla.show import ELIDED, MARK, blocks, draw, show, trace, vgt_diagram
 
 
 def _file_lines(obj):
@@ -118,3 +120,31 @@ def test_draw_has_a_box_per_call_and_an_arrow_per_drawn_read():
     legend = {t.get_text() for t in ax.get_legend().get_texts()}
     assert legend >= {"reads context", "reads time_embedding", "ResnetBlock"}
     plt.close(ax.figure)
+
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+@pytest.mark.parametrize("variant, depths", [("pure", (2, 3)), ("hyper", (1, 2)), ("pure-en", (1, 1)), ("pure-frame", (1, 2))])
+def test_vgt_diagram_is_drawn_from_the_model_and_one_forward_pass(variant, depths):
+    """Each box comes from the model given (its depths, widths, mask, fusion) and each tensor's shape from the
+    VGTIntermediates of its forward pass; the SVG is well-formed and holds the same text, one line per arrow."""
+    config = apla.vgt.VGTConfig(variant=variant, sample_size=8, max_frames=3, width=16, spatial_depth=depths[0],
+                                temporal_depth=depths[1], heads=2, mlp_hidden=32)
+    vgt = apla.vgt.VGT(config).eval()
+    with torch.no_grad():
+        out = vgt(torch.randn(1, 4, 3, 8, 6), 10, return_intermediates=True)  # H != W: N = 4 * 3 patches
+    diagram = vgt_diagram(vgt, out)
+    text = str(diagram)
+    for name in out._fields:
+        label = "y*" if name == "y" and config.hyper else name
+        assert f"{label} {tuple(getattr(out, name).shape)}" in text, name
+    assert f"{depths[0]} × DecoderBlock (LN, MMSA, 2 heads), norm_s" in text
+    assert f"{depths[1]} × DecoderBlock (LN, MMSA, 2 heads), norm_t" in text
+    assert ("mask decoder_mask(13)" in text) == config.masked and ("mask frame_mask(4)" in text) == config.per_frame
+    assert ("HyperBlock M · Eq. 14" in text) == config.hyper != ("hadamard_fusion · Eq. 12" in text)
+    assert "Linear(16 → 32), GELU, Linear(32 → 16)" in text  # the head: d -> mlp_hidden -> C*P*P
+    svg = ET.fromstring(diagram._repr_svg_())
+    texts = {e.text for e in svg.iter(f"{SVG}text")}
+    assert all({b.title, *b.lines} <= texts for b in diagram.boxes.values())
+    assert len(svg.findall(f"{SVG}polyline")) == len(diagram.arrows) and len(svg.findall(f"{SVG}rect")) == 1 + len(diagram.boxes)
