@@ -13,10 +13,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import apla
 from apla import checkpoint as ckpt
 from apla.algorithm import APLA
-from apla import cli
+from apla import cli, sampling
 from apla.eval.score import sample_stem
 from apla.run import PROGRESSION_HEADER
 from tests.helpers.runs import (BBB, ROOT, SHAPES_GIF, make_tiny, run_exit, sample, train,  # noqa: F401 (test_cuda)
@@ -286,18 +285,18 @@ def test_sample_holds_the_unet_in_the_autocast_dtype_on_cuda(tiny, trained_run, 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert (cli.unet_dtype("bf16", cuda), cli.unet_dtype("fp16", cuda)) == (torch.bfloat16, torch.float16)
     assert cli.unet_dtype("no", cuda) == cli.unet_dtype("bf16", cpu) == cli.unet_dtype("fp16", cpu) == torch.float32
-    held, load = [], apla.load_stable_diffusion
+    held, load = [], sampling.load_stable_diffusion
 
     def spy(*args, **kwargs):
         sd = load(*args, **kwargs)
         held.append({n: next(getattr(sd, n).parameters()).dtype for n in ("unet", "vae", "text_encoder")})
         return sd
 
-    monkeypatch.setattr(apla, "load_stable_diffusion", spy)
+    monkeypatch.setattr(sampling, "load_stable_diffusion", spy)  # sample.py loads through apla.sampling
     prompts = ["a blue circle moving to the right", "a red square moving to the right"]
     strips = {}
     for label, rule in (("float32", cli.unet_dtype), ("bf16", lambda precision, device: torch.bfloat16)):
-        monkeypatch.setattr(sample, "unet_dtype", rule)
+        monkeypatch.setattr(sampling, "unet_dtype", rule)
         out = tmp_path / label
         argv = ["--run", str(trained_run), "--steps", "2", "--prompt", prompts[0], "--prompt", prompts[1], "--out",
                 str(out), "--no-progress", "--no-metrics", "--device", "cpu", "--mixed-precision", "bf16"]
