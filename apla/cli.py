@@ -263,8 +263,9 @@ def sample_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--run", default=None, help=f"the run directory written by train.py (default: {TrainConfig.output_dir}, "
                                   "unless --video samples a base model without a run)")
-    a("--video", default=None, help="sample the base model (--pretrained, default micro) without a run, no VGT and no "
-                                    "D, from this clip (a path or a bundled clip's name), encoded and inverted now")
+    a("--video", default=None, help="sample the base model (--pretrained: micro unless given) without a run, no VGT "
+                                    "and no D, from this clip (a path or a bundled clip's name), encoded and inverted "
+                                    "now (default: none, sample --run)")
     a("--prompt", action="append", default=None,
       help="a prompt (repeatable) (default: the run's own prompt plus its edit_prompts)")
     a("--steps", type=in_range(int, DDIM_STEPS), default=None,
