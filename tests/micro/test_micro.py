@@ -15,6 +15,7 @@ from apla import assets as bundled
 from apla.micro import MICRO_DIR, MICRO_PRESET, TEXT_ENCODER_CONFIG
 from apla.scheduler import classifier_free_guidance, ddim_sample, ddim_timesteps, make_alpha_bar
 from apla.sd.unet import is_temporal_param
+from tests.helpers.inflation import temporal_output_zero
 
 COMPONENT_FILES = {
     "vae": "vae/diffusion_pytorch_model.safetensors",
@@ -96,7 +97,8 @@ def test_folder_loads_in_diffusers_and_transformers_with_the_same_outputs(sd):
     with torch.no_grad():
         context = sd.text_encoder(input_ids=ids).last_hidden_state
         torch.testing.assert_close(context, ref_text(input_ids=ids).last_hidden_state, rtol=1e-4, atol=1e-4)
-        ours = sd.unet(z[:, :, None], torch.tensor([10, 900]), context)[:, :, 0]  # (B, 4, 1, h, w) -> (B, 4, h, w)
+        with temporal_output_zero(sd.unet):  # one frame through the inflated U-Net is the 2D U-Net
+            ours = sd.unet(z[:, :, None], torch.tensor([10, 900]), context)[:, :, 0]  # (B, 4, 1, h, w) -> (B, 4, h, w)
         torch.testing.assert_close(ours, ref_unet(z, torch.tensor([10, 900]), context).sample, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(sd.vae.decode(z), ref_vae.decode(z).sample, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(sd.vae.encode(x)[0], ref_vae.encode(x).latent_dist.mean, rtol=1e-4, atol=1e-4)

@@ -14,6 +14,7 @@ from apla.sd.attention import Attention, sparse_causal_kv
 from apla.sd.unet import (UNet3DConditionModel, UNetConfig, UNetConfigError, is_temporal_param,
                        load_trainable_state, mark_trainable, trainable_state)
 from apla.sd.weights import unet_key_from_ldm
+from tests.helpers.inflation import temporal_output_zero
 
 DIFFUSERS = "diffusers (a dev extra) is the reference"
 # names and shapes (no weights) of Stable Diffusion v1.5 as published (Rombach et al. 2022; CreativeML OpenRAIL-M)
@@ -78,8 +79,7 @@ def test_tiny_parity_with_diffusers_f1_and_identical_frames(tiny_folder, norm_ov
     folder, ref = tiny_folder
     unet = _load_folder(folder, norm_over_frames=norm_over_frames)
     z, t, context = _inputs(Fr=1)
-    _temporal_output_zero(unet)
-    with torch.no_grad():
+    with torch.no_grad(), temporal_output_zero(unet):
         eps_ref = ref(z[:, :, 0], t, context).sample  # (B, 4, h, w)
         eps_f1 = unet(z, t, context)
         eps_f4 = unet(z.expand(-1, -1, 4, -1, -1).contiguous(), t, context)
@@ -88,15 +88,6 @@ def test_tiny_parity_with_diffusers_f1_and_identical_frames(tiny_folder, norm_ov
     torch.testing.assert_close(eps_f1[:, :, 0], eps_ref, rtol=0, atol=1e-5)
     for i in range(4):
         torch.testing.assert_close(eps_f4[:, :, i], eps_ref, rtol=0, atol=1e-5)
-
-
-def _temporal_output_zero(unet):
-    """The temporal attention's bias taken to zero: with its weight at zero (the start), the layer adds nothing, and
-    the inflated U-Net on one frame is the 2D U-Net."""
-    with torch.no_grad():
-        for n, p in unet.named_parameters():
-            if n.endswith("attn_temp.to_out.0.bias"):
-                p.zero_()
 
 
 def _manifest():
@@ -138,9 +129,8 @@ def test_full_size_single_file_parity_with_diffusers(sd15_single_file):
     del ldm, ref_sd
     gc.collect()
 
-    _temporal_output_zero(unet)
     z, t, context = torch.randn(1, 4, 1, 8, 8), 999, torch.randn(1, 77, 768)
-    with torch.no_grad():
+    with torch.no_grad(), temporal_output_zero(unet):
         eps_ref = ref(z[:, :, 0], t, context).sample
         eps = unet(z, t, context)[:, :, 0]
     rel = ((eps - eps_ref).norm() / eps_ref.norm()).item()
