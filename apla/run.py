@@ -3,10 +3,11 @@ the clip encoded once and decoded back, checkpoints of everything that trains, a
 
 A run directory holds config.json, source.safetensors (the clip's latents and the prompt's text states),
 log.jsonl (one line per step), checkpoints/step-NNNNNN/ (weights.safetensors with `unet.`, `vgt.` and `disc.`
-parts + state.pt with the optimiser and random-generator states) and samples/ (sample.py's outputs; with
---sample-every, step-NNNNNN/ folders of GIFs written while training, and progression.png). Everything is written
-atomically (apla.checkpoint), by one train.py at a time (apla.checkpoint.RunLock); what an interrupted run leaves is
-always a state that `--resume` (or, before the first checkpoint, the same command) continues from.
+parts + state.pt with the optimiser and random-generator states), inversions/ (the clip's z_T kept by sample.py,
+apla.sampling) and samples/ (sample.py's outputs; with --sample-every, step-NNNNNN/ folders of GIFs written while
+training, and progression.png). Everything is written atomically (apla.checkpoint), by one train.py at a time
+(apla.checkpoint.RunLock; inversions/ and samples/ are sample.py's); what an interrupted run leaves is always a state
+that `--resume` (or, before the first checkpoint, the same command) continues from.
 """
 from __future__ import annotations
 

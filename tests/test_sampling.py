@@ -2,6 +2,7 @@
 other frame counts and sizes where VGT allows and one-line refusals where it does not, the inverted latent kept per
 checkpoint and settings, a base model sampled without a run, the grid of all prompts, metrics.json's paths."""
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from apla.config import TrainConfig
 from apla.eval.score import GRID, sample_stem
 from apla.sd.unet import UNet3DConditionModel
 from apla.video import to_uint8
-from tests.helpers.runs import SHAPES_GIF, make_tiny, run_exit, sample, train, train_args
+from tests.helpers.runs import ROOT, SHAPES_GIF, make_tiny, run_exit, sample, train, train_args
 
 pytest.importorskip("diffusers")
 
@@ -81,6 +82,20 @@ def test_sample_returns_videos_that_sample_py_writes(trained, tmp_path):
                         *[x for p in PROMPTS for x in ("--prompt", p)]]) == 0
     for written, video in zip(strips(out, PROMPTS), videos):  # the PNG strip is lossless: exactly the 8-bit frames
         assert np.array_equal(written, np.concatenate(list(to_uint8(video)), axis=1))
+
+
+def test_readme_sampling_snippet_runs_on_the_default_run(tmp_path):
+    """The README's sampling call, as written, on `python train.py`'s run (1 step): the shapes its comment gives."""
+    readme = (ROOT / "README.md").read_text()
+    code = next(block for block in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "apla.sample(" in block)
+    run = tmp_path / "apla"
+    assert train.main(["--output-dir", str(run), "--max-steps", "1", "--no-progress"]) == 0
+    scope = {}
+    exec(code.replace('"runs/apla"', repr(str(run))), scope)
+    promised = re.search(r"apla\.sample\(.*# (\[.*?\])", code).group(1)
+    assert str([tuple(v.shape) for v in scope["videos"]]) == promised
+    assert all(v.min() >= -1 and v.max() <= 1 for v in scope["videos"])
+    assert len(list((run / "inversions").iterdir())) == 1  # z_T kept where the comment says
 
 
 def test_no_inversion_at_another_frame_count_and_size_where_vgt_allows(trained):
