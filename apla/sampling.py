@@ -3,7 +3,8 @@
     import apla
     videos = apla.sample("runs/apla", ["a blue circle moving to the right"])      # [(8, 3, 64, 64)] in [-1, 1]
     videos = apla.sample("runs/apla", ["a red square"], invert=False, frames=4, size=48, seed=0)
-    base = apla.sampling.load_base("micro", "red-circle-right")   # no run: the base model, its clip encoded now
+    from apla.sampling import load_base
+    base = load_base("micro", "red-circle-right")                 # no run: the base model, its clip encoded now
     videos = apla.sample(base, ["a blue circle moving to the right"])
 
 Algorithm 1's second loop, "Sampling z_{t-1} using DDIM inversion", is read as Tune-A-Video does it: DDIM inversion
@@ -85,7 +86,7 @@ def load_model(pretrained, device: torch.device, precision: str, seed: int) -> S
             raise SamplingError(f"cannot load base model {pretrained!r}: {e}") from None
 
 
-def pick(device) -> torch.device:
+def resolve_device(device) -> torch.device:
     """`device` as a torch.device; None: cuda when available, else cpu."""
     return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -94,7 +95,7 @@ def load_run(run_dir, checkpoint=None, pretrained=None, device=None, mixed_preci
     """A run of train.py, ready to sample: its config.json and source.safetensors (the clip's latents), its base model
     (or `pretrained`) and a checkpoint's weights (the latest, read safely while a train.py may go on writing the run,
     or the folder `checkpoint`). CheckpointError (one line) for what the run lacks or holds damaged."""
-    run_dir, device = Path(run_dir), pick(device)
+    run_dir, device = Path(run_dir), resolve_device(device)
     cfg = run.read_config(run_dir)
     if checkpoint is not None and not (Path(checkpoint) / "weights.safetensors").is_file():
         raise ckpt.CheckpointError(f"--checkpoint {checkpoint}: no weights.safetensors there")
@@ -120,7 +121,7 @@ def load_base(pretrained, video=None, prompt: str | None = None, frames: int | N
     (default: the base model's, the micro run's 8 at 64 px or the paper's 24 at 512 px) and encoded now. `prompt` is
     the clip's caption (default: the base model's own clip's, else unknown, "", so that the prompts to sample must be
     named). SamplingError or apla.video.VideoError (one line) for what cannot be read or loaded."""
-    device, base = pick(device), default_config(pretrained)
+    device, base = resolve_device(device), default_config(pretrained)
     own_clip = video is None or resolve_video(video) == resolve_video(base.video)
     given = {"video": base.video if video is None else str(video), "apla": {"vgt": "none", "use_discriminator": False}}
     given.update({k: v for k, v in (("frames", frames), ("size", size)) if v is not None})
@@ -254,12 +255,17 @@ def inversion(sampler: Sampler, steps: int | None = None, use_vgt: bool = True, 
     """z_T of the clip by DDIM inversion with the empty prompt on eps* (apla.run.invert_clip), `steps` DDIM steps
     (default: the run's sample_steps), read back from RUN/inversions/ when it holds one of the same `inversion_key`,
     else inverted now and kept there (atomically). A run folder that cannot be written (read-only, full) keeps
-    nothing: said in one line on stderr, and the samples are made all the same."""
+    nothing, and neither does a checkpoint pruned by a running train.py since it was loaded (its file is gone to
+    hash): said in one line on stderr, and the samples are made all the same."""
     steps = sampler.cfg.sample_steps if steps is None else steps
     use_vgt = use_vgt and sampler.model.vgt is not None
     path = key = None
     if sampler.run_dir is not None:
-        key = inversion_key(sampler, steps, use_vgt)
+        try:
+            key = inversion_key(sampler, steps, use_vgt)
+        except FileNotFoundError as e:
+            print(f"note: the inversion is not kept ({ckpt.describe_os_error(e)})", file=sys.stderr)
+    if key is not None:
         path = inversion_file(sampler, key)
         z_T = read_inversion(path, key, sampler.z0.shape)
         if z_T is not None:

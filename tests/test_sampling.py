@@ -1,6 +1,7 @@
 """Sampling as a Python call (apla.sample, apla.sampling) on the tiny model: tensors that are what sample.py writes,
 other frame counts and sizes where VGT allows and one-line refusals where it does not, the inverted latent kept per
 checkpoint and settings, a base model sampled without a run, the grid of all prompts, metrics.json's paths."""
+import errno
 import json
 import re
 import shutil
@@ -193,6 +194,19 @@ def test_a_second_sample_reuses_the_inversion_and_a_new_checkpoint_inverts_again
     for kept in (run / "inversions").iterdir():
         kept.write_bytes(kept.read_bytes()[:40])
     assert inversions_of([]) == 1 and inversions_of([]) == 0
+
+
+def test_a_run_folder_that_cannot_keep_the_inversion_still_samples(trained, tmp_path, monkeypatch, capsys):
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(trained / "inversions" / "x.safetensors"))
+
+    monkeypatch.setattr(ckpt, "atomic_save_safetensors", full)
+    assert sample.main(["--run", str(trained), "--steps", "5", "--prompt", "x", "--no-metrics", "--out",
+                        str(tmp_path / "s"), *CPU]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "inversion is not kept" in line]
+    assert len(notes) == 1 and "no space left on device" in notes[0], notes
+    assert (tmp_path / "s" / f"{sample_stem('x')}.gif").is_file()
+    assert not any("ddim5" in p.name for p in (trained / "inversions").glob("*"))
 
 
 def test_the_python_call_reuses_the_inversion_sample_py_kept(trained, tmp_path, monkeypatch):
