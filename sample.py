@@ -72,10 +72,15 @@ def generate(args) -> int:
     try:  # the run (or the base model and its clip), then the CLIP model of the scores, before any sampling
         if args.video is not None:
             sampler = sampling.load_base(args.pretrained or TrainConfig.pretrained, args.video, frames=args.frames,
-                                         size=args.size, device=device, mixed_precision=args.mixed_precision)
+                                         size=args.size, device=device, mixed_precision=args.mixed_precision,
+                                         prediction_type=args.prediction_type)
         else:
             sampler = sampling.load_run(args.run or TrainConfig.output_dir, args.checkpoint, args.pretrained, device,
-                                        args.mixed_precision)
+                                        args.mixed_precision, args.prediction_type)
+        if sampler.precision_note:
+            print(f"sample.py: {sampler.precision_note}", file=sys.stderr)
+        if sampler.model_note:                                                 # what an SD 2.x single file is silent on
+            print(f"note: {sampler.model_note}", file=sys.stderr)
         invert, use_vgt = not args.no_inversion, not args.no_vgt
         sampling.latent_shape(sampler, args.frames, args.size, invert, use_vgt)  # a request VGT cannot honour
         if not args.prompt and not sampler.cfg.prompt:

@@ -7,7 +7,10 @@
 Reads top to bottom: configuration -> the clip and the base model -> the clip and the prompt encoded once -> the
 run's models (U-Net trainable set, VGT, D) -> Algorithm 1's loop, whose step is `apla.algorithm.APLA`
 (Eq. 1 noising, Eq. 4 perturbed prediction, Eq. 18 hyper-loss, Eq. 20 for U-Net and VGT, Eq. 19 for D)
--> a JSONL log line per step, atomic checkpoints and (--sample-every) samples to watch in the run directory.
+-> a JSONL log line per step (and TensorBoard's, --report-to), atomic checkpoints and (--sample-every) samples to
+watch in the run directory. A step is one update: of one draw, or the mean of --gradient-accumulation-steps draws,
+at the rate of the learning-rate schedule (apla.loop). SIGTERM or SIGUSR1 (a cluster's time limit) ends the run
+after its step in progress, with a checkpoint of it.
 
 Algorithm 1 says "Extract the first frame x_0 from v": we read x_0 as the whole clip (every sampled frame), since
 the same algorithm outputs a video and the paper trains on "24 frames" of each clip. Its "Encode x_0 ... into a
@@ -28,10 +31,12 @@ from tqdm.auto import tqdm
 
 import apla
 from apla import checkpoint as ckpt
-from apla import run
+from apla import loop, run
 from apla.assets import resolve_video
 from apla.cli import (autocast_for, fail, parse_train_args, pick_device, resolve_gradient_checkpointing,
-                      resolve_mixed_precision)
+                      run_precision)
+from apla.config import preset
+from apla.sd.weights import assumption_note
 from apla.video import VideoError, read_video
 
 
@@ -45,13 +50,16 @@ def start_checkpoint(run_dir: Path, resume: bool):
     return latest
 
 
-def log_line(step: int, t: torch.Tensor, terms: dict, seconds: float) -> dict:
-    """One record of log.jsonl: the step's terms as floats, read from the device in one transfer."""
-    values = torch.stack([t[0].float().cpu(), *[v.cpu() for v in terms.values()]]).tolist()
-    return {"step": step, "t": int(values[0]), **dict(zip(terms, values[1:])), "step_time": seconds}
+def log_line(step: int, t: torch.Tensor, terms: dict, lr: float, seconds: float) -> dict:
+    """One record of log.jsonl: the step's timestep (a list of the k timesteps of an accumulated update), its terms
+    as floats (means over the k draws), read from the device in one transfer, and the learning rate it used."""
+    values = torch.stack([*t.float(), *terms.values()]).tolist()
+    timesteps = [int(v) for v in values[:len(t)]]
+    return {"step": step, "t": timesteps[0] if len(t) == 1 else timesteps, **dict(zip(terms, values[len(t):])),
+            "lr": lr, "step_time": seconds}
 
 
-def stop(run_dir: Path, why: str):
+def halt(run_dir: Path, why: str):
     """End a run whose step is not finite: one line, exit status 1; its last finite checkpoint stays the latest."""
     latest = ckpt.latest_checkpoint(run_dir)
     fail(f"{why}; stopping (a lower --lr may help), "
@@ -59,17 +67,18 @@ def stop(run_dir: Path, why: str):
 
 
 def main(argv=None) -> int:
-    """train(), with every way it can stop said in one line: Ctrl-C (exit status 130) and a full disk (1) say how
-    the run continues, another writer of the run directory and other OS errors (2) what is at fault."""
+    """train(), with every way it can stop said in one line: SIGTERM or SIGUSR1 (exit status 143, after a checkpoint
+    of the last step), Ctrl-C (130) and a full disk (1) say how the run continues, another writer of the run
+    directory and other OS errors (2) what is at fault."""
     cfg, resume = parse_train_args(argv)
     try:
         run.absolute_paths(cfg)
     except ValueError as e:
         fail(str(e))
     run_dir = Path(cfg.output_dir)
-    with ckpt.RunLock(run_dir) as lock:
+    with ckpt.RunLock(run_dir) as lock, loop.StopOnSignal() as stop:
         try:
-            return train(cfg, resume, lock)
+            return train(cfg, resume, lock, stop)
         except ckpt.CheckpointError as e:  # another writer (RunLocked), a damaged run file
             fail(str(e))
         except KeyboardInterrupt:
@@ -81,9 +90,9 @@ def main(argv=None) -> int:
             fail(ckpt.describe_os_error(e))
 
 
-def train(cfg, resume: bool, lock: ckpt.RunLock) -> int:
+def train(cfg, resume: bool, lock: ckpt.RunLock, stop: loop.StopOnSignal) -> int:
     """Algorithm 1 on cfg's clip, in the run directory that `lock` keeps to this process (taken before any work when
-    the directory exists, else once the inputs are checked)."""
+    the directory exists, else once the inputs are checked), until max_steps or a signal `stop` notes."""
     # ---- the run directory: its one writer (a second train.py is refused here, before any work) -----------------
     run_dir, device = lock.run_dir, pick_device(cfg.device)
     if run_dir.is_dir():
@@ -97,13 +106,17 @@ def train(cfg, resume: bool, lock: ckpt.RunLock) -> int:
 
     # ---- the clip x (Algorithm 1's x_0: every sampled frame) and the base model, checked before anything is written
     try:
+        board = loop.TensorBoard(run_dir) if cfg.report_to == "tensorboard" else None    # the optional extra
         frames = read_video(resolve_video(cfg.video), cfg.frames, start=cfg.start, stride=cfg.stride,
                             size=cfg.size)                                                 # (F, 3, H, W)
-        sd = apla.load_stable_diffusion(cfg.pretrained, device=device)
-    except VideoError as e:
+        sd = apla.load_stable_diffusion(cfg.pretrained, device=device, prediction_type=cfg.prediction_type)
+    except (VideoError, ImportError) as e:
         fail(str(e))
     except (ValueError, OSError) as e:
         fail(f"cannot load --pretrained {cfg.pretrained!r}: {e}")
+    if assumption_note(sd):                                                    # what an SD 2.x single file is silent on
+        print(f"note: {assumption_note(sd)}", file=sys.stderr)
+    cfg.prediction_type = sd.prediction_type                                   # recorded in config.json
     cfg.apla.perceptual_weights = run.resolve_perceptual_weights(cfg.apla)          # recorded in config.json
 
     # ---- the clip and the prompt, encoded once -----------------------------------------------------------------
@@ -119,26 +132,32 @@ def train(cfg, resume: bool, lock: ckpt.RunLock) -> int:
         model = run.build_apla(cfg, sd, z0_mean.shape, device)
     except ValueError as e:
         fail(str(e))
-    cfg.mixed_precision = resolve_mixed_precision(cfg.mixed_precision, device)              # "auto" -> as run
+    cfg.mixed_precision, why = run_precision(cfg.mixed_precision, device)                   # "auto" -> as run
+    if why:
+        print(f"apla: {why}", file=sys.stderr)
     cfg.gradient_checkpointing = resolve_gradient_checkpointing(cfg.gradient_checkpointing, device, model.unet.config)
     model.enable_gradient_checkpointing(cfg.gradient_checkpointing)
     if cfg.compile:
         model.compile_networks()
     opt_g, opt_d = run.optimizers(cfg, model)
+    schedule = loop.LRSchedule(cfg, opt_g, opt_d)                  # diffusers' lr_scheduler, update by update
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    meta, step = run.checkpoint_meta(cfg, model), 0
+    states = {"lr_schedule": schedule, "scaler": scaler}          # saved with the optimisers' in each checkpoint
+    meta, step, draws = run.checkpoint_meta(cfg, model), 0, cfg.gradient_accumulation_steps
 
     # ---- the run directory, written from here on: config, the encoded clip, the log cut back to the checkpoint --
     if not lock.held:  # a new run directory, made now that its inputs are checked
         lock.acquire()
         start = start_checkpoint(run_dir, resume)  # (another run may have made it meanwhile)
     if start is not None:
-        step = run.load_checkpoint(start, cfg, model, opt_g, opt_d, gen)
+        step = run.load_checkpoint(start, cfg, model, opt_g, opt_d, gen, states)
     ckpt.remove_temporaries(run_dir)                                            # of an interrupted write
     ckpt.atomic_write_json(run_dir / "config.json", cfg.to_dict())
     ckpt.atomic_save_safetensors({"z0_mean": z0_mean, "z0_std": z0_std, "context": context},
                                  run_dir / "source.safetensors", metadata={"prompt": cfg.prompt})
+    if start is None:  # a new run started from its base model's preset: which, and why
+        print(f"apla: {preset(cfg.pretrained)[1]}", file=sys.stderr)
     sizes = {k: sum(p.numel() for p in m.parameters() if p.requires_grad)
              for k, m in (("U-Net", model.unet), (f"VGT-{cfg.apla.vgt}", model.vgt), ("D", model.disc)) if m}
     print(f"apla: trains {', '.join(f'{k} {v:,}' for k, v in sizes.items())} parameters; {frames.shape[0]} "
@@ -147,34 +166,37 @@ def train(cfg, resume: bool, lock: ckpt.RunLock) -> int:
     # ---- Algorithm 1: the fine-tuning loop ----------------------------------------------------------------------
     model.train()
     amp = autocast_for(cfg.mixed_precision, device)
-    with run.StepLog(run_dir, step) as log:
-        if log.torn:
-            print(f"apla: {log.path}: dropped {log.torn} line(s) cut short by an interrupted write", file=sys.stderr)
-        if log.dropped and start is None:
-            print(f"apla: {log.path} held {log.dropped} step(s) of a run that saved no checkpoint; the log starts "
-                  "afresh", file=sys.stderr)
+    with run.StepLog(run_dir, step, board) as log:                 # each step once, restored up to the checkpoint
+        for note in log.notes(resumed=start is not None):
+            print(note, file=sys.stderr)
         bar = tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps, desc="APLA tuning",
                    disable=not cfg.progress)
         for step in bar:
             t0 = time.perf_counter()
-            # a posterior sample of the cached clip latents, a timestep t ~ U{0..T-1} and the noise eps ~ N(0, I)
-            z0 = z0_mean + z0_std * torch.randn(z0_mean.shape, generator=gen, device=device)
-            t = torch.randint(0, len(sd.alpha_bar), (1,), generator=gen, device=device)
-            eps = torch.randn(z0.shape, generator=gen, device=device)
-            terms = model.train_step(z0, context, t, eps, opt_g, opt_d, scaler, cfg.max_grad_norm, amp)
-            record = log_line(step + 1, t, terms, time.perf_counter() - t0)
-            bad = [k for k, v in record.items() if not math.isfinite(v)]
+            # `draws` posterior samples of the cached clip latents, timesteps t ~ U{0..T-1} and noises eps ~ N(0, I),
+            # which one update averages (one draw unless --gradient-accumulation-steps)
+            shape = (draws, *z0_mean.shape[1:])                                # (k, 4, F, h, w)
+            z0 = z0_mean + z0_std * torch.randn(shape, generator=gen, device=device)
+            t = torch.randint(0, len(sd.alpha_bar), (draws,), generator=gen, device=device)
+            eps = torch.randn(shape, generator=gen, device=device)
+            terms = model.train_step(z0, context, t, eps, opt_g, opt_d, scaler, cfg.max_grad_norm, amp, draws)
+            record = log_line(step + 1, t, terms, schedule.lr, time.perf_counter() - t0)
+            schedule.step()
+            bad = [key for key, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
             if bad:
-                stop(run_dir, f"step {step + 1}: loss term {bad[0]} is not finite ({record[bad[0]]})")
+                halt(run_dir, f"step {step + 1}: loss term {bad[0]} is not finite ({record[bad[0]]})")
             if watch and (step + 1) % cfg.sample_every == 0:  # samples to watch, their cost in the log
                 record["sample_time"] = watch.write(model, z0_mean, step + 1, amp)
             log.append(record)
             bar.set_postfix(loss=f"{record['total']:.4f}")
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.max_steps:
+            stopping = stop.requested and step + 1 < cfg.max_steps  # SIGTERM / SIGUSR1: checkpoint, then stop
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.max_steps or stopping:
                 bad = run.nonfinite(model, z0_mean, context, amp)  # only finite checkpoints
                 if bad:
-                    stop(run_dir, f"step {step + 1}: after the update, {bad} is not finite")
-                run.save_checkpoint(run_dir, step + 1, cfg, model, opt_g, opt_d, gen, meta)
+                    halt(run_dir, f"step {step + 1}: after the update, {bad} is not finite")
+                run.save_checkpoint(run_dir, step + 1, cfg, model, opt_g, opt_d, gen, meta, states, log)
+            if stopping:
+                fail(f"stopped by {stop.signal} at step {step + 1}; {run.resume_hint(run_dir)}", code=loop.STOPPED)
     if watch and watch.progression():
         print(f"apla: samples while training in {watch.dir} (progression.png: first, middle and last frames)",
               file=sys.stderr)

@@ -11,13 +11,14 @@ Reading order: the paper, then what the two scripts share, then the measures.
     sd/attention.py           sparse-causal, cross and temporal attention
     sd/vae.py                 the autoencoder: frames <-> latents z0
     sd/text.py                the prompt's condition c (CLIP, transformers)
-    sd/weights.py             load_stable_diffusion: SD v1.5 files and folders
+    sd/weights.py             load_stable_diffusion: SD 1.x / 2.x files and folders
   vgt.py                    Eqs. 4, 7-15: VGT's perturbation phi        03_vgt
   discriminator.py          Eq. 19 and L_g: the 1x1-convolution D       04_losses_and_discriminator
   losses.py                 Eqs. 5-6, 16-18, 20: the hyper-loss         04_losses_and_discriminator
   algorithm.py              Algorithm 1: APLA.forward, one step         05_algorithm1_end_to_end
   config.py                 a run's settings (TrainConfig), Table 3's ablations as values
   run.py                    a run's models, clip encoding, checkpoints (what train.py and sample.py share)
+  loop.py                   the training loop's conventions: learning-rate schedules, a stop on SIGTERM, TensorBoard
   sampling.py               sampling as a Python call: apla.sample(run, prompts) -> videos; the inversion kept
   checkpoint.py             run directories, atomic writes
   video.py                  reading clips, writing GIF / MP4 / PNG strips

@@ -13,6 +13,10 @@
 Table 3's ablations are values, not branches (`effective_weights`): without VGT phi = 0 (no VGT module), without
 the hyper-loss beta = gamma = 0 (Eq. 18 becomes alpha * Eq. 6), without the discriminator lambda = 0 (no D).
 
+eps_theta is the U-Net's output as eps (`APLA.eps_theta`): a base model that predicts v (SD 2.1) is turned into an
+eps-model by the schedule there (apla.scheduler.eps_from_v, which argues the choice), so every equation above holds
+unchanged for it.
+
 Eq. 6 reads eps_theta(z*_t, t): we take it as the perturbed prediction eps* = eps_theta(z_t, t) + phi(z_t, t) of
 Eq. 4, since Eq. 4 is where the paper defines the starred quantity ("we add the perturbation to the U-Net"); the
 literal alternative, the U-Net evaluated on a perturbed input z*_t, is defined nowhere in the paper.
@@ -28,7 +32,7 @@ import torch.nn as nn
 from apla.config import APLAConfig
 from apla.discriminator import discriminator_adversarial_loss, generator_adversarial_loss
 from apla.losses import final_objective, hyper_loss
-from apla.scheduler import classifier_free_guidance, q_sample
+from apla.scheduler import PREDICTION_TYPES, classifier_free_guidance, eps_from_v, q_sample
 from apla.vgt import perturbation_ratio, perturbed_eps
 
 
@@ -39,6 +43,11 @@ class StepOutput(NamedTuple):
     loss_d: torch.Tensor | None  # Eq. 19 as a loss for D; None without D
     terms: dict  # name -> 0-d float32 tensor, detached: mse, l1, perceptual, hyper, adv_g, total, phi_ratio, ...
     eps_star: torch.Tensor  # Eq. 4, (B, C, F, h, w)
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """A network's output in float32 at least: autocast's bf16/fp16 -> float32, float64 kept (the float64 tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def effective_weights(cfg: APLAConfig) -> dict:
@@ -54,13 +63,16 @@ class APLA(nn.Module):
 
     unet: the inflated U-Net with its trainable set marked; vgt: a VGT, or None (phi = 0); disc: a Discriminator,
     or None (lambda = 0); perceptual: VGGFeatures for L_per (needed by forward when gamma > 0; sampling needs
-    none); alpha_bar: (T,) the noise
-    schedule of Eq. 1.
+    none); alpha_bar: (T,) the noise schedule of Eq. 1; prediction_type: what the U-Net predicts, "epsilon" or
+    "v_prediction" (the base model's, apla.sd.weights.StableDiffusion.prediction_type).
     """
 
     def __init__(self, unet: nn.Module, vgt: nn.Module | None, disc: nn.Module | None, perceptual: nn.Module | None,
-                 cfg: APLAConfig, alpha_bar: torch.Tensor):
+                 cfg: APLAConfig, alpha_bar: torch.Tensor, prediction_type: str = "epsilon"):
         super().__init__()
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"APLA: prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}")
+        self.prediction_type = prediction_type
         self.unet, self.vgt, self.disc, self.perceptual = unet, vgt, disc, perceptual
         w = effective_weights(cfg)
         if w["lam"] > 0 and disc is None:
@@ -90,14 +102,21 @@ class APLA(nn.Module):
             self.vgt.compile()
 
     def perturbation(self, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """phi(z_t, t) in float32, or 0 for a run without VGT (Table 3's "w/o VGT")."""
-        return self.vgt(z_t, t).float() if self.vgt is not None else torch.zeros_like(z_t, dtype=torch.float32)
+        """phi(z_t, t) in float32 (float64 for a float64 VGT), or 0 for a run without VGT (Table 3's "w/o VGT")."""
+        return upcast(self.vgt(z_t, t)) if self.vgt is not None else torch.zeros_like(z_t, dtype=torch.float32)
+
+    def eps_theta(self, z_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """eps_theta(z_t, t, c) for z_t (B, C, F, h, w), t (B,), context (B, 77, D), in float32 (float64 for a
+        float64 U-Net): the U-Net's output, or, for a v-model, the eps its v implies (eps_from_v). The one place the
+        network's output becomes Eq. 4's eps_theta."""
+        out = upcast(self.unet(z_t, t, context))
+        return eps_from_v(out, t, z_t, self.alpha_bar) if self.prediction_type == "v_prediction" else out
 
     def forward(self, z0: torch.Tensor, context: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> StepOutput:
         """One step of Algorithm 1 on clean latents z0 (B, C, F, h, w), text states context (B, 77, D), timesteps
         t (B,) and noise eps ~ N(0, I) of z0's shape."""
         z_t = q_sample(z0, t, eps, self.alpha_bar)                                   # Eq. (1)
-        eps_pred = self.unet(z_t, t, context).float()                                # eps_theta(z_t, t, c)
+        eps_pred = self.eps_theta(z_t, t, context)                                   # eps_theta(z_t, t, c)
         phi = self.perturbation(z_t, t)                                              # phi(z_t, t)
         eps_star = perturbed_eps(eps_pred, phi)                                      # Eq. (4)
         l_hyper, parts = hyper_loss(eps, eps_star, self.perceptual, self.alpha, self.beta, self.gamma)  # Eq. (18)
@@ -114,24 +133,39 @@ class APLA(nn.Module):
 
     def train_step(self, z0, context, t, eps, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer | None,
                    scaler: torch.amp.GradScaler | None = None, max_grad_norm: float = 0.0,
-                   autocast=None) -> dict:
+                   autocast=None, accumulation_steps: int = 1) -> dict:
         """forward, then theta's AdamW step on Eq. 20 (gradients clipped at max_grad_norm when > 0), then D's step
-        on Eq. 19. Returns the logged terms as 0-d tensors (no host synchronisation here)."""
+        on Eq. 19. Returns the logged terms as 0-d tensors (no host synchronisation here).
+
+        Gradient accumulation: z0, t and eps hold `accumulation_steps` = k micro-batches along dim 0 (train.py: k
+        draws of batch 1). Each runs forward and backward alone (the memory of one), with both losses divided by k,
+        so that each optimiser steps once on the gradient of the mean of the k losses. D stays as it is for all k
+        draws (their L_g and L_D see the same D) and steps after theta, as with one draw; L_g's backward reaches
+        theta only, L_D's D only. The terms returned are the means over the k draws."""
         scaler = scaler or torch.amp.GradScaler(enabled=False)
-        with autocast or nullcontext():
-            out = self(z0, context, t, eps)
+        theta, k = self.generator_parameters(), accumulation_steps
+        if k < 1 or z0.shape[0] % k:
+            raise ValueError(f"accumulation_steps {k} does not divide the batch of {z0.shape[0]}")
+        d_params = list(self.disc.parameters()) if self.disc is not None else []
         opt_g.zero_grad(set_to_none=True)
-        scaler.scale(out.loss_g).backward()
+        if opt_d is not None:
+            opt_d.zero_grad(set_to_none=True)
+        draws = []
+        for z0_i, t_i, eps_i in zip(z0.chunk(k), t.chunk(k), eps.chunk(k)):  # (k B, ...) -> k x (B, ...)
+            with autocast or nullcontext():
+                out = self(z0_i, context, t_i, eps_i)
+            scaler.scale(out.loss_g / k).backward(inputs=theta)
+            if out.loss_d is not None:
+                scaler.scale(out.loss_d / k).backward(inputs=d_params)
+            draws.append(out.terms)
         if max_grad_norm > 0:
             scaler.unscale_(opt_g)
-            torch.nn.utils.clip_grad_norm_(self.generator_parameters(), max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(theta, max_grad_norm)
         scaler.step(opt_g)
-        if out.loss_d is not None:
-            opt_d.zero_grad(set_to_none=True)  # also drops the gradients L_g left on D
-            scaler.scale(out.loss_d).backward()
+        if self.disc is not None:
             scaler.step(opt_d)
         scaler.update()
-        return out.terms
+        return {name: torch.stack([terms[name] for terms in draws]).mean() for name in draws[0]}
 
     @torch.no_grad()
     def guided_eps(self, z_t: torch.Tensor, t, uncond: torch.Tensor, cond: torch.Tensor, scale: float,
@@ -142,7 +176,7 @@ class APLA(nn.Module):
         eps_theta plus phi once, and VGT runs once per step instead of twice.
         """
         t = torch.as_tensor(t, device=z_t.device).reshape(-1).expand(z_t.shape[0])  # () or (1,) -> (B,)
-        both = self.unet(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([uncond, cond])).float()
+        both = self.eps_theta(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([uncond, cond]))
         guided = classifier_free_guidance(*both.chunk(2), scale)  # (2B, ...) -> uncond, cond
         return perturbed_eps(guided, self.perturbation(z_t, t)) if use_vgt else guided
 
@@ -150,5 +184,5 @@ class APLA(nn.Module):
     def eps_star(self, z_t: torch.Tensor, t, context: torch.Tensor, use_vgt: bool = True) -> torch.Tensor:
         """Eq. (4) at sampling time: eps_theta(z_t, t, c) + phi(z_t, t) (phi left out with use_vgt=False)."""
         t = torch.as_tensor(t, device=z_t.device).reshape(-1).expand(z_t.shape[0])  # () or (1,) -> (B,)
-        eps_pred = self.unet(z_t, t, context).float()
+        eps_pred = self.eps_theta(z_t, t, context)
         return perturbed_eps(eps_pred, self.perturbation(z_t, t)) if use_vgt else eps_pred

@@ -5,14 +5,16 @@ A run directory (the output of train.py) holds
   config.json                   the resolved training configuration (paths absolute)
   source.safetensors            the cached clip latents z0 (1, 4, F, h, w), their posterior std and the prompt's
                                 text states, so sampling never re-encodes the clip
-  log.jsonl                     one line per step: loss terms, ||phi|| / ||eps_pred||, step time (a journal:
-                                apla.run.StepLog)
-  checkpoints/step-000100/      weights.safetensors (U-Net trainable set, VGT, D) + state.pt (optimiser states,
-                                random-generator state), written into a temporary folder and renamed into place
+  log.jsonl                     one line per step: loss terms, ||phi|| / ||eps_pred||, learning rate, step time
+                                (a journal: apla.run.StepLog)
+  checkpoints/step-000100/      weights.safetensors (U-Net trainable set, VGT, D) + state.pt (optimiser, learning-
+                                rate schedule, gradient scaler and random-generator states) + log.jsonl (the records
+                                since the checkpoint before), written into a temporary folder and renamed into place
   inversions/                   z_T of the clip's DDIM inversion, one safetensors file per checkpoint and settings,
                                 kept by sample.py for its next calls (apla.sampling.inversion)
   samples/                      GIFs, MP4s and PNG strips written by sample.py, grid.gif / grid.png of all
                                 prompts of a call, and their metrics.json
+With report_to tensorboard, tensorboard/ holds the same records as TensorBoard events (apla.loop.TensorBoard).
 
 A checkpoint is bound to its base model (a fingerprint of the frozen U-Net) and to its VGT variant; loading it
 into anything else is refused with one clear message, and so is a checkpoint with values that are not finite.
@@ -182,10 +184,10 @@ def latest_checkpoint(run_dir) -> Optional[Path]:
 
 
 def write_checkpoint(run_dir, step: int, weights: Dict[str, torch.Tensor], state: dict, meta: dict,
-                     keep: int = 2) -> Path:
-    """Write checkpoints/step-N/ atomically: both files go into a hidden temporary folder that is renamed into
-    place once complete, so an interrupted save leaves the previous checkpoint as the latest. Keeps the newest
-    `keep` checkpoints (0 keeps all)."""
+                     keep: int = 2, files: Optional[Dict[str, bytes]] = None) -> Path:
+    """Write checkpoints/step-N/ atomically: its files (weights.safetensors, state.pt and `files`, name -> bytes)
+    go into a hidden temporary folder that is renamed into place once complete, so an interrupted save leaves the
+    previous checkpoint as the latest. Keeps the newest `keep` checkpoints (0 keeps all)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir(run_dir, step)
@@ -194,6 +196,8 @@ def write_checkpoint(run_dir, step: int, weights: Dict[str, torch.Tensor], state
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; give the folder the permissions mkdir() would
         atomic_save_safetensors(weights, tmp / "weights.safetensors", {"apla": json.dumps(meta, sort_keys=True)})
         atomic_torch_save(state, tmp / "state.pt")
+        for name, data in (files or {}).items():
+            atomic_write_bytes(tmp / name, data)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

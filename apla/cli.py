@@ -1,7 +1,7 @@
 """Command lines of train.py and sample.py: flags, config files (TOML, JSON, Tune-A-Video's YAML), one-line errors.
 
 A training run's configuration is resolved in one order, later wins (`parse_train_args`):
-  TrainConfig's defaults (the micro run) <- the base model's preset (apla.config.SD_V15 unless it is bundled)
+  TrainConfig's defaults (the micro run) <- the base model's preset (apla.config.preset: SD_V15 for an SD-size one)
   <- a --config file (.toml or .json, keys as in config.json; .yaml: Tune-A-Video's, apla.tav) <- the flags given.
 --resume starts from the run's saved config.json instead of the defaults and preset. The resolved configuration is
 saved as config.json in the run directory.
@@ -20,11 +20,10 @@ import torch
 import yaml
 
 from apla import tav
-from apla.config import (AT_LEAST_ONE, CHECKPOINTING, DDIM_STEPS, GROUPNORM, NON_NEGATIVE, PRECISIONS, SD_V15, SEED,
-                         TrainConfig, integer, merge, preset, problem)
+from apla.config import (AT_LEAST_ONE, CHECKPOINTING, DDIM_STEPS, GROUPNORM, LR_SCHEDULES, NON_NEGATIVE, PRECISIONS,
+                         REPORTERS, SD_V15, SD_WIDTH, SEED, TrainConfig, integer, merge, preset, problem)
+from apla.scheduler import PREDICTION_TYPES
 from apla.vgt import ALL_VARIANTS
-
-SD_WIDTH = 320  # channels of SD v1.5's first U-Net level; 'auto' checkpoints U-Nets this wide on CUDA
 FPS = (lambda v: integer(v) and 1 <= v <= 100, "an integer in [1, 100]")  # a GIF's delays are in 1/100 s
 
 
@@ -50,6 +49,22 @@ def resolve_mixed_precision(setting: str, device: torch.device) -> str:
         return "no"
     native_bf16 = bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
     return "bf16" if native_bf16 else "fp16"
+
+
+def run_precision(setting: str, device: torch.device) -> tuple[str, str | None]:
+    """--mixed-precision as train.py and sample.py run it, and the line to print when that is not what was asked:
+    resolve_mixed_precision's value, except fp16 on a CPU, which runs float32 ('no', as config.json records it).
+
+    A CPU's float16 kernels are slow and its float32 weights gain nothing from them: an APLA step of the micro model
+    took 6.17 s in fp16 autocast against 0.52 s in float32 and 0.42 s in bf16 (`python -m apla.bench --model micro
+    --measure step --threads 1 --mixed-precision fp16`, medians of 5 on a busy 2-core machine; 12.0 against 3.06 s
+    per step was measured for a larger run), so a Tune-A-Video config, written for a GPU (`mixed_precision: fp16`),
+    would run 4 to 12 times slower on a CPU. bf16 is kept; the bench still measures fp16 on a CPU as asked."""
+    resolved = resolve_mixed_precision(setting, device)
+    if resolved == "fp16" and device.type == "cpu":
+        return "no", ("--mixed-precision fp16 on a CPU runs float32: float16 autocast is 4 to 12 times slower here "
+                      "and gains nothing (bf16 is kept if asked)")
+    return resolved, None
 
 
 def resolve_gradient_checkpointing(setting, device: torch.device, unet_config) -> bool:
@@ -129,10 +144,11 @@ def train_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = OneLineParser(prog="train.py", formatter_class=DefaultsFormatter,
                       description="Tune Stable Diffusion (inflated to video) on one clip with APLA. The defaults "
-                                  "shown are the micro run (apla.config.TrainConfig). A --pretrained that is not a "
-                                  "bundled name (an SD v1.5 file, folder or hub id) starts from the preset "
-                                  "apla.config.SD_V15 instead: the paper's 24 frames at 512 px, 750 steps, lr 3e-5, "
-                                  "the bigbuckbunny clip, the paper-size VGT, guidance 12.5. A --config file "
+                                  "shown are the micro run (apla.config.TrainConfig). A --pretrained whose U-Net is "
+                                  "SD-size (read from its config or file header before loading) starts from the "
+                                  "preset apla.config.SD_V15 instead: the paper's 24 frames at 512 px (768 for a "
+                                  "model of sample_size 96, SD 2.1), 750 steps, lr 3e-5, the bigbuckbunny clip, the "
+                                  "paper-size VGT, guidance 12.5; a line says which preset and why. A --config file "
                                   "overrides the preset, flags override both; --resume starts from the run's saved "
                                   "config.json.")
     a = p.add_argument
@@ -140,6 +156,9 @@ def train_parser() -> argparse.ArgumentParser:
                        "are; an apla: table sets APLA's parts) (default: none)")
     a("--pretrained", help="base model: a single .safetensors file, a diffusers-style folder, a hub id, or 'micro' "
                            f"(default: {d.pretrained})")
+    a("--prediction-type", choices=PREDICTION_TYPES,
+      help="what the base model's U-Net predicts; config.json records it (default: the model's own: a folder's "
+           "scheduler config, epsilon for a single file)")
     a("--video", help="the clip: a folder of frames, a GIF, an MP4/WebM/MOV (needs PyAV), or a bundled clip's name "
                       f"(bigbuckbunny, red-circle-right) (default: {d.video})")
     a("--prompt", help=f"the clip's caption (default: {d.prompt})")
@@ -155,6 +174,13 @@ def train_parser() -> argparse.ArgumentParser:
                                f"random VGG features (default: {d.seed})")
     a("--lr", type=float, help=f"AdamW learning rate of the U-Net's trainable set and VGT (default: {d.lr})")
     a("--disc-lr", type=float, help=f"AdamW learning rate of the discriminator (default: {d.disc_lr})")
+    a("--lr-scheduler", choices=LR_SCHEDULES, help="the learning rates over the updates, diffusers' schedules "
+                                                   f"(apla.loop.lr_factor) (default: {d.lr_scheduler})")
+    a("--lr-warmup-steps", type=int, help=f"updates of linear warmup from 0 (default: {d.lr_warmup_steps})")
+    a("--lr-num-cycles", type=int, help=f"cosine_with_restarts' cycles (default: {d.lr_num_cycles})")
+    a("--lr-power", type=float, help=f"polynomial's power (default: {d.lr_power})")
+    a("--gradient-accumulation-steps", type=int, help="draws of the posterior sample, t and the noise that each "
+                                                      f"update averages (default: {d.gradient_accumulation_steps})")
     a("--vgt", dest="apla.vgt", choices=ALL_VARIANTS + ("none",),
       help=f"VGT variant (Table 1); 'none' is the 'w/o VGT' ablation (default: {d.apla.vgt})")
     a("--no-discriminator", dest="apla.use_discriminator", action="store_const", const=False,
@@ -169,7 +195,8 @@ def train_parser() -> argparse.ArgumentParser:
            "torchvision's vgg16-397923af.pth from the torch hub cache if present, else random features)")
     a("--mixed-precision", choices=PRECISIONS,
       help="autocast dtype; auto: bf16 on a CUDA device with native bfloat16, fp16 with the gradient scaler on an "
-           f"older one, no (float32) on a CPU; config.json records the resolved value (default: {d.mixed_precision})")
+           "older one, no (float32) on a CPU, where fp16 runs float32 too (4 to 12 times faster); config.json records "
+           f"the resolved value (default: {d.mixed_precision})")
     a("--gradient-checkpointing", nargs="?", const=True, type=on_off, metavar="{" + ",".join(CHECKPOINTING) + "}",
       help="recompute each U-Net block and VGT block in backward instead of storing its activations (the bare flag "
            "means on); auto: on for an SD-size U-Net on CUDA, off otherwise; config.json records true or false "
@@ -181,6 +208,9 @@ def train_parser() -> argparse.ArgumentParser:
                                        "a PNG of their first, middle and last frames; 0: never (default: "
                                        f"{d.sample_every}; {SD_V15['sample_every']} at SD size)")
     a("--device", help=f"'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ... (default: {d.device})")
+    a("--report-to", choices=REPORTERS, help="tensorboard: log.jsonl's numbers and the samples also as TensorBoard "
+                                             "events in RUN/tensorboard (pip install tensorboard) (default: "
+                                             f"{d.report_to})")
     a("--resume", action="store_true", help="continue the run in --output-dir from its latest checkpoint")
     a("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar (default: shown)")
     return p
@@ -222,7 +252,7 @@ def parse_train_args(argv: Optional[list] = None):
             except (OSError, ValueError) as e:
                 fail(f"--resume: cannot read {saved}: {e}")
         else:
-            base = preset(given.get("pretrained", TrainConfig.pretrained))
+            base = preset(given.get("pretrained", TrainConfig.pretrained))[0]
         return TrainConfig.from_dict(merge(base, given)), resume
     except (TypeError, ValueError) as e:
         fail(f"bad configuration: {e}")
@@ -283,13 +313,16 @@ def sample_parser() -> argparse.ArgumentParser:
       help="frame size, 64 or HxW (default: the clip's); as --frames says (at most the run's clip's with VGT)")
     a("--no-vgt", action="store_true", help="sample without the VGT perturbation of Eq. 4")
     a("--pretrained", default=None, help="base model to load (default: the run's own --pretrained)")
+    a("--prediction-type", choices=PREDICTION_TYPES, default=None,
+      help="what the base model's U-Net predicts (default: the run's, as config.json records it)")
     a("--checkpoint", default=None, help="a checkpoint folder (default: the run's latest)")
     a("--out", default=None, help="output folder (default: RUN/samples; with --video, runs/base/samples)")
     a("--fps", type=in_range(int, FPS), default=8, help="frames per second of the GIF/MP4")
     a("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
     a("--mixed-precision", choices=list(PRECISIONS), default="auto",
-      help="autocast dtype; auto: bf16 on a CUDA device with native bfloat16, fp16 on an older one, no on a CPU; "
-           "on CUDA the U-Net is also held in that dtype (half the GPU memory of its weights)")
+      help="autocast dtype; auto: bf16 on a CUDA device with native bfloat16, fp16 on an older one, no on a CPU "
+           "(where fp16 runs float32 too); on CUDA the U-Net is also held in that dtype (half the GPU memory of its "
+           "weights)")
     a("--no-progress", action="store_true", help="no progress bars")
     a("--no-metrics", action="store_true", help="do not score the samples (FCI, warping error, PSNR, CLIP scores, "
                                                 "the shapes world's measures -> OUT/metrics.json)")

@@ -1,22 +1,29 @@
 """Run configuration of APLA (Yao et al., AAAI 2024): the loss weights of Eqs. 18 and 20, the VGT variant
 (Table 1), the ablation switches of Table 3, and a training run: `TrainConfig`, whose defaults are the micro run,
-and `SD_V15`, the preset of a run on Stable Diffusion v1.5 at the paper's settings.
+and `SD_V15`, the preset of a run on Stable Diffusion at the paper's settings; `preset` picks one by what the base
+model is.
 
 The paper gives no values for alpha, beta, gamma or lambda; ours are documented below. Every value is checked by
 the tables of plain predicates `RANGES` (one line naming the key), whether it came from a flag, a file or a saved run.
 """
 
 import dataclasses
+import json
 import math
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Tuple
 
+from safetensors import SafetensorError, safe_open
+
 from apla.assets import model_path
-from apla.scheduler import NUM_TRAIN_TIMESTEPS  # T bounds the DDIM steps; it stays with the schedule it belongs to
+from apla.loop import LR_SCHEDULES, POLYNOMIAL_LR_END
+# T bounds the DDIM steps; it stays with the schedule it belongs to, as do the prediction types a base model may have
+from apla.scheduler import NUM_TRAIN_TIMESTEPS, PREDICTION_TYPES
 from apla.vgt import ALL_VARIANTS, VGTConfig
 
 # Table 3's rows -> (vgt on, discriminator on, hyper-loss on)
@@ -36,6 +43,7 @@ VAE_DOWNSAMPLE = 8  # SD v1.5's VAE divides height and width by 8: a frame side 
 GROUPNORM = ("frames", "per-frame")  # TrainConfig.groupnorm
 PRECISIONS = ("auto", "no", "bf16", "fp16")  # TrainConfig.mixed_precision, sample.py's --mixed-precision
 CHECKPOINTING = ("auto", "on", "off")  # train.py's --gradient-checkpointing (TrainConfig: "auto", true, false)
+REPORTERS = ("none", "tensorboard")  # TrainConfig.report_to (diffusers' key; its "wandb" and others are not ours)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -65,6 +73,7 @@ SIZE = (lambda v: height_width(v) is not None,
         f"a positive multiple of {VAE_DOWNSAMPLE}, or height x width as HxW (e.g. 320x576) or [H, W], each a positive "
         f"multiple of {VAE_DOWNSAMPLE} (the VAE downsamples by {VAE_DOWNSAMPLE})")
 DDIM_STEPS = (lambda v: integer(v) and 1 <= v <= NUM_TRAIN_TIMESTEPS, f"an integer in [1, {NUM_TRAIN_TIMESTEPS}]")
+PREDICTION = (lambda v: v is None or v in PREDICTION_TYPES, f"none (the base model's) or one of {PREDICTION_TYPES}")
 
 
 def height_width(size) -> tuple[int, int] | None:
@@ -185,6 +194,9 @@ class TrainConfig:
     optimiser is Tune-A-Video's at any size: AdamW, betas (0.9, 0.999), weight decay 1e-2, gradient clipping at 1.
     """
     pretrained: str = "micro"            # file, diffusers folder, hub id ("runwayml/stable-diffusion-v1-5"), "micro"
+    # what the base model's U-Net predicts, "epsilon" or "v_prediction"; None: the model's own (a folder's scheduler
+    # config, epsilon for a single SD v1 file), which train.py records (apla.sd.weights.load_stable_diffusion)
+    prediction_type: str | None = None
     video: str = "red-circle-right"      # a path, or the name of a bundled clip (apla.assets.CLIPS)
     prompt: str = "a red circle moving to the right"
     output_dir: str = "runs/apla"
@@ -206,8 +218,18 @@ class TrainConfig:
     weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0           # 0: no clipping
+    # the learning rate over the updates, by diffusers' names (apla.loop.lr_factor): "constant",
+    # "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"; warmup and decay count
+    # updates, the decay ends at max_steps (apla.loop.LRSchedule); theta's and D's rates follow it alike
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_num_cycles: int = 1               # cosine_with_restarts' cycles (diffusers' --lr_num_cycles)
+    lr_power: float = 1.0                # polynomial's power (diffusers' --lr_power)
+    # draws of (posterior sample, t, eps) that each update averages (apla.algorithm.APLA.train_step); a step of
+    # max_steps, checkpoint_every and log.jsonl is one update
+    gradient_accumulation_steps: int = 1
     # "auto" (resolved by train.py, the resolved value saved): bf16 on CUDA with native bfloat16, fp16 on older
-    # CUDA devices, "no" (float32) on a CPU (apla.cli.resolve_mixed_precision)
+    # CUDA devices, "no" (float32) on a CPU, where fp16 runs float32 too (apla.cli.run_precision)
     mixed_precision: str = "auto"
     # "auto" (resolved by train.py): on for an SD-size U-Net on CUDA (apla.cli.resolve_gradient_checkpointing)
     gradient_checkpointing: bool | str = "auto"
@@ -218,6 +240,7 @@ class TrainConfig:
     keep_checkpoints: int = 2            # 0: keep all
     device: str = "auto"
     progress: bool = True
+    report_to: str = "none"              # "tensorboard": log.jsonl's numbers and the samples also in RUN/tensorboard/
     trainable: Tuple[str, ...] = DEFAULT_TRAINABLE
     # GroupNorm of the U-Net's ResNet blocks and output: "frames" pools statistics over the clip's frames, as
     # Tune-A-Video's code does (the paper "build[s] the model based on Tune-A-Video"); "per-frame" normalises each
@@ -238,9 +261,11 @@ class TrainConfig:
         "size": SIZE, "seed": SEED, "init_seed": (lambda v: v is None or SEED[0](v), SEED[1]),
         "lr": POSITIVE, "disc_lr": POSITIVE, "adam_beta1": BETA, "adam_beta2": BETA, "weight_decay": NON_NEGATIVE,
         "adam_epsilon": POSITIVE, "max_grad_norm": NON_NEGATIVE, "mixed_precision": one_of(PRECISIONS),
+        "lr_scheduler": one_of(LR_SCHEDULES), "lr_warmup_steps": AT_LEAST_ZERO, "lr_num_cycles": AT_LEAST_ONE,
+        "lr_power": POSITIVE, "gradient_accumulation_steps": AT_LEAST_ONE, "report_to": one_of(REPORTERS),
         "gradient_checkpointing": (lambda v: isinstance(v, bool) or v == "auto", 'true, false or "auto"'),
         "checkpoint_every": AT_LEAST_ONE, "sample_every": AT_LEAST_ZERO, "keep_checkpoints": AT_LEAST_ZERO,
-        "groupnorm": one_of(GROUPNORM),
+        "groupnorm": one_of(GROUPNORM), "prediction_type": PREDICTION,
         "sample_steps": DDIM_STEPS, "guidance": NON_NEGATIVE,
     }
 
@@ -252,6 +277,9 @@ class TrainConfig:
         """ValueError naming the first field out of `RANGES` (or of APLAConfig's, as "apla.<field>")."""
         check(self)
         self.apla.validate()
+        if self.lr_scheduler == "polynomial" and min(self.lr, self.disc_lr) <= POLYNOMIAL_LR_END:
+            raise ValueError(f"lr_scheduler polynomial decays to {POLYNOMIAL_LR_END}: lr and disc_lr must be above it, "
+                             f"got {self.lr} and {self.disc_lr}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -270,9 +298,9 @@ class TrainConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
-# The preset of a run on SD v1.5, which any base model that is not bundled gets (an SD file, folder or hub id):
-# the paper's settings ("we uniformly sample 24 frames at a resolution of 512 x 512 ... 750 steps and 1500 steps with
-# a learning rate of 3e-5 and a batch size of 1") and Tune-A-Video's sampling (50 DDIM steps, guidance 12.5).
+# The preset of a run on an SD-size base model (preset): the paper's settings ("we uniformly sample 24 frames at a
+# resolution of 512 x 512 ... 750 steps and 1500 steps with a learning rate of 3e-5 and a batch size of 1") and
+# Tune-A-Video's sampling (50 DDIM steps, guidance 12.5).
 SD_V15 = {
     "pretrained": "runwayml/stable-diffusion-v1-5",
     "video": "bigbuckbunny",             # 24 frames of Big Buck Bunny, bundled (apla.assets.CLIPS)
@@ -289,12 +317,58 @@ SD_V15 = {
     "guidance": 12.5,                    # Tune-A-Video's
     "vgt_model": dataclasses.asdict(VGTConfig()),  # the paper's VGT (Table 1) at SD's 64 x 64 latents, 24 frames
 }
+SD_WIDTH = 320  # channels of the first U-Net level of SD (v1.x, 2.x): a base model this wide gets the SD preset
+SD_SAMPLE_SIZE = 64  # SD v1.5's unet sample_size (latents of 512 px frames), which a single file does not record
+# the U-Net's first convolution in a single SD file (apla.sd.weights: the "ldm" layout), read for its width
+SINGLE_FILE_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 
 
-def preset(pretrained: str) -> dict:
-    """The TrainConfig values a run on `pretrained` starts from: none for a bundled model (the defaults are the
-    micro run), SD_V15 for anything else."""
-    return {} if model_path(pretrained) else SD_V15
+def unet_size(pretrained: str) -> tuple[int, int, str]:
+    """(channels of the U-Net's first level, its sample_size, where they were read) of a base model, read without
+    loading a weight: the unet/config.json of a folder (a bundled name's, a path's, or a hub id's in the local hub
+    cache); a single .safetensors file's header (its conv_in's shape), with SD's sample size, which the file does
+    not record. ValueError, with the reason, for what cannot be read so (a pickle, a path that is not there, a hub
+    id not in the cache); OSError, KeyError or SafetensorError for a config or file that is unreadable or lacks
+    the entry."""
+    path = model_path(pretrained) or Path(pretrained).expanduser()
+    config = path / "unet" / "config.json"
+    if not path.exists() and str(pretrained).count("/") == 1:  # a hub id, read from the cache if it is there
+        from huggingface_hub import try_to_load_from_cache  # optional: the hub client comes with transformers
+
+        try:
+            cached = try_to_load_from_cache(str(pretrained), "unet/config.json")
+        except ValueError:  # not a valid repository id
+            cached = None
+        if not isinstance(cached, str):
+            raise ValueError("a hub id whose config is not in the local hub cache")
+        config = Path(cached)
+    if config.is_file():
+        unet = json.loads(config.read_text(encoding="utf-8"))
+        return unet["block_out_channels"][0], unet.get("sample_size", SD_SAMPLE_SIZE), str(config)
+    if path.is_file() and path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            width = f.get_slice(SINGLE_FILE_CONV_IN).get_shape()[0]
+        return width, SD_SAMPLE_SIZE, f"the header of {path}; a single file records no sample size"
+    raise ValueError("a pickle, whose shapes are not read before loading" if path.is_file() else "no such path")
+
+
+def preset(pretrained: str) -> tuple[dict, str]:
+    """The TrainConfig values a run on `pretrained` starts from, and why (the line train.py prints), decided by the
+    model itself, however it is named (unet_size): a U-Net narrower than SD's SD_WIDTH channels (the micro model,
+    by name, by its path or as a copy elsewhere) starts from TrainConfig's defaults, the micro run, so no values;
+    an SD-size one from SD_V15 with frames of its sample_size x VAE_DOWNSAMPLE (512 px for SD 1.5 and 2.1-base,
+    768 for 2.1). A model that cannot be read before loading is taken for SD v1.5, at 512 px."""
+    try:
+        width, sample_size, where = unet_size(pretrained)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, SafetensorError) as e:  # loading will say more
+        return SD_V15, (f"the SD preset at {SD_V15['size']} px: the U-Net of {pretrained} cannot be read before "
+                        f"loading ({e}), so it is taken for SD v1.5's")
+    if width < SD_WIDTH:
+        return {}, (f"the micro preset (TrainConfig's defaults): the U-Net of {pretrained} has {width} channels at "
+                    f"its first level, fewer than SD's {SD_WIDTH} ({where})")
+    size = sample_size * VAE_DOWNSAMPLE
+    return {**SD_V15, "size": size}, (f"the SD preset at {size} px: the U-Net of {pretrained} has {width} channels "
+                                      f"at its first level and sample_size {sample_size} ({where})")
 
 
 def merge(*layers: dict) -> dict:
@@ -317,7 +391,7 @@ def known(cls, values: dict, what: str) -> dict:
 def default_config(pretrained: str | None = None) -> TrainConfig:
     """The configuration a run on `pretrained` gets before any file or flag: the defaults under its preset."""
     pretrained = pretrained or TrainConfig.pretrained
-    return TrainConfig.from_dict(merge(preset(pretrained), {"pretrained": pretrained}))
+    return TrainConfig.from_dict(merge(preset(pretrained)[0], {"pretrained": pretrained}))
 
 
 def vgt_config_for(cfg: TrainConfig, latent_shape) -> VGTConfig:

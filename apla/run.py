@@ -3,11 +3,12 @@ the clip encoded once and decoded back, checkpoints of everything that trains, a
 
 A run directory holds config.json, source.safetensors (the clip's latents and the prompt's text states),
 log.jsonl (one line per step), checkpoints/step-NNNNNN/ (weights.safetensors with `unet.`, `vgt.` and `disc.`
-parts + state.pt with the optimiser and random-generator states), inversions/ (the clip's z_T kept by sample.py,
-apla.sampling) and samples/ (sample.py's outputs; with --sample-every, step-NNNNNN/ folders of GIFs written while
-training, and progression.png). Everything is written atomically (apla.checkpoint), by one train.py at a time
-(apla.checkpoint.RunLock; inversions/ and samples/ are sample.py's); what an interrupted run leaves is always a state
-that `--resume` (or, before the first checkpoint, the same command) continues from.
+parts + state.pt with the optimiser, schedule, scaler and random-generator states + log.jsonl, the records since the
+checkpoint before), inversions/ (the clip's z_T kept by sample.py, apla.sampling) and samples/ (sample.py's outputs;
+with --sample-every, step-NNNNNN/ folders of GIFs written while training, and progression.png). Everything is
+written atomically (apla.checkpoint), by one train.py at a time (apla.checkpoint.RunLock; inversions/ and samples/
+are sample.py's); what an interrupted run leaves is always a state that `--resume` (or, before the first
+checkpoint, the same command) continues from.
 """
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ def resolve_perceptual_weights(cfg: APLAConfig) -> str | None:
 
 
 def build_apla(cfg: TrainConfig, sd, latent_shape, device, train: bool = True) -> APLA:
-    """The models of a run on the base model `sd`: the U-Net with the run's trainable set and GroupNorm setting,
+    """The models of a run on the base model `sd`: the U-Net with the run's trainable set and GroupNorm setting (its
+    output read as `sd.prediction_type` says),
     VGT sized from the clip's latents (B, C, F, h, w), D for its frame count, and (for training, gamma > 0) the
     VGG features of L_per from cfg.apla.perceptual_weights (resolved, see resolve_perceptual_weights)."""
     seeds = init_seeds(cfg)
@@ -85,7 +87,7 @@ def build_apla(cfg: TrainConfig, sd, latent_shape, device, train: bool = True) -
             raise ValueError(f"latents of {latent_shape[-2]}x{latent_shape[-1]} are smaller than the "
                              f"{perceptual.min_side}x{perceptual.min_side} the perceptual term's VGG features take "
                              f"(Eq. 17); choose a larger --size")
-    return APLA(unet, vgt, disc, perceptual, cfg.apla, sd.alpha_bar).to(device)
+    return APLA(unet, vgt, disc, perceptual, cfg.apla, sd.alpha_bar, sd.prediction_type).to(device)
 
 
 def optimizers(cfg: TrainConfig, model: APLA):
@@ -137,9 +139,12 @@ def checkpoint_meta(cfg: TrainConfig, model: APLA) -> dict:
 
 
 def save_checkpoint(run_dir, step: int, cfg: TrainConfig, model: APLA, opt_g, opt_d, gen: torch.Generator,
-                    meta: dict) -> Path:
+                    meta: dict, states: dict | None = None, log: "StepLog | None" = None) -> Path:
     """checkpoints/step-N/: the U-Net's trainable set, VGT and D as `unet.` / `vgt.` / `disc.` tensors, and the
-    optimiser and random-generator states to resume from exactly."""
+    optimiser and random-generator states to resume from exactly, with the state_dict() of each of `states` (name ->
+    object: the learning-rate schedule, the gradient scaler). With the run's `log`, the log is made durable first
+    and the checkpoint carries its records since the checkpoint before (StepLog.sync), so a checkpoint implies its
+    log: --resume restores what the log lost up to the checkpoint's step (truncate_log)."""
     weights = {f"unet.{k}": v for k, v in trainable_state(model.unet).items()}
     for prefix, part in (("vgt", model.vgt), ("disc", model.disc)):
         if part is not None:
@@ -147,12 +152,20 @@ def save_checkpoint(run_dir, step: int, cfg: TrainConfig, model: APLA, opt_g, op
     state = {"step": step, "opt_g": opt_g.state_dict(), "generator": gen.get_state()}
     if opt_d is not None:
         state["opt_d"] = opt_d.state_dict()
-    return ckpt.write_checkpoint(run_dir, step, weights, state, meta, keep=cfg.keep_checkpoints)
+    state.update({name: part.state_dict() for name, part in (states or {}).items()})
+    files = {CARRIED_LOG: log.sync()} if log is not None else {}
+    path = ckpt.write_checkpoint(run_dir, step, weights, state, meta, keep=cfg.keep_checkpoints, files=files)
+    if log is not None:
+        log.carried()
+    return path
 
 
-def load_checkpoint(path, cfg: TrainConfig, model: APLA, opt_g=None, opt_d=None, gen=None) -> int | None:
-    """Load a checkpoint into the run's models (and optimisers and generator, when given: only then is state.pt
-    read); returns its step. Raises CheckpointError (one line) for a checkpoint of another base model, VGT variant or
+def load_checkpoint(path, cfg: TrainConfig, model: APLA, opt_g=None, opt_d=None, gen=None,
+                    states: dict | None = None) -> int | None:
+    """Load a checkpoint into the run's models (and optimisers, generator and `states`, as save_checkpoint names
+    them, when given: only then is state.pt read); returns its step. A state the checkpoint lacks, or holds empty,
+    is left as it is: a checkpoint written before schedules were saved had a constant rate, one of a run without
+    fp16 has no scale. Raises CheckpointError (one line) for a checkpoint of another base model, VGT variant or
     D setting, a damaged file or values that are not finite; FileNotFoundError for a checkpoint that is gone."""
     expect = {k: v for k, v in checkpoint_meta(cfg, model).items() if k != "pretrained"}
     weights, _ = ckpt.read_weights(path, expect=expect)
@@ -174,6 +187,9 @@ def load_checkpoint(path, cfg: TrainConfig, model: APLA, opt_g=None, opt_d=None,
             opt_d.load_state_dict(state["opt_d"])
         if gen is not None:
             gen.set_state(state["generator"])
+        for name, obj in (states or {}).items():
+            if state.get(name):
+                obj.load_state_dict(state[name])
         return int(state["step"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ckpt.CheckpointError(f"cannot resume from {path}/state.pt: {type(e).__name__} {e}") from None
@@ -235,7 +251,8 @@ def read_config(run_dir) -> TrainConfig:
 
 # the settings a resumed run may change; every other one shapes the data, the models or their optimisers' state
 RESUMABLE = ("output_dir", "max_steps", "checkpoint_every", "keep_checkpoints", "device", "progress",
-             "mixed_precision", "gradient_checkpointing", "compile", "edit_prompts", "sample_steps", "guidance")
+             "mixed_precision", "gradient_checkpointing", "compile", "edit_prompts", "sample_steps", "guidance",
+             "report_to")
 
 
 def run_directory(output_dir: str) -> Path:
@@ -276,33 +293,53 @@ def resume_conflicts(saved: TrainConfig, cfg: TrainConfig) -> list[str]:
             if k.split(".")[0] not in RESUMABLE and a.get(k) != b.get(k)]
 
 
-def truncate_log(run_dir, step: int) -> tuple[int, int]:
-    """Cut log.jsonl back to one record of each step 1..step (the last written of each; a resumed run rewrites what
-    came after its checkpoint); returns (records dropped, unreadable lines dropped: a line cut short by a kill or a
-    full disk)."""
-    path = Path(run_dir) / "log.jsonl"
-    if not path.is_file():
-        return 0, 0
+CARRIED_LOG = "log.jsonl"  # in checkpoints/step-N/: the log's records since the checkpoint before
+
+
+def log_records(text: str) -> tuple[dict, int]:
+    """The records of log.jsonl's text, step -> line (the last written of each), and the count of unreadable lines
+    (a line cut short by a kill or a full disk)."""
     records, torn = {}, 0
-    for line in path.read_text(errors="replace").splitlines():
+    for line in text.splitlines():
         try:
             records[int(json.loads(line)["step"])] = line
         except (ValueError, KeyError, TypeError):
             torn += bool(line.strip())
+    return records, torn
+
+
+def truncate_log(run_dir, step: int) -> tuple[int, int, int]:
+    """Make log.jsonl hold one record of each step 1..step: the last written of each (a resumed run rewrites what
+    came after its checkpoint), and each that the log lost but a checkpoint up to `step` carries (save_checkpoint).
+    Returns (records dropped, unreadable lines dropped, records restored)."""
+    path = Path(run_dir) / "log.jsonl"
+    records, torn = log_records(path.read_text(errors="replace")) if path.is_file() else ({}, 0)
+    restored = 0
+    for checkpoint in ckpt.list_checkpoints(run_dir):
+        carried = checkpoint / CARRIED_LOG
+        if ckpt.checkpoint_step(checkpoint) <= step and carried.is_file():
+            for s, line in log_records(carried.read_text(errors="replace"))[0].items():
+                restored += s not in records
+                records.setdefault(s, line)
+    if not records and not path.is_file():
+        return 0, 0, 0
     keep = [records[s] for s in sorted(records) if s <= step]
     ckpt.atomic_write_bytes(path, "".join(ln + "\n" for ln in keep).encode())
-    return len(records) - len(keep), torn
+    return len(records) - len(keep), torn, restored
 
 
 class StepLog:
     """log.jsonl as a journal: opened at the step a run starts from (0 for a new run), it first keeps one record of
-    each step 1..step (truncate_log: `dropped` and `torn` count what went); each record is then appended whole or
-    not at all, so a failed write (a full disk, Ctrl-C) leaves the file ending on a whole line."""
+    each step 1..step, restoring from the checkpoints what the log lost (truncate_log: `dropped`, `torn` and
+    `restored` count what changed); each record is then appended whole or not at all, so a failed write (a full
+    disk, Ctrl-C) leaves the file ending on a whole line, and passed on to `board` (apla.loop.TensorBoard) when
+    given. `sync` makes the log durable before a checkpoint and hands it the records since the one before."""
 
-    def __init__(self, run_dir, step: int):
-        self.path = Path(run_dir) / "log.jsonl"
-        self.dropped, self.torn = truncate_log(run_dir, step)
+    def __init__(self, run_dir, step: int, board=None):
+        self.path, self.board = Path(run_dir) / "log.jsonl", board
+        self.dropped, self.torn, self.restored = truncate_log(run_dir, step)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        self._since_checkpoint = []  # the lines appended since the last checkpoint
 
     def append(self, record: dict) -> None:
         data = (json.dumps(record) + "\n").encode()
@@ -314,9 +351,38 @@ class StepLog:
         except BaseException as e:
             os.ftruncate(self._fd, end)
             raise ckpt.naming(e, self.path) from None
+        self._since_checkpoint.append(data)
+        if self.board is not None:
+            self.board.write(record)
+
+    def sync(self) -> bytes:
+        """The log flushed to the disk (fsync) and TensorBoard's events flushed; returns the records appended since
+        the last checkpoint, for the next one to carry."""
+        os.fsync(self._fd)
+        if self.board is not None:
+            self.board.flush()
+        return b"".join(self._since_checkpoint)
+
+    def carried(self) -> None:
+        """A checkpoint now carries the records since the one before: start the next list."""
+        self._since_checkpoint = []
+
+    def notes(self, resumed: bool) -> list[str]:
+        """What opening the log changed, one line each for stderr."""
+        notes = []
+        if self.torn:
+            notes.append(f"apla: {self.path}: dropped {self.torn} line(s) cut short by an interrupted write")
+        if self.restored:
+            notes.append(f"apla: {self.path}: restored {self.restored} record(s) it had lost from the checkpoints")
+        if self.dropped and not resumed:
+            notes.append(f"apla: {self.path} held {self.dropped} step(s) of a run that saved no checkpoint; the log "
+                         "starts afresh")
+        return notes
 
     def close(self) -> None:
         os.close(self._fd)
+        if self.board is not None:
+            self.board.close()
 
     def __enter__(self) -> "StepLog":
         return self

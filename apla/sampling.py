@@ -35,12 +35,12 @@ from apla import checkpoint as ckpt
 from apla import run
 from apla.algorithm import APLA
 from apla.assets import resolve_video
-from apla.cli import autocast_for, resolve_mixed_precision, unet_dtype
+from apla.cli import autocast_for, run_precision, unet_dtype
 from apla.config import (DDIM_STEPS, NON_NEGATIVE, SIZE, TrainConfig, default_config, height_width, integer, merge,
                          problem)
 from apla.scheduler import ddim_timesteps
 from apla.sd.text import encode_prompt
-from apla.sd.weights import StableDiffusion, load_stable_diffusion
+from apla.sd.weights import StableDiffusion, assumption_note, load_stable_diffusion
 from apla.video import read_video
 
 INVERSION_PROMPT = ""  # Tune-A-Video inverts with the empty prompt
@@ -65,6 +65,8 @@ class Sampler:
     precision: str  # the resolved mixed precision: "no", "bf16" or "fp16"
     run_dir: Path | None = None  # None for a base model sampled without a run
     checkpoint: Path | None = None  # the checkpoint whose weights the model holds
+    precision_note: str | None = None  # why the precision is not the one asked (apla.cli.run_precision)
+    model_note: str | None = None  # what loading the base model assumed (apla.sd.weights.assumption_note)
 
     @property
     def downsampling(self) -> int:
@@ -73,15 +75,18 @@ class Sampler:
         return height_width(self.cfg.size)[0] // self.z0.shape[-2]
 
 
-def load_model(pretrained, device: torch.device, precision: str, seed: int) -> StableDiffusion:
+def load_model(pretrained, device: torch.device, precision: str, seed: int,
+               prediction_type: str | None = None) -> StableDiffusion:
     """The base model for sampling: on CUDA its U-Net in the autocast dtype (apla.cli.unet_dtype), the VAE and the
-    text encoder in float32. Torch is seeded with `seed` while it loads, as train.py seeds it before loading, so that
-    the freshly initialised temporal layers of a base model are those a run on it started from (the caller's random
-    state is left as it was). SamplingError (one line) for a model that does not load."""
+    text encoder in float32; `prediction_type` None is the model's own (apla.sd.weights). Torch is seeded with
+    `seed` while it loads, as train.py seeds it before loading, so that the freshly initialised temporal layers of a
+    base model are those a run on it started from (the caller's random state is left as it was). SamplingError (one
+    line) for a model that does not load."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         try:
-            return load_stable_diffusion(pretrained, device=device, dtype={"unet": unet_dtype(precision, device)})
+            return load_stable_diffusion(pretrained, device=device, dtype={"unet": unet_dtype(precision, device)},
+                                         prediction_type=prediction_type)
         except (ValueError, OSError) as e:
             raise SamplingError(f"cannot load base model {pretrained!r}: {e}") from None
 
@@ -91,18 +96,20 @@ def resolve_device(device) -> torch.device:
     return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_run(run_dir, checkpoint=None, pretrained=None, device=None, mixed_precision: str = "auto") -> Sampler:
+def load_run(run_dir, checkpoint=None, pretrained=None, device=None, mixed_precision: str = "auto",
+             prediction_type: str | None = None) -> Sampler:
     """A run of train.py, ready to sample: its config.json and source.safetensors (the clip's latents), its base model
-    (or `pretrained`) and a checkpoint's weights (the latest, read safely while a train.py may go on writing the run,
-    or the folder `checkpoint`). CheckpointError (one line) for what the run lacks or holds damaged."""
+    (or `pretrained`, read as predicting `prediction_type`, default the run's) and a checkpoint's weights (the latest,
+    read safely while a train.py may go on writing the run, or the folder `checkpoint`). CheckpointError (one line)
+    for what the run lacks or holds damaged."""
     run_dir, device = Path(run_dir), resolve_device(device)
     cfg = run.read_config(run_dir)
     if checkpoint is not None and not (Path(checkpoint) / "weights.safetensors").is_file():
         raise ckpt.CheckpointError(f"--checkpoint {checkpoint}: no weights.safetensors there")
     if checkpoint is None and ckpt.latest_checkpoint(run_dir) is None:
         raise ckpt.CheckpointError(f"--run {run_dir}: no checkpoint found (train first, or pass --checkpoint)")
-    precision = resolve_mixed_precision(mixed_precision, device)
-    sd = load_model(pretrained or cfg.pretrained, device, precision, cfg.seed)
+    precision, why = run_precision(mixed_precision, device)  # as train.py runs it
+    sd = load_model(pretrained or cfg.pretrained, device, precision, cfg.seed, prediction_type or cfg.prediction_type)
     z0 = run.read_source(run_dir)["z0_mean"].to(device)  # (1, 4, F, h, w)
     model = run.build_apla(cfg, sd, z0.shape, device, train=False)
     if checkpoint is not None:
@@ -110,11 +117,11 @@ def load_run(run_dir, checkpoint=None, pretrained=None, device=None, mixed_preci
         used = Path(checkpoint)
     else:
         used = run.load_latest(run_dir, cfg, model)
-    return Sampler(model.eval(), sd, cfg, z0, precision, run_dir, used)
+    return Sampler(model.eval(), sd, cfg, z0, precision, run_dir, used, why, assumption_note(sd))
 
 
 def load_base(pretrained, video=None, prompt: str | None = None, frames: int | None = None, size=None, device=None,
-              mixed_precision: str = "auto") -> Sampler:
+              mixed_precision: str = "auto", prediction_type: str | None = None) -> Sampler:
     """A base model sampled without a run: no VGT and no D, so the base model itself under this sampler (and
     sample.py's measures); any base model `load_stable_diffusion` takes (a bundled name, an SD file or folder, a hub
     id). Its clip `video` (default: the base model's clip, apla.config.default_config) is read at `frames` and `size`
@@ -133,11 +140,11 @@ def load_base(pretrained, video=None, prompt: str | None = None, frames: int | N
         raise SamplingError(str(e)) from None
     clip = read_video(resolve_video(cfg.video), cfg.frames, start=cfg.start, stride=cfg.stride,
                       size=cfg.size)  # (F, 3, H, W)
-    precision = resolve_mixed_precision(mixed_precision, device)
-    sd = load_model(cfg.pretrained, device, precision, cfg.seed)
+    precision, why = run_precision(mixed_precision, device)
+    sd = load_model(cfg.pretrained, device, precision, cfg.seed, prediction_type)
     z0, _ = run.encode_clip(sd.vae, clip, device)  # (1, 4, F, h, w)
     model = run.build_apla(cfg, sd, z0.shape, device, train=False)
-    return Sampler(model.eval(), sd, cfg, z0, precision)
+    return Sampler(model.eval(), sd, cfg, z0, precision, precision_note=why, model_note=assumption_note(sd))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -215,14 +222,16 @@ def tensor_digest(x: torch.Tensor) -> str:
 def inversion_key(sampler: Sampler, steps: int, use_vgt: bool) -> dict:
     """What an inverted latent depends on, as the strings its file keeps: the checkpoint (a hash of its weights file,
     so a checkpoint written again at the same step is another one), its step, the DDIM steps, whether phi is added,
-    the prompt of inversion, the precision and the kind of device it was computed in, the base model (the
-    fingerprint a checkpoint is bound to, apla.checkpoint.model_signature, with the schedule's alpha_bar), and the
-    clip's latents. Paths are left out, so a run folder that moves keeps its inversions."""
+    the prompt of inversion, the precision, U-Net dtype and kind of device it was computed in, the base model (the
+    fingerprint a checkpoint is bound to, apla.checkpoint.model_signature, what its U-Net is read as predicting, the
+    schedule's alpha_bar), and the clip's latents. Paths are left out, so a run folder that moves keeps its
+    inversions."""
     model = sampler.model
     return {"checkpoint": file_digest(sampler.checkpoint / "weights.safetensors"),
             "checkpoint_step": str(ckpt.checkpoint_step(sampler.checkpoint)), "steps": str(steps),
             "vgt": str(use_vgt and model.vgt is not None), "prompt": INVERSION_PROMPT,
-            "precision": sampler.precision, "device": sampler.z0.device.type,
+            "precision": sampler.precision, "unet_dtype": str(next(model.unet.parameters()).dtype),
+            "device": sampler.z0.device.type, "prediction_type": str(sampler.sd.prediction_type),
             "base_model": digest(json.dumps(ckpt.model_signature(model.unet), sort_keys=True).encode()),
             "alpha_bar": tensor_digest(model.alpha_bar), "z0": tensor_digest(sampler.z0)}
 

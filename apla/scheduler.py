@@ -7,7 +7,8 @@ Implements
   Eq. (2)  z_hat_{T-1} = pi(z_T, T)       one denoising step of the sampler  -> ddim_step
   Eq. (3)  z_hat_{t-1} = pi(z_hat_t, t)   the denoising recursion            -> ddim_sample
 and the two tools APLA takes from Tune-A-Video: DDIM inversion of a clip (ddim_invert_step, ddim_invert)
-and classifier-free guidance (Ho & Salimans 2022). Also here, as the one place both networks read t from: the
+and classifier-free guidance (Ho & Salimans 2022). A base model that predicts v instead of eps (SD 2.1) is read as
+an eps-model through `eps_from_v`, so that every equation here and in APLA stays on eps. Also here, as the one place both networks read t from: the
 sinusoidal timestep embedding (`timestep_embedding`) of the U-Net eps_theta(z_t, t) and of VGT phi(z_t, t).
 
 Choice: the paper fixes no schedule ("The diffusion process and U-Net are represented by phi and pi respectively";
@@ -34,6 +35,9 @@ Timestep = Union[int, torch.Tensor]
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START = 0.00085
 BETA_END = 0.012
+# What a base model's U-Net may predict (the `prediction_type` of its scheduler config): the noise eps (SD v1.x,
+# SD 2.1-base) or v (SD 2.1), which eps_from_v turns into eps
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def make_alpha_bar(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, beta_start: float = BETA_START,
@@ -110,6 +114,29 @@ def predict_x0(eps: torch.Tensor, t: Timestep, z_t: torch.Tensor, alpha_bar: tor
     a_t = _gather(alpha_bar, t, z_t)
     # $\hat z_0 = \big(z_t - \sqrt{1-\bar\alpha_t}\,\epsilon_\theta\big) / \sqrt{\bar\alpha_t}$
     return (z_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+
+
+def eps_from_v(v: torch.Tensor, t: Timestep, z_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """The noise eps that a v-prediction implies at (z_t, t): eps = sqrt(alpha_bar_t) v + sqrt(1 - alpha_bar_t) z_t.
+
+    v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) z_0 (Salimans & Ho 2022, the target of SD 2.1) and Eq. (1)
+    together give this line, so a v-model's output is an eps-prediction once the schedule is applied, and every
+    APLA equation is used as the paper writes it, on eps: Eq. 4's eps* = eps_theta + phi, the hyper-loss of Eq. 18
+    on eps*, D on eps (Eq. 19), DDIM sampling and inversion (its x_0 is then sqrt(alpha_bar_t) z_t -
+    sqrt(1 - alpha_bar_t) v, diffusers' v-prediction step).
+
+    Choice: a v-model is trained through the eps-loss on this eps. Since eps - eps_hat = sqrt(alpha_bar_t)
+    (v - v_hat), the eps-MSE of Eq. 5 is the v-MSE weighted by alpha_bar_t; in terms of z_0 the eps-MSE weighs
+    each t by SNR_t = alpha_bar_t / (1 - alpha_bar_t) and the v-MSE (Tune-A-Video's loss on a v-model) by
+    SNR_t + 1. Both have the same minimiser at each t (the posterior mean of eps), so the model is pulled to the
+    same point; the eps-loss puts less weight on the noisiest steps (alpha_bar_999 = 0.0047 of SD's schedule),
+    exactly the weighting an eps-model such as SD v1.5 is tuned with in APLA. We keep it because the paper's
+    losses are defined on the noise (L1, the perceptual term and D compare noise maps, which v is not), and one
+    reading of them serves every base model.
+    """
+    a_t = _gather(alpha_bar, t, z_t)
+    # $\epsilon = \sqrt{\bar\alpha_t}\, v + \sqrt{1-\bar\alpha_t}\, z_t$
+    return a_t.sqrt() * v + (1 - a_t).sqrt() * z_t
 
 
 def ddim_step(eps: torch.Tensor, t: Timestep, t_prev: Timestep, z_t: torch.Tensor, alpha_bar: torch.Tensor,

@@ -2,8 +2,9 @@
 
 Each of its fields maps onto a TrainConfig field (`FIELDS`, `TRAIN_DATA`, `VALIDATION_DATA`; height and width onto
 `size` as [height, width]); APLA's parts keep their defaults, and an `apla:` table of APLAConfig fields changes them.
-A field that means nothing here is accepted with one note line when it holds Tune-A-Video's value (`IGNORED`); one
-that asks for what we do not do, and any key Tune-A-Video does not have, is a ValueError naming it.
+Three keys of diffusers' training scripts are read beside its own (report_to, lr_num_cycles, lr_power). A field that
+means nothing here is accepted with one note line when it holds Tune-A-Video's value (`IGNORED`); one that asks for
+what we do not do, and any other key, is a ValueError naming it.
 """
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ FIELDS = {
     "adam_epsilon": "adam_epsilon", "max_grad_norm": "max_grad_norm",
     "gradient_checkpointing": "gradient_checkpointing",
     "checkpointing_steps": "checkpoint_every", "mixed_precision": "mixed_precision", "seed": "seed",
+    "lr_scheduler": "lr_scheduler", "lr_warmup_steps": "lr_warmup_steps",
+    "gradient_accumulation_steps": "gradient_accumulation_steps",
+    # diffusers' training scripts' keys, which Tune-A-Video's lacks
+    "report_to": "report_to", "lr_num_cycles": "lr_num_cycles", "lr_power": "lr_power",
 }
 TRAIN_DATA = {"video_path": "video", "prompt": "prompt", "n_sample_frames": "frames", "sample_start_idx": "start",
               "sample_frame_rate": "stride"}
@@ -22,9 +27,6 @@ VALIDATION_DATA = {"prompts": "edit_prompts", "num_inference_steps": "sample_ste
 # Fields with one value that works here; any other value is an error saying why
 ONLY = {
     "train_batch_size": (1, "one clip is one batch"),
-    "gradient_accumulation_steps": (1, "each step updates"),
-    "lr_scheduler": ("constant", "the learning rate is constant"),
-    "lr_warmup_steps": (0, "the learning rate is constant"),
     "resume_from_checkpoint": (None, "continue a run with train.py --resume"),
     "use_inv_latent": (True, "sampling starts from the inverted clip; sample.py --no-inversion starts from noise"),
 }
@@ -32,7 +34,7 @@ ONLY = {
 IGNORED = {
     "use_8bit_adam": "bitsandbytes' 8-bit AdamW is not used; AdamW in float32",
     "enable_xformers_memory_efficient_attention": "attention is torch's scaled_dot_product_attention",
-    "scale_lr": "one process, batch 1, no accumulation: the learning rate is as given",
+    "scale_lr": "the learning rate is as given (Tune-A-Video's multiplies it by gradient_accumulation_steps)",
     "num_inv_steps": "inversion takes num_inference_steps, as many as sampling",
 }
 # train_data's height and width, when only one is given: the other is TuneAVideoDataset's default. Tune-A-Video's
@@ -40,7 +42,7 @@ IGNORED = {
 # crops the centre (apla.video.resize_center_crop), so a clip of another aspect ratio is cropped, not stretched.
 TAV_SIDE = 512
 FLOATS = ("learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm",
-          "guidance_scale")  # YAML 1.1 reads "3e-5" (no dot) as a string
+          "guidance_scale", "lr_power")  # YAML 1.1 reads "3e-5" (no dot) as a string
 
 
 def from_tuneavideo(values: dict) -> tuple[dict, list[str]]:
@@ -91,7 +93,8 @@ def field(key: str, value, out: dict, notes: list, prefix: str = "") -> None:
     elif key in IGNORED:
         notes.append(f"{prefix}{key}: {IGNORED[key]}")
     else:
-        raise ValueError(f"unknown key {prefix}{key} (not a field of Tune-A-Video's configs, nor apla)")
+        raise ValueError(f"unknown key {prefix}{key} (not a field of Tune-A-Video's configs, nor one of diffusers' "
+                         "report_to, lr_num_cycles, lr_power, nor apla)")
 
 
 def number(key: str, value):

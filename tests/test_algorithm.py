@@ -1,17 +1,19 @@
 """Algorithm 1's step, apla.algorithm.APLA: equal to the step train.py took before it existed (recorded values),
-Eq. 20 and Eq. 19 on real tensors, ablations as values, only what trains moves, phi small at initialisation."""
+Eq. 20 and Eq. 19 on real tensors, ablations as values, only what trains moves, phi small at initialisation; a
+v-prediction base model trains and samples as the eps-model it is converted from."""
 import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F_
+from torch import nn
 
 from apla.algorithm import APLA, effective_weights
 from apla.config import ABLATIONS, DEFAULT_TRAINABLE, APLAConfig
 from apla.discriminator import Discriminator, DiscriminatorConfig, discriminator_adversarial_loss
 from apla.losses import VGGFeatures, hyper_loss, mse_loss, perturbed_mse_loss
-from apla.scheduler import make_alpha_bar, q_sample
+from apla.scheduler import ddim_invert, ddim_sample, ddim_timesteps, make_alpha_bar, q_sample
 from apla.sd.unet import UNet3DConditionModel, UNetConfig, is_temporal_param, mark_trainable
 from apla.vgt import VGT, VGTConfig, perturbation_ratio
 
@@ -177,3 +179,95 @@ def test_guidance_adds_phi_once():
     torch.testing.assert_close(model.guided_eps(z_t, t, uncond, cond, 7.5), guided, rtol=1e-5, atol=1e-4)
     assert (model.guided_eps(z_t, t, uncond, cond, 7.5) - model.guided_eps(z_t, t, uncond, cond, 7.5, use_vgt=False)
             - model.perturbation(z_t, t)).abs().max() < 1e-5
+
+
+def test_an_accumulated_step_is_the_mean_of_its_draws():
+    """train_step over k = 2 micro-batches moves theta and D as one SGD step on the mean of the two draws' gradients
+    (theta's of Eq. 20, D's of Eq. 19 only, both at the weights before the step), and returns the terms' means."""
+    model = _model("full")
+    g = torch.Generator().manual_seed(5)
+    draws = [_batch(g) for _ in range(2)]
+    context = torch.randn(1, 77, 32, generator=g)
+    theta, d_params = model.generator_parameters(), list(model.disc.parameters())
+    grads, terms = [], []
+    for z0, t, eps in draws:  # each draw alone, at the starting weights
+        out = model(z0, context, t, eps)
+        grads.append((torch.autograd.grad(out.loss_g, theta), torch.autograd.grad(out.loss_d, d_params)))
+        terms.append(out.terms)
+    before = [p.detach().clone() for p in theta + d_params]
+    opt_g, opt_d = _optimisers(model)
+    z0, t, eps = (torch.cat(parts) for parts in zip(*draws))  # (2, ...): the two draws along dim 0
+    got = model.train_step(z0, context, t, eps, opt_g, opt_d, accumulation_steps=2)
+    mean = [(a + b) / 2 for a, b in zip(grads[0][0] + grads[0][1], grads[1][0] + grads[1][1])]
+    for p, p0, grad in zip(theta + d_params, before, mean):
+        torch.testing.assert_close(p.detach(), p0 - 0.05 * grad, rtol=1e-5, atol=1e-7)
+    for name, value in got.items():
+        assert value.item() == pytest.approx((terms[0][name].item() + terms[1][name].item()) / 2, rel=1e-5), name
+    with pytest.raises(ValueError, match="does not divide"):
+        model.train_step(z0, context, t, eps, opt_g, opt_d, accumulation_steps=3)
+
+
+class VFromEps(nn.Module):
+    """An eps-network's output rewritten as v = (eps - sqrt(1 - alpha_bar_t) z_t) / sqrt(alpha_bar_t), from v's
+    definition (v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) z_0 with Eq. 1), not from apla.scheduler: the
+    v-model that this eps-model is."""
+
+    def __init__(self, unet, alpha_bar):
+        super().__init__()
+        self.inner, self.alpha_bar = unet, alpha_bar
+
+    def forward(self, z_t, t, context):
+        a = self.alpha_bar[t].to(z_t.dtype).reshape(-1, 1, 1, 1, 1)  # (B,) -> (B, 1, 1, 1, 1)
+        return (self.inner(z_t, t, context) - (1 - a).sqrt() * z_t) / a.sqrt()
+
+
+def _eps_and_v_models(dtype=torch.float32):
+    """The same networks twice: an eps-model, and the v-model its U-Net's output wrapped as v makes."""
+    cfg = APLAConfig(gamma=0.0)
+    unet, vgt, disc = (m.to(dtype) for m in _models())
+    mark_trainable(unet, DEFAULT_TRAINABLE)
+    alpha_bar = make_alpha_bar()
+    return (APLA(unet, vgt, disc, None, cfg, alpha_bar),
+            APLA(VFromEps(unet, alpha_bar), vgt, disc, None, cfg, alpha_bar, prediction_type="v_prediction"))
+
+
+def test_a_v_model_trains_as_the_eps_model_it_is_converted_from():
+    eps_model, v_model = _eps_and_v_models()
+    g = torch.Generator().manual_seed(5)
+    z0, t, eps = _batch(g)
+    context = torch.randn(1, 77, 32, generator=g)
+    steps = []
+    for model in (eps_model, v_model):
+        model.zero_grad()
+        out = model(z0, context, t, eps)
+        out.loss_g.backward()
+        steps.append((out, {n: p.grad.clone() for n, p in eps_model.named_parameters() if p.grad is not None}))
+    (a, grads_a), (b, grads_b) = steps
+    torch.testing.assert_close(b.eps_star, a.eps_star, rtol=1e-5, atol=1e-5)
+    for k in a.terms:
+        assert b.terms[k].item() == pytest.approx(a.terms[k].item(), rel=1e-5, abs=1e-7), k
+    assert grads_a.keys() == grads_b.keys() and any(k.startswith("unet.") for k in grads_a)
+    for k in grads_a:
+        torch.testing.assert_close(grads_b[k], grads_a[k], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="prediction_type 'sample'"):
+        APLA(eps_model.unet, None, None, None, APLAConfig(vgt="none", lam=0.0), make_alpha_bar(), "sample")
+
+
+def test_a_v_model_and_its_eps_model_give_the_same_ddim_trajectories_float64():
+    """DDIM inversion with the empty prompt, then guided DDIM sampling, both on eps* (sample.py's recipe), are the
+    same walk for the v-model as for the eps-model: the v-prediction is read as eps where the U-Net's output
+    becomes eps_theta, and from there every step is on eps."""
+    eps_model, v_model = (m.eval() for m in _eps_and_v_models(torch.float64))
+    g = torch.Generator().manual_seed(6)
+    z0 = torch.randn(1, 4, F, 8, 8, generator=g, dtype=torch.float64)
+    uncond, cond = torch.randn(2, 1, 77, 32, generator=g, dtype=torch.float64)
+    timesteps = ddim_timesteps(10)
+    walks = []
+    for model in (eps_model, v_model):
+        z_T, up = ddim_invert(lambda z, t: model.eps_star(z, t, uncond), z0, timesteps, model.alpha_bar,
+                              return_trajectory=True, progress=False)
+        _, down = ddim_sample(lambda z, t: model.guided_eps(z, t, uncond, cond, 7.5), z_T, timesteps,
+                              model.alpha_bar, return_trajectory=True, progress=False)
+        walks.append(torch.stack(up + down))  # (2 * 11, 1, 4, F, 8, 8)
+    assert walks[0].dtype == torch.float64 and walks[0][-1].abs().max() > 0.1
+    torch.testing.assert_close(walks[1], walks[0], rtol=0, atol=1e-10)

@@ -1,12 +1,18 @@
-"""apla/config.py and train.py's configuration (apla.cli.parse_train_args): TrainConfig() alone is the micro run, a
-base model that is not bundled gets SD v1.5's preset, and defaults <- preset <- --config file <- flags, later wins,
-a table (vgt_model, apla) merged field by field; --resume starts from the run's saved config.json."""
+"""apla/config.py and train.py's configuration (apla.cli.parse_train_args): TrainConfig() alone is the micro run, the
+base model decides the preset (the micro run's, or SD v1.5's at the model's sample size), and defaults <- preset <-
+--config file <- flags, later wins, a table (vgt_model, apla) merged field by field; --resume starts from the run's
+saved config.json."""
 import json
+import shutil
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
+from apla.assets import model_path
 from apla.cli import parse_train_args, train_parser
-from apla.config import SD_V15, TrainConfig, default_config, height_width
+from apla.config import (SD_V15, SINGLE_FILE_CONV_IN, TrainConfig, default_config, height_width, preset,
+                         vgt_config_for)
 from apla.vgt import VGTConfig
 
 
@@ -26,6 +32,49 @@ def test_a_base_model_that_is_not_bundled_gets_sd_v15s_preset():
     assert cfg.vgt_model == VGTConfig()  # the paper's VGT
     assert TrainConfig.from_dict(SD_V15).pretrained == "runwayml/stable-diffusion-v1-5"
     assert "SD_V15" in train_parser().description  # --help says how the preset is chosen
+
+
+def test_the_bundled_model_by_its_path_or_as_a_copy_gets_the_micro_preset(tmp_path):
+    """The preset follows from the model (its U-Net's width), not its name: the micro model named by its folder, or
+    copied elsewhere, runs the micro run's settings (VGT 98,192 parameters, not the paper's 59,810,320)."""
+    from apla.vgt import VGT
+
+    copy = shutil.copytree(model_path("micro"), tmp_path / "my-micro")
+    micro = default_config("micro").to_dict()
+    for name in ("apla/assets/micro", str(model_path("micro")), str(copy)):
+        values, why = preset(name)
+        assert values == {} and why.startswith("the micro preset") and "32 channels" in why, why
+        assert default_config(name).to_dict() == micro | {"pretrained": name}
+        cfg, _ = parse_train_args(["--pretrained", name])
+        assert cfg.to_dict() == micro | {"pretrained": name}
+    vgt = VGT(vgt_config_for(parse_train_args(["--pretrained", str(copy)])[0], (1, 4, 8, 16, 16)))
+    assert sum(p.numel() for p in vgt.parameters()) == 98_192
+
+
+def test_an_sd_size_model_gets_the_sd_preset_at_its_sample_size(tmp_path):
+    """An SD-size U-Net (320 channels at its first level) gets SD_V15, its frames sample_size x 8: 768 px for SD 2.1's
+    config (sample_size 96), 512 for 2.1-base's and 1.5's (64); a single file's width is read from its header, its
+    sample size SD's. A model that cannot be read before loading (no such path, a hub id not cached) is taken
+    for SD v1.5 at 512 px, and the line says so."""
+    for sample_size, px in ((96, 768), (64, 512)):
+        folder = tmp_path / f"sd-{sample_size}"
+        (folder / "unet").mkdir(parents=True)
+        (folder / "unet" / "config.json").write_text(json.dumps({"block_out_channels": [320, 640, 1280, 1280],
+                                                                 "sample_size": sample_size}))
+        values, why = preset(str(folder))
+        assert values == {**SD_V15, "size": px} and why.startswith(f"the SD preset at {px} px"), why
+        assert default_config(str(folder)).size == parse_train_args(["--pretrained", str(folder)])[0].size == px
+    for width, micro in ((320, False), (32, True)):
+        single = tmp_path / f"w{width}.safetensors"
+        save_file({SINGLE_FILE_CONV_IN: torch.zeros(width, 4, 3, 3)}, single)
+        values, why = preset(str(single))
+        assert (values == {}) is micro and (micro or values["size"] == 512) and "header" in why, why
+    (tmp_path / "garbage.safetensors").write_text("not weights\n")
+    for absent, reason in ((tmp_path / "nothing-here.safetensors", "no such path"),
+                           ("some-org/not-cached", "not in the local hub cache"),
+                           (tmp_path / "garbage.safetensors", "header")):
+        values, why = preset(str(absent))
+        assert values == SD_V15 and why.startswith("the SD preset at 512 px") and reason in why, why
 
 
 def test_file_then_flags_override_the_preset_and_tables_merge_field_by_field(tmp_path):

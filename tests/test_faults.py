@@ -1,7 +1,8 @@
 """Fault injection on a run directory: what a hostile but ordinary user does to train.py and sample.py (two writers,
-a torn log, kills and Ctrl-C at any moment, a blow-up, a full disk, an unwritable folder, damaged files, colliding
-prompts, settings that cannot hold), and what each must leave: one line on stderr, a run that `--resume` continues,
-each step logged once, final weights bit-equal to an uninterrupted run.
+a torn log, a log that lost its tail, kills, Ctrl-C and a cluster's SIGTERM or SIGUSR1 at any moment, a blow-up, a
+full disk, an unwritable folder, damaged files, colliding prompts, settings that cannot hold), and what each must
+leave: one line on stderr, a run that `--resume` continues, each step logged once, final weights bit-equal to an
+uninterrupted run.
 
 Runs use the tiny model of tests/helpers/tiny_sd.py on 2 frames at 32x32 px. The full-disk and read-only cases mount
 a small tmpfs where the test runs as root and `mount` works, and are skipped elsewhere.
@@ -219,6 +220,60 @@ def test_resume_after_a_torn_log_line(tiny, tmp_path, reference):
     assert_same_weights(run, reference)
 
 
+def test_a_lost_log_tail_is_restored_from_the_checkpoint(tiny, tmp_path, reference_at, capsys):
+    """A 10-step run checkpointed every 5 whose log lost its last lines (8 and 9 gone, 10 cut short) while the
+    checkpoint at 10 survived, as a power loss leaves it: resumed to 12, the log holds every step once, steps 1-10
+    as they were first written (the checkpoint carried 6-10), and the weights are an uninterrupted run's."""
+    run = tmp_path / "run"
+    assert train.main(args(tiny, run, 10, "--checkpoint-every", "5")) == 0
+    written = (run / "log.jsonl").read_text().splitlines(keepends=True)
+    (run / "log.jsonl").write_text("".join(written[:7]) + written[9][:40])
+    capsys.readouterr()
+    assert train.main(args(tiny, run, 12, "--checkpoint-every", "5", "--resume")) == 0
+    assert "restored 3 record(s)" in capsys.readouterr().err
+    assert logged_steps(run) == list(range(1, 13))
+    assert (run / "log.jsonl").read_text().splitlines(keepends=True)[:10] == written
+    assert_same_weights(run, reference_at(12))
+
+
+def test_the_log_is_durable_before_each_checkpoint(tiny, tmp_path, monkeypatch):
+    """Every record up to a checkpoint's step is on the disk (fsync) before the checkpoint's folder is renamed into
+    place, and the checkpoint carries the records since the one before."""
+    run, events = tmp_path / "run", []
+    real_write, real_fsync, real_replace = os.write, os.fsync, os.replace
+
+    def named(fd):
+        return os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+
+    def write(fd, data):
+        if named(fd) == "log.jsonl":
+            events.append(("append", json.loads(bytes(data))["step"]))
+        return real_write(fd, data)
+
+    def fsync(fd):
+        if named(fd) == "log.jsonl":
+            events.append(("fsync", None))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        if Path(dst).parent.name == "checkpoints":
+            events.append(("checkpoint", ckpt.checkpoint_step(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    assert train.main(args(tiny, run, 5, "--checkpoint-every", "2")) == 0
+    monkeypatch.undo()
+    checkpoints = [i for i, (kind, _) in enumerate(events) if kind == "checkpoint"]
+    assert [events[i][1] for i in checkpoints] == [2, 4, 5]
+    for i in checkpoints:
+        appended = [step for kind, step in events[:i] if kind == "append"]
+        assert appended[-1] == events[i][1] and events[i - 1] == ("fsync", None), events[:i + 1]
+    carried = {step: logged_steps(ckpt.checkpoint_dir(run, step)) for step in (4, 5)}  # (2 is pruned: keep 2)
+    assert carried == {4: [3, 4], 5: [5]}
+
+
 def test_rerun_after_a_kill_before_the_first_checkpoint(tiny, tmp_path, reference, monkeypatch, capsys):
     run = tmp_path / "run"
     interrupt_at(monkeypatch, 4)
@@ -279,6 +334,49 @@ def test_ctrl_c_is_one_line_saying_where_resume_continues(tiny, tmp_path, monkey
     monkeypatch.setattr(run_mod, "ddim_sample", interrupted)  # and sample.py (its sampling is apla.run's)
     line = fails(sample.main, ["--run", str(run), "--steps", "2", "--no-progress", "--device", "cpu"], capsys, 130)
     assert "interrupted" in line
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_a_cluster_signal_checkpoints_the_last_step_then_resume_is_bit_equal(tiny, tmp_path, reference, monkeypatch,
+                                                                            capsys, sig):
+    """SIGTERM (a time limit) or SIGUSR1 (SLURM's --signal) arriving during step 3: the step finishes, a
+    checkpoint of it is written though none was due, one line says how to continue, exit status 143; --resume
+    then ends as an uninterrupted run."""
+    run, real, calls = tmp_path / "run", APLA.train_step, {"n": 0}
+
+    def step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), sig)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(APLA, "train_step", step)
+    line = fails(train.main, args(tiny, run), capsys, code=143)  # checkpoints every 250 steps: none was due
+    monkeypatch.undo()
+    name = signal.Signals(sig).name
+    assert f"stopped by {name} at step 3" in line and "--resume continues from step 3" in line, line
+    assert ckpt.checkpoint_step(ckpt.latest_checkpoint(run)) == 3 and logged_steps(run) == [1, 2, 3]
+    assert signal.getsignal(sig) is signal.SIG_DFL  # the handlers are train.py's only while it runs
+    assert train.main(args(tiny, run, STEPS, "--resume")) == 0
+    assert logged_steps(run) == list(range(1, STEPS + 1))
+    assert_same_weights(run, reference)
+
+
+def test_sigterm_to_a_running_train_py_then_resume_is_bit_equal(tiny, tmp_path, reference_at):
+    """A real SIGTERM, as SLURM sends it, to train.py running as its own process, at a moment of the run: exit 143,
+    one line, a checkpoint of the last step it logged; --resume ends bit-equal to an uninterrupted run."""
+    steps, run, err = 24, tmp_path / "run", tmp_path / "train.err"
+    proc = script_process("train", args(tiny, run, steps, "--checkpoint-every", "10"), err)
+    assert wait_for(lambda: "apla: trains" in err.read_text() and last_whole_step(run) >= 4, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143, err.read_text()[-3000:]
+    line = one_error_line(err.read_text())
+    last = last_whole_step(run)
+    assert 4 <= last < steps and ckpt.checkpoint_step(ckpt.latest_checkpoint(run)) == last
+    assert f"stopped by SIGTERM at step {last}; --resume continues from step {last}" in line, line
+    assert train.main(args(tiny, run, steps, "--checkpoint-every", "10", "--resume")) == 0
+    assert logged_steps(run) == list(range(1, steps + 1))
+    assert_same_weights(run, reference_at(steps))
 
 
 def test_random_kills_and_interrupts_then_resume_end_bit_equal(tiny, tmp_path, reference_at):

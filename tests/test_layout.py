@@ -13,7 +13,7 @@ PROJECTS = ("apla.micro", "apla.study", "apla.bench")
 SCRIPTS = ("train.py", "sample.py")
 # Imported inside a function on purpose: optional extras (pyproject.toml), what only a test needs, and transformers
 # (with the hub client it brings), whose import takes seconds; each such import says why where it is made.
-OPTIONAL = ("av", "matplotlib", "diffusers", "cv2", "transformers", "huggingface_hub")
+OPTIONAL = ("av", "matplotlib", "diffusers", "cv2", "transformers", "huggingface_hub", "torch.utils.tensorboard")
 # Imported inside a function on purpose, with the reason written where it is done: transformers is slow to import.
 LAZY = {("apla/__init__.py", "apla.sd.weights"), ("apla/__init__.py", "apla.sd.text"),
         ("apla/__init__.py", "apla.sampling")}

@@ -24,7 +24,7 @@ SHAPE = (1, 4, 4, 8, 8)  # (B, C, F, h, w)
 def tiny_sd():
     torch.manual_seed(0)
     return SimpleNamespace(unet=UNet3DConditionModel(TINY_UNET), vae=nn.Linear(1, 1), text_encoder=nn.Linear(1, 1),
-                           alpha_bar=make_alpha_bar())
+                           alpha_bar=make_alpha_bar(), prediction_type="epsilon")
 
 
 def config(**values):

@@ -8,11 +8,11 @@ import torch
 from apla import scheduler as S
 
 
-def sd15_ddim(num_inference_steps=50):
+def sd15_ddim(num_inference_steps=50, prediction_type="epsilon"):
     diffusers = pytest.importorskip("diffusers")
     sched = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                     beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
-                                    steps_offset=1, prediction_type="epsilon")
+                                    steps_offset=1, prediction_type=prediction_type)
     sched.set_timesteps(num_inference_steps)
     return sched
 
@@ -114,6 +114,40 @@ def test_ddim_sample_matches_diffusers_loop():
     z = z_T
     for t in ref.timesteps:
         z = ref.step(eps_fn(z, t), t, z).prev_sample
+    assert (ours - z).abs().max().item() < 1e-10
+
+
+def test_eps_from_v_inverts_diffusers_v_target_and_its_mse_is_the_v_mse_weighted_by_alpha_bar():
+    ref = sd15_ddim(10, "v_prediction")
+    alpha_bar = S.make_alpha_bar()
+    ref.alphas_cumprod = alpha_bar.clone()
+    g = torch.Generator().manual_seed(8)
+    z0, eps = (torch.randn(3, 4, 2, 4, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    t = torch.tensor([0, 500, 999])
+    z_t = S.q_sample(z0, t, eps, alpha_bar)
+    v = ref.get_velocity(z0, eps, t)  # sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) z0
+    torch.testing.assert_close(S.eps_from_v(v, t, z_t, alpha_bar), eps, rtol=0, atol=1e-12)
+    v_hat = v + 0.1 * torch.randn(v.shape, generator=g, dtype=torch.float64)  # a model's imperfect v
+    eps_mse = (S.eps_from_v(v_hat, t, z_t, alpha_bar) - eps).pow(2).mean(dim=(1, 2, 3, 4))
+    v_mse = (v_hat - v).pow(2).mean(dim=(1, 2, 3, 4))
+    torch.testing.assert_close(eps_mse, alpha_bar[t] * v_mse, rtol=1e-12, atol=0)
+
+
+def test_ddim_on_eps_from_v_is_diffusers_v_prediction_loop():
+    ref = sd15_ddim(10, "v_prediction")
+    alpha_bar = S.make_alpha_bar()
+    ref.alphas_cumprod = alpha_bar.clone()
+    ref.final_alpha_cumprod = alpha_bar[0].clone()
+    z_T = torch.randn(1, 4, 2, 4, 4, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+
+    def v_fn(z, t):  # a simple input-dependent v-predictor
+        return 0.3 * z - 0.0005 * float(t)
+
+    ours = S.ddim_sample(lambda z, t: S.eps_from_v(v_fn(z, t), t, z, alpha_bar), z_T, S.ddim_timesteps(10),
+                         alpha_bar, progress=False)
+    z = z_T
+    for t in ref.timesteps:
+        z = ref.step(v_fn(z, t), t, z).prev_sample
     assert (ours - z).abs().max().item() < 1e-10
 
 

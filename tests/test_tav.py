@@ -3,14 +3,17 @@ on the micro model; its fields land on ours; an unknown key or an unsupported va
 import json
 import shutil
 
+import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
-from apla import tav
+from apla import loop, tav
+from apla.algorithm import APLA
 from apla.cli import parse_train_args
 from apla.eval.score import sample_stem
-from tests.helpers.runs import SHAPES_GIF, run_exit, sample, train
+from tests.helpers.runs import SHAPES_GIF, run_exit, sample, train, trained_weights
 
 # Written as Tune-A-Video's configs/*.yaml are: its field names, its layout, its float spelling ("3e-5" without a dot,
 # which YAML reads as a string); the paths point at a local folder and clip.
@@ -99,8 +102,7 @@ def test_flags_override_a_tuneavideo_config(tmp_path):
 @pytest.mark.parametrize("extra, words", [
     ("frobnicate: 3\n", "unknown key frobnicate"),
     ("train_data_extra: 1\n", "unknown key train_data_extra"),
-    ("lr_scheduler: cosine\n", "lr_scheduler"),
-    ("gradient_accumulation_steps: 4\n", "gradient_accumulation_steps"),
+    ("train_batch_size: 2\n", "train_batch_size"),
     ("resume_from_checkpoint: latest\n", "--resume"),
 ])
 def test_unknown_or_unsupported_key_is_one_line_and_exit_2(tmp_path, capsys, extra, words):
@@ -150,3 +152,62 @@ def test_a_side_that_is_no_multiple_of_8_is_one_line_and_exit_2(tmp_path, capsys
     assert run_exit(train.main, ["--config", str(path), "--no-progress", "--device", "cpu"]) == 2
     err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("note:")]
     assert len(err) == 1 and "size must be" in err[0] and "(64, 60)" in err[0], err
+
+
+SCHEDULED = """\
+lr_scheduler: "cosine"
+lr_warmup_steps: 2
+gradient_accumulation_steps: 2
+report_to: "tensorboard"
+"""
+
+
+def test_a_scheduled_accumulated_tensorboard_config_trains_resumes_bit_exactly_and_reports(tmp_path, monkeypatch):
+    """A Tune-A-Video config with a cosine schedule and warmup, 2 draws per update and report_to tensorboard runs as
+    written: the learning rate follows the schedule update by update; a run interrupted after its step-3 checkpoint
+    (step 4 logged and reported) and resumed ends bit-equal to an uninterrupted one; and the TensorBoard events, read
+    with TensorBoard's own reader, hold every number of log.jsonl once per step, and the samples' images."""
+    reader = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    path = write_config(tmp_path, SCHEDULED)
+    path.write_text(path.read_text().replace("max_train_steps: 2", "max_train_steps: 6")
+                    .replace("checkpointing_steps: 1", "checkpointing_steps: 3"))
+    argv = ["--config", str(path), "--no-progress", "--device", "cpu"]
+    whole, cut = tmp_path / "whole", tmp_path / "outputs" / "circle"
+    assert train.main(argv + ["--output-dir", str(whole)]) == 0
+
+    real, calls = APLA.train_step, []
+
+    def interrupted(self, *a, **k):  # Ctrl-C in the 5th update: steps 1-4 logged, the checkpoint at 3
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(APLA, "train_step", interrupted)
+    assert run_exit(train.main, argv) == 130
+    monkeypatch.undo()
+    assert train.main(argv + ["--resume"]) == 0
+
+    got, want = trained_weights(cut), trained_weights(whole)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    log = [json.loads(line) for line in (cut / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 7)) and all(len(r["t"]) == 2 for r in log)
+    cfg = json.loads((cut / "config.json").read_text())
+    assert (cfg["lr_scheduler"], cfg["lr_warmup_steps"], cfg["gradient_accumulation_steps"]) == ("cosine", 2, 2)
+    assert [r["lr"] for r in log] == pytest.approx([2e-4 * loop.lr_factor(s, "cosine", 2, 6) for s in range(6)])
+    assert log[0]["lr"] == 0.0 and log[2]["lr"] == 2e-4  # warmup from 0 over 2 updates, then the full rate
+
+    board = reader.EventAccumulator(str(cut / loop.TENSORBOARD_DIR), size_guidance={"scalars": 0, "images": 0})
+    board.Reload()
+    scalars = {tag.removeprefix("train/"): board.Scalars(tag) for tag in board.Tags()["scalars"]}
+    numbers = {k for r in log for k, v in r.items() if k != "step" and isinstance(v, (int, float))}
+    assert set(scalars) == numbers and {"mse", "total", "disc", "lr", "step_time", "sample_time"} <= numbers
+    for key, events in scalars.items():
+        logged = [(r["step"], r[key]) for r in log if key in r]
+        assert [e.step for e in events] == [s for s, _ in logged], key  # each step once: step 4's first write purged
+        assert [e.value for e in events] == [float(np.float32(v)) for _, v in logged], key  # TensorBoard's float32
+    prompts = [cfg["prompt"], *cfg["edit_prompts"]]
+    assert len(board.Tags()["images"]) == len(prompts)
+    for tag in board.Tags()["images"]:
+        images = board.Images(tag)
+        assert [e.step for e in images] == [2, 4, 6] and all((e.width, e.height) == (4 * 64, 64) for e in images)

@@ -85,18 +85,22 @@ def test_a_non_square_run_trains_resumes_and_samples_at_its_size(tiny, tmp_path)
     assert video["prompt"] == "a blue square moving to the right" and "warping_error" in video["metrics"]
 
 
-def test_readme_usage_snippet_runs(tiny):
-    """The README's Python snippet of the pieces, on the tiny model at 64x64: the shapes it promises (scaled by 8)."""
+def test_readme_usage_snippet_runs(tiny, trained_run):
+    """The README's Python snippet, on the tiny model at 64x64: the shapes it promises (scaled by 8), and sample.py's
+    call on a run of it (4 frames): a list of one (F, 3, H, W) video in [-1, 1], its inverted z_T kept in the run."""
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
     code = next(block for block in blocks if "load_stable_diffusion" in block)
     code = code.replace('"path/to/v1-5-pruned-emaonly.safetensors"', repr(tiny["model"])).replace("512", "64")
     scope = {}
-    exec(code, scope)
+    exec(code.replace('"runs/apla"', repr(str(trained_run))), scope)
     assert scope["mean"].shape == (8, 4, 8, 8)
     assert scope["z0"].shape == (1, 4, 8, 8, 8)
     assert scope["context"].shape == (1, 77, 32)
     assert scope["eps_pred"].shape == (1, 4, 8, 8, 8)
+    assert [tuple(v.shape) for v in scope["videos"]] == [(4, 3, 64, 64)]
+    assert all(v.min() >= -1 and v.max() <= 1 for v in scope["videos"])
+    assert len(list((trained_run / "inversions").iterdir())) >= 1
 
 
 def test_bigbuckbunny_cut_trains(tiny, tmp_path):

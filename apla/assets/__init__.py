@@ -32,8 +32,10 @@ def model_path(name) -> Path | None:
 
 
 def clip_scorer(pretrained) -> str | None:
-    """The CLIP model a run on `pretrained` is scored with by default: a bundled model's (CLIP_SCORERS), else None."""
-    return CLIP_SCORERS.get(str(pretrained))
+    """The CLIP model a run on `pretrained` is scored with by default: a bundled model's (CLIP_SCORERS), named by its
+    name or by the path of its folder, else None."""
+    name = next((n for n, folder in MODELS.items() if Path(str(pretrained)).resolve() == folder), str(pretrained))
+    return CLIP_SCORERS.get(name)
 
 
 def resolve_video(video) -> str:

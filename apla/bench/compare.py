@@ -28,7 +28,7 @@ from apla.sd.unet import UNet3DConditionModel, is_temporal_param, mark_trainable
 # UNetConfig fields that are diffusers' UNet2DConditionModel arguments of the same name
 DIFFUSERS_ARGS = ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "attention_head_dim",
                   "cross_attention_dim", "norm_num_groups", "norm_eps", "down_block_types", "up_block_types",
-                  "flip_sin_to_cos", "freq_shift")
+                  "flip_sin_to_cos", "freq_shift", "use_linear_projection", "upcast_attention")
 
 
 def diffusers_twin(ours: UNet3DConditionModel, sample_size: int):

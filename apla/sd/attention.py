@@ -7,7 +7,7 @@ block to video (Wu et al. 2022, Sec. 4.2):
     its own LayerNorm `norm_temp`), no positional encoding, its output projection starting at zero.
 
 Tokens are (B*F, L, C) with L = H*W per frame, and stay in that layout through the whole block: every attention is
-one call of `torch.nn.functional.scaled_dot_product_attention` on views of it (no attention matrix is built here,
+one call of `torch.nn.functional.scaled_dot_product_attention` (`attention`) on views of it (no attention matrix is built here,
 and only the sparse-causal keys and values are gathered into a new tensor). The cross-attention folds the F frames
 into the query sequence, since all frames attend to the same text; the temporal attention reads the L*heads
 sequences of F frames as strided views of the per-frame layout. Module names are diffusers' (`attn1`, `attn2`,
@@ -21,6 +21,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def attention(q, k, v, upcast: bool = False):
+    """softmax(q kᵀ / sqrt(d)) v on (N, heads, L, d) tensors, in float32 when `upcast` and q is half precision.
+
+    `upcast` is diffusers' `upcast_attention`, which SD 2.1 (768)'s config sets; Stability's own code computes the
+    logits q kᵀ in float32 for every SD 2 model (`ATTN_PRECISION`, "fp32" by default), against overflow in float16.
+    Here the whole attention (q, k and v) runs in float32, outside autocast, and its output returns to q's dtype, so
+    only the projections around it stay in half precision."""
+    if not upcast or q.dtype not in (torch.float16, torch.bfloat16):
+        # $$\mathrm{softmax}\left(QK^\top/\sqrt{d}\right)V$$
+        return F.scaled_dot_product_attention(q, k, v)
+    with torch.autocast(q.device.type, enabled=False):
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
 
 
 def _heads(x, heads: int):
@@ -45,12 +59,13 @@ def sparse_causal_kv(x: torch.Tensor, num_frames: int) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head attention, q from x, k/v from `kv` (or x). Projections without bias, output with bias."""
+    """Multi-head attention, q from x, k/v from `kv` (or x). Projections without bias, output with bias; `upcast`: the
+    attention itself in float32 under half precision (`attention`)."""
 
-    def __init__(self, dim: int, heads: int, kv_dim: int | None = None):
+    def __init__(self, dim: int, heads: int, kv_dim: int | None = None, upcast: bool = False):
         super().__init__()
         kv_dim = dim if kv_dim is None else kv_dim
-        self.heads = heads
+        self.heads, self.upcast = heads, upcast
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(kv_dim, dim, bias=False)
         self.to_v = nn.Linear(kv_dim, dim, bias=False)
@@ -58,8 +73,7 @@ class Attention(nn.Module):
 
     def attend(self, q, k, v):
         """softmax(q kᵀ / sqrt(d)) v per head, (N, Lq, C), (N, Lk, C), (N, Lk, C) -> (N, Lq, C)."""
-        # $$\mathrm{softmax}\left(QK^\top/\sqrt{d}\right)V$$
-        out = F.scaled_dot_product_attention(_heads(q, self.heads), _heads(k, self.heads), _heads(v, self.heads))
+        out = attention(_heads(q, self.heads), _heads(k, self.heads), _heads(v, self.heads), self.upcast)
         return self.to_out[0](_merge(out))
 
     def forward(self, x, kv=None):
@@ -94,9 +108,8 @@ class Attention(nn.Module):
         def over_frames(t):
             return t.view(B, num_frames, L * h, C // h).transpose(1, 2)  # (B*F, L, C) -> (B, L*h, F, d), a view
 
-        # $$\mathrm{softmax}\left(QK^\top/\sqrt{d}\right)V$$ over the F frames of each position and head
-        out = F.scaled_dot_product_attention(over_frames(self.to_q(x)), over_frames(self.to_k(x)),
-                                             over_frames(self.to_v(x)))
+        # softmax(QKᵀ/√d)V over the F frames of each position and head
+        out = attention(over_frames(self.to_q(x)), over_frames(self.to_k(x)), over_frames(self.to_v(x)), self.upcast)
         return self.to_out[0](out.transpose(1, 2).reshape(BF, L, C))  # (B, L*h, F, d) -> (B*F, L, C)
 
 
@@ -125,20 +138,21 @@ class FeedForward(nn.Module):
 
 class TransformerBlock(nn.Module):
     """Sparse-causal self-attention, cross-attention, GEGLU feed-forward, temporal attention; pre-LayerNorm, residual.
-    With `inflated = False`: per-frame self-attention and no temporal attention (SD's block on each frame)."""
+    With `inflated = False`: per-frame self-attention and no temporal attention (SD's block on each frame). The temporal
+    attention has the block's head count and `upcast`, as Tune-A-Video builds its `attn_temp`."""
 
     inflated = True
 
-    def __init__(self, dim: int, heads: int, cross_attention_dim: int, eps: float):
+    def __init__(self, dim: int, heads: int, cross_attention_dim: int, eps: float, upcast: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn1 = Attention(dim, heads)
+        self.attn1 = Attention(dim, heads, upcast=upcast)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.attn2 = Attention(dim, heads, kv_dim=cross_attention_dim)
+        self.attn2 = Attention(dim, heads, kv_dim=cross_attention_dim, upcast=upcast)
         self.norm3 = nn.LayerNorm(dim, eps=eps)
         self.ff = FeedForward(dim)
         self.norm_temp = nn.LayerNorm(dim, eps=eps)
-        self.attn_temp = Attention(dim, heads)
+        self.attn_temp = Attention(dim, heads, upcast=upcast)
         self.start_temporal_output()
 
     def start_temporal_output(self) -> None:

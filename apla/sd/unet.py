@@ -3,7 +3,8 @@
 Paper: "APLA: Additional Perturbation for Latent Noise with Adversarial Training Enables Consistency"
 (AAAI 2024). APLA "build[s] the model based on Tune-A-Video (Wu et al. 2022) and utilize[s] the pre-trained
 weights of the Stable Diffusion" (Sec. Experiments). This file is that network: the Stable Diffusion v1.5
-U-Net (Rombach et al. 2022), inflated to video as Tune-A-Video does. It is the U-Net π of Eqs. (2)–(4) and the
+U-Net (Rombach et al. 2022), inflated to video as Tune-A-Video does. SD 2.x's U-Net is the same network under other
+`UNetConfig` values (linear projections, a head count per level, 1024-wide text states, upcast attention). It is the U-Net π of Eqs. (2)–(4) and the
 noise predictor ε_θ(z_t, t) of Eq. (5); Eq. (4) adds the VGT's perturbation φ to its output (ε* = ε_θ + φ).
 
 Inflation (Tune-A-Video, Sec. 4.2 of Wu et al.):
@@ -52,8 +53,9 @@ class UNetConfig:
     layers_per_block: int = 2  # SD v1.5
     # SD v1.5's config calls this attention_head_dim = 8 but it is the number of heads at every level
     # (diffusers keeps the misnomer for compatibility); head width = channels // heads (40, 80, 160, 160).
-    attention_head_dim: int = 8
-    cross_attention_dim: int = 768  # SD v1.5: CLIP ViT-L/14 text width
+    # A tuple gives the head count per level, down the U-Net: SD 2.x's (5, 10, 20, 20) keeps every head 64 wide.
+    attention_head_dim: int | tuple = 8
+    cross_attention_dim: int = 768  # SD v1.5: CLIP ViT-L/14 text width (SD 2.x: 1024, OpenCLIP ViT-H/14's)
     norm_num_groups: int = 32  # SD v1.5
     norm_eps: float = 1e-5  # SD v1.5: ResNet and output GroupNorm, transformer LayerNorms
     transformer_norm_eps: float = 1e-6  # SD v1.5: the transformer's input GroupNorm (fixed in SD's code)
@@ -61,6 +63,11 @@ class UNetConfig:
     up_block_types: tuple = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
     flip_sin_to_cos: bool = True  # SD v1.5: time embedding is [cos, sin]
     freq_shift: int = 0  # SD v1.5
+    # SD v1.5: False, the transformer's proj_in / proj_out are 1x1 convolutions on (B*F, C, H, W); SD 2.x: True,
+    # Linear layers on the (B*F, H*W, C) tokens (the same map, applied after the reshape to tokens instead of before)
+    use_linear_projection: bool = False
+    upcast_attention: bool = False  # SD v1.5: False; SD 2.1 (768): True (apla.sd.attention.attention)
+    sample_size: int = 64  # the latent side the model was trained at: SD v1.5 and 2.1-base 64 (512 px), 2.1 96 (768 px)
     # False (default, so that a loaded SD equals SD): every GroupNorm normalises each frame alone, exactly as SD does
     # per image, which keeps the network causal in frames while the temporal attention's output is zero. True:
     # Tune-A-Video's code, which applies the ResNet and output GroupNorms to the whole (B, C, F, H, W) tensor,
@@ -68,11 +75,11 @@ class UNetConfig:
     # Identical frames give the same result either way.
     norm_over_frames: bool = False
 
-    # diffusers config keys we accept only with SD v1.5's value (anything else is an architecture we do not build)
+    # diffusers config keys we accept only with SD's value (anything else is an architecture we do not build)
     _SD_ONLY = {
         "act_fn": "silu", "center_input_sample": False, "class_embed_type": None, "addition_embed_type": None,
-        "dual_cross_attention": False, "only_cross_attention": False, "use_linear_projection": False,
-        "upcast_attention": False, "resnet_time_scale_shift": "default", "time_embedding_type": "positional",
+        "dual_cross_attention": False, "only_cross_attention": False,
+        "resnet_time_scale_shift": "default", "time_embedding_type": "positional",
         "mid_block_type": "UNetMidBlock2DCrossAttn", "num_attention_heads": None, "downsample_padding": 1,
         "mid_block_scale_factor": 1, "transformer_layers_per_block": 1, "encoder_hid_dim": None,
         "num_class_embeds": None, "conv_in_kernel": 3, "conv_out_kernel": 3, "time_cond_proj_dim": None,
@@ -84,21 +91,41 @@ class UNetConfig:
 
     @classmethod
     def from_diffusers(cls, config: dict) -> "UNetConfig":
-        """Read a diffusers `unet/config.json` dict; reject settings outside SD v1.5's architecture by name."""
+        """Read a diffusers `unet/config.json` dict (SD v1.x or 2.x); reject settings outside their architecture by
+        name.
+
+        Tune-A-Video's `UNet3DConditionModel` writes the config of SD's U-Net with its blocks named "...3D"
+        (`CrossAttnDownBlock3D`, `UNetMidBlock3DCrossAttn`, ...); its modules are SD's with the temporal layers
+        added, which is this network, so those names are read as SD's 2D ones (`is_tune_a_video` tells them)."""
+        as_2d = {k: [b.replace("3D", "2D") for b in config[k]] for k in ("down_block_types", "up_block_types")
+                 if k in config}
+        if isinstance(config.get("mid_block_type"), str):
+            as_2d["mid_block_type"] = config["mid_block_type"].replace("3D", "2D")
+        config = {**config, **as_2d}
         for key, sd_value in cls._SD_ONLY.items():
             value = config.get(key, sd_value)
             if isinstance(value, list) and len(set(map(str, value))) == 1:
                 value = value[0]  # per-level lists with one repeated value
             if value != sd_value:
-                raise UNetConfigError(f"unet config: {key}={value!r} is not supported (SD v1.5 uses {sd_value!r})")
-        heads = config.get("attention_head_dim", cls.attention_head_dim)
-        if isinstance(heads, (list, tuple)):
-            if len(set(heads)) != 1:
-                raise UNetConfigError(f"unet config: attention_head_dim={heads!r}: one head count for all levels")
-            heads = heads[0]
-        names = {f.name for f in fields(cls)} - {"attention_head_dim", "norm_over_frames", "transformer_norm_eps"}
+                raise UNetConfigError(f"unet config: {key}={value!r} is not supported (SD uses {sd_value!r})")
+        names = {f.name for f in fields(cls)} - {"norm_over_frames", "transformer_norm_eps"}
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names}
-        return cls(attention_head_dim=int(heads), **kwargs)
+        if isinstance(kwargs.get("sample_size"), tuple):
+            raise UNetConfigError(f"unet config: sample_size={config['sample_size']!r}: SD's latents are square")
+        return cls(**kwargs)
+
+    def heads(self, level: int) -> int:
+        """The head count of the transformers at `level` (0 = the first down level; the middle block is the last
+        level's; an up block has its level's, as diffusers reverses the list for the way up)."""
+        h = self.attention_head_dim
+        return int(h if isinstance(h, int) else h[level])
+
+
+def is_tune_a_video(config: dict) -> bool:
+    """Whether a diffusers `unet/config.json` dict is one Tune-A-Video's `UNet3DConditionModel` wrote (its class, or
+    its blocks named "...3D"): a U-Net already inflated and tuned, whose file holds the temporal weights."""
+    blocks = [*config.get("down_block_types", ()), *config.get("up_block_types", ()), config.get("mid_block_type", "")]
+    return config.get("_class_name") == "UNet3DConditionModel" or any("3D" in str(b) for b in blocks)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -176,24 +203,32 @@ class Downsample(nn.Module):
 
 
 class SpatialTransformer(_Checkpointable):
-    """GroupNorm, 1x1 conv in, one TransformerBlock on the H*W tokens, 1x1 conv out, residual."""
+    """GroupNorm, projection in, one TransformerBlock on the H*W tokens, projection out, residual. The projections are
+    1x1 convolutions on the feature map (SD v1) or, with `use_linear_projection` (SD 2.x), Linear layers on the tokens."""
 
-    def __init__(self, c: int, cfg: UNetConfig):
+    def __init__(self, c: int, heads: int, cfg: UNetConfig):
         super().__init__()
         self.norm = nn.GroupNorm(cfg.norm_num_groups, c, eps=cfg.transformer_norm_eps)  # per frame (as Tune-A-Video)
-        self.proj_in = nn.Conv2d(c, c, 1)
-        self.transformer_blocks = nn.ModuleList([TransformerBlock(c, cfg.attention_head_dim, cfg.cross_attention_dim,
-                                                                     cfg.norm_eps)])
-        self.proj_out = nn.Conv2d(c, c, 1)
+        self.linear = cfg.use_linear_projection
+        self.proj_in = nn.Linear(c, c) if self.linear else nn.Conv2d(c, c, 1)
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(c, heads, cfg.cross_attention_dim, cfg.norm_eps,
+                                                                  cfg.upcast_attention)])
+        self.proj_out = nn.Linear(c, c) if self.linear else nn.Conv2d(c, c, 1)
 
     def _forward(self, x, context, num_frames: int):
         BF, C, H, W = x.shape
-        h = self.proj_in(self.norm(x))
+        h = self.norm(x)
+        if not self.linear:
+            h = self.proj_in(h)
         h = h.permute(0, 2, 3, 1).reshape(BF, H * W, C)  # (B*F, C, H, W) -> (B*F, H*W, C)
+        if self.linear:
+            h = self.proj_in(h)
         for block in self.transformer_blocks:
             h = block(h, context, num_frames)
+        if self.linear:
+            h = self.proj_out(h)
         h = h.view(BF, H, W, C).permute(0, 3, 1, 2)  # (B*F, H*W, C) -> (B*F, C, H, W)
-        return self.proj_out(h) + x
+        return (h if self.linear else self.proj_out(h)) + x
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -201,11 +236,12 @@ class SpatialTransformer(_Checkpointable):
 # ---------------------------------------------------------------------------------------------------------------
 
 class DownBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, temb_dim: int, cross_attn: bool, downsample: bool, cfg: UNetConfig):
+    def __init__(self, cin: int, cout: int, heads: int, temb_dim: int, cross_attn: bool, downsample: bool,
+                 cfg: UNetConfig):
         super().__init__()
         n = cfg.layers_per_block
         self.resnets = nn.ModuleList([ResnetBlock(cin if i == 0 else cout, cout, temb_dim, cfg) for i in range(n)])
-        self.attentions = nn.ModuleList([SpatialTransformer(cout, cfg) for _ in range(n)]) if cross_attn else None
+        self.attentions = nn.ModuleList([SpatialTransformer(cout, heads, cfg) for _ in range(n)]) if cross_attn else None
         self.downsamplers = nn.ModuleList([Downsample(cout)]) if downsample else None
 
     def forward(self, x, temb, context, num_frames):
@@ -222,10 +258,10 @@ class DownBlock(nn.Module):
 
 
 class MidBlock(nn.Module):
-    def __init__(self, c: int, temb_dim: int, cfg: UNetConfig):
+    def __init__(self, c: int, heads: int, temb_dim: int, cfg: UNetConfig):
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock(c, c, temb_dim, cfg), ResnetBlock(c, c, temb_dim, cfg)])
-        self.attentions = nn.ModuleList([SpatialTransformer(c, cfg)])
+        self.attentions = nn.ModuleList([SpatialTransformer(c, heads, cfg)])
 
     def forward(self, x, temb, context, num_frames):
         x = self.resnets[0](x, temb, num_frames)
@@ -234,12 +270,12 @@ class MidBlock(nn.Module):
 
 
 class UpBlock(nn.Module):
-    def __init__(self, cprev: int, cout: int, cskips: list, temb_dim: int, cross_attn: bool, upsample: bool,
+    def __init__(self, cprev: int, cout: int, cskips: list, heads: int, temb_dim: int, cross_attn: bool, upsample: bool,
                  cfg: UNetConfig):
         super().__init__()
         self.resnets = nn.ModuleList(
             [ResnetBlock((cprev if i == 0 else cout) + cs, cout, temb_dim, cfg) for i, cs in enumerate(cskips)])
-        self.attentions = nn.ModuleList([SpatialTransformer(cout, cfg) for _ in cskips]) if cross_attn else None
+        self.attentions = nn.ModuleList([SpatialTransformer(cout, heads, cfg) for _ in cskips]) if cross_attn else None
         self.upsamplers = nn.ModuleList([Upsample(cout)]) if upsample else None
 
     def forward(self, x, skips, temb, context, num_frames, size=None):
@@ -254,7 +290,8 @@ class UpBlock(nn.Module):
 
 
 class UNet3DConditionModel(nn.Module):
-    """ε_θ(z_t, t, c): (B, 4, F, h, w), t int or (B,), context (B, 77, 768) -> (B, 4, F, h, w)."""
+    """ε_θ(z_t, t, c): (B, 4, F, h, w), t int or (B,), context (B, 77, D) -> (B, 4, F, h, w); D = 768 (SD v1.5),
+    1024 (SD 2.x)."""
 
     def __init__(self, config: UNetConfig | None = None):
         super().__init__()
@@ -267,6 +304,8 @@ class UNet3DConditionModel(nn.Module):
         if len(cfg.down_block_types) != len(ch) or len(cfg.up_block_types) != len(ch):
             raise UNetConfigError(f"unet config: {len(ch)} levels but block types "
                                   f"{cfg.down_block_types!r} / {cfg.up_block_types!r}")
+        if not isinstance(cfg.attention_head_dim, int) and len(cfg.attention_head_dim) != len(ch):
+            raise UNetConfigError(f"unet config: {len(ch)} levels but attention_head_dim={cfg.attention_head_dim!r}")
 
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb_dim)
@@ -275,19 +314,19 @@ class UNet3DConditionModel(nn.Module):
         skip_channels = [ch[0]]  # channels of every skip tensor, in push order
         for i, kind in enumerate(cfg.down_block_types):
             last = i == len(ch) - 1
-            self.down_blocks.append(DownBlock(ch[max(i - 1, 0)], ch[i], temb_dim, kind.startswith("CrossAttn"),
-                                              not last, cfg))
+            self.down_blocks.append(DownBlock(ch[max(i - 1, 0)], ch[i], cfg.heads(i), temb_dim,
+                                              kind.startswith("CrossAttn"), not last, cfg))
             skip_channels += [ch[i]] * (cfg.layers_per_block + (0 if last else 1))
 
-        self.mid_block = MidBlock(ch[-1], temb_dim, cfg)
+        self.mid_block = MidBlock(ch[-1], cfg.heads(len(ch) - 1), temb_dim, cfg)
 
         self.up_blocks = nn.ModuleList()
         cprev = ch[-1]
         for i, kind in enumerate(cfg.up_block_types):
             cout = ch[len(ch) - 1 - i]
             cskips = [skip_channels.pop() for _ in range(cfg.layers_per_block + 1)]
-            self.up_blocks.append(UpBlock(cprev, cout, cskips, temb_dim, kind.startswith("CrossAttn"),
-                                          i < len(ch) - 1, cfg))
+            self.up_blocks.append(UpBlock(cprev, cout, cskips, cfg.heads(len(ch) - 1 - i), temb_dim,
+                                          kind.startswith("CrossAttn"), i < len(ch) - 1, cfg))
             cprev = cout
 
         self.conv_norm_out = FrameGroupNorm(cfg.norm_num_groups, ch[0], cfg.norm_eps, cfg.norm_over_frames)

@@ -1,4 +1,4 @@
-"""Loading pretrained Stable Diffusion v1.5 without diffusers.
+"""Loading pretrained Stable Diffusion (v1.x and 2.x) without diffusers.
 
 APLA "builds upon pre-trained stable diffusion networks" (APLA, Abstract; "Implementation Details":
 "utilize the pre-trained weights of the Stable Diffusion"). This module reads those weights in the two
@@ -7,8 +7,13 @@ layouts they are published in and accounts for every tensor. No APLA equation li
 Sources `load_stable_diffusion` takes:
 - a single `.safetensors` file (v1-5-pruned-emaonly.safetensors, the "ldm" layout: U-Net under
   `model.diffusion_model.`, VAE under `first_stage_model.`, CLIP under `cond_stage_model.transformer.`);
-  carries no config, so SD v1.5's defaults are used;
+  carries no config, so SD v1.5's defaults are used; an SD 2.x file (v2-1_768-ema-pruned.safetensors,
+  v2-1_512-ema-pruned.safetensors) is told by its OpenCLIP text tower under `cond_stage_model.model.`, and what
+  it cannot tell is assumed (`single_file_config`, `SD2_VARIANTS`) and said (`assumption_note`);
 - a diffusers folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`), names by identity;
+- a folder that Tune-A-Video's `pipeline.save_pretrained` wrote (its tuned outputs/<run>: the same layout, its
+  unet/config.json of `UNet3DConditionModel` with "...3D" blocks, its weights a pickle holding the temporal
+  layers): the U-Net as it was tuned, temporal weights included, nothing inflated afresh;
 - a hub id ("org/name"), resolved to such a folder through huggingface_hub's cache;
 - `.ckpt` / `.bin` pickles, only through `torch.load(weights_only=True)`.
 
@@ -24,7 +29,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -39,16 +44,17 @@ except ImportError:  # transformers 4
 
 from apla.assets import model_path
 from apla.checkpoint import WeightsError
-from apla.scheduler import make_alpha_bar
-from apla.sd.text import build_text_encoder, load_tokenizer
+from apla.scheduler import PREDICTION_TYPES, make_alpha_bar
+from apla.sd.text import EOS, PAD_SD2, build_text_encoder, load_tokenizer
 from apla.sd.attention import TransformerBlock
-from apla.sd.unet import UNet3DConditionModel, UNetConfig, is_temporal_param
+from apla.sd.unet import UNet3DConditionModel, UNetConfig, is_temporal_param, is_tune_a_video
 from apla.sd.vae import VAE_LDM_PREFIX, AutoencoderKL, VAEConfig, vae_key_from_ldm
 
 COMPONENTS = ("vae", "text_encoder", "unet")
 
-# Single-file prefixes of the three networks.
+# Single-file prefixes of the three networks, per generation (SD 2.x: OpenCLIP's text tower, not CLIP's)
 LDM_PREFIX = {"unet": "model.diffusion_model.", "vae": VAE_LDM_PREFIX, "text_encoder": "cond_stage_model.transformer."}
+SD2_PREFIX = {**LDM_PREFIX, "text_encoder": "cond_stage_model.model."}
 # Entries real single files carry besides the networks' weights: noise-schedule buffers, EMA bookkeeping
 # (and EMA copies), the text encoder's int64 position_ids. They are skipped.
 LDM_SKIPPED = re.compile(
@@ -57,8 +63,19 @@ LDM_SKIPPED = re.compile(
     r"|posterior_log_variance_clipped|posterior_mean_coef[12]|model_ema\..*)$"
     r"|embeddings\.position_ids$"
 )
-# Keys that only later Stable Diffusion generations have: SD 2.x (OpenCLIP text tower), SDXL (two embedders).
-OTHER_GENERATIONS = {"cond_stage_model.model.": "SD 2.x", "conditioner.embedders.": "SDXL"}
+# Keys of a later Stable Diffusion generation this module does not build: SDXL (two text embedders).
+OTHER_GENERATIONS = {"conditioner.embedders.": "SDXL"}
+
+# SD 2.x's U-Net as its published diffusers configs give it (stabilityai/stable-diffusion-2-1 and -2-1-base,
+# unet/config.json; Stability's v2-inference*.yaml: num_head_channels 64, use_linear_in_transformer, context_dim
+# 1024); the rest is SD v1.5's. What a single file cannot tell, its variant, is in SD2_VARIANTS.
+SD2_UNET = dict(attention_head_dim=(5, 10, 20, 20), use_linear_projection=True, cross_attention_dim=1024)
+# The two SD 2.x variants a single file can be: 768 px v-prediction (v2-1_768-ema-pruned, 768-v-ema; Stability's
+# v2-inference-v.yaml, `parameterization: "v"`) and 512 px ε (v2-1_512-ema-pruned, 512-base-ema; v2-inference.yaml).
+SD2_VARIANTS = {
+    "768-v": dict(prediction_type="v_prediction", sample_size=96),
+    "512-base": dict(prediction_type="epsilon", sample_size=64),
+}
 
 # Files of a diffusers folder, per component: (weights, in order of preference), config.
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -85,6 +102,11 @@ class StableDiffusion:
     alpha_bar: torch.Tensor  # (1000,) float64, the training schedule's \bar\alpha_t
     unet: nn.Module | None = None
     source: str = ""
+    # what the U-Net predicts, one of apla.scheduler.PREDICTION_TYPES: "epsilon", or "v_prediction", which
+    # apla.algorithm.APLA turns into eps (apla.scheduler.eps_from_v); see load_stable_diffusion
+    prediction_type: str = "epsilon"
+    # what the source did not say and the loader assumed (an SD 2.x single file: single_file_config), else empty
+    assumed: dict = field(default_factory=dict)
 
 
 class TensorFile:
@@ -166,7 +188,7 @@ def _fits(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
 def load_into(
     model: nn.Module,
     file: TensorFile,
-    names: dict[str, str],
+    names: dict[str, str | tuple[str, ...]],
     *,
     device="cpu",
     dtype: torch.dtype = torch.float32,
@@ -175,32 +197,42 @@ def load_into(
 ) -> nn.Module:
     """Load `file` into `model` with every tensor accounted for.
 
-    `names` maps the file's keys to the model's state_dict names. Every model name must receive exactly one
-    tensor of its shape (a 1x1 conv weight may fill a Linear) unless `keep_fresh(name)` is true; every
+    `names` maps the file's keys to the model's state_dict names; a tuple of k names takes the tensor split in k
+    equal parts along its first dimension (OpenCLIP's fused q/k/v projections). Every model name must receive
+    exactly one tensor of its shape (a 1x1 conv weight may fill a Linear) unless `keep_fresh(name)` is true; every
     mapped key must be a model name. Checked on shapes alone before any data is read. Tensors replace the
     model's parameters one at a time (a model built on the meta device is filled without a second copy);
     `init_fresh(model, device)` then creates what the file does not hold.
     """
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     kind = type(model).__name__
-    for key, ours in names.items():
-        if ours not in expected:
-            raise WeightsError(f"{file.path}: unknown key {key!r} (-> {ours!r}, which {kind} does not have)")
-        shape = file.shape(key)
-        if not _fits(shape, expected[ours]):
-            raise WeightsError(f"{file.path}: wrong shape for {key!r}: {list(shape)} in the file, {kind} needs {list(expected[ours])}")
-    targets = set(names.values())
-    if len(targets) != len(names):
-        dup = next(t for t in targets if list(names.values()).count(t) > 1)
+    parts = {key: ours if isinstance(ours, tuple) else (ours,) for key, ours in names.items()}
+    for key, ours in parts.items():
+        for name in ours:
+            if name not in expected:
+                raise WeightsError(f"{file.path}: unknown key {key!r} (-> {name!r}, which {kind} does not have)")
+        shape, target = file.shape(key), expected[ours[0]]
+        if len(ours) > 1:  # k parts of one shape, stacked along the first dimension
+            target = (len(ours) * target[0], *target[1:]) if all(expected[n] == target for n in ours) else None
+        if target is None or not _fits(shape, target):
+            needs = " + ".join(str(list(expected[n])) for n in ours)
+            raise WeightsError(f"{file.path}: wrong shape for {key!r}: {list(shape)} in the file, {kind} needs {needs}")
+    flat = [name for ours in parts.values() for name in ours]
+    targets = set(flat)
+    if len(targets) != len(flat):
+        dup = next(t for t in targets if flat.count(t) > 1)
         raise WeightsError(f"{file.path}: several keys map to {dup!r}")
     missing = [k for k in expected if k not in targets and not keep_fresh(k)]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise WeightsError(f"{file.path}: missing key {missing[0]!r}{more} for {kind}")
 
-    for key, ours in names.items():  # one tensor at a time: read, converted, in place, before the next is read
-        t = file.get(key, dtype).reshape(expected[ours])  # reshape: a no-op but for 1x1-conv weights filling a Linear
-        _assign(model, ours, t.to(device))
+    for key, ours in parts.items():  # one tensor at a time: read, converted, in place, before the next is read
+        t = file.get(key, dtype)
+        for name, part in zip(ours, t.chunk(len(ours)) if len(ours) > 1 else (t,)):
+            # reshape: a no-op but for 1x1-conv weights filling a Linear; a split part gets its own storage
+            part = part.reshape(expected[name])
+            _assign(model, name, (part.clone() if len(ours) > 1 else part).to(device))
         del t
     if init_fresh is not None:
         init_fresh(model, device)
@@ -265,16 +297,55 @@ def _text_names(model: nn.Module, keys: Iterable[str], prefix: str = "") -> dict
     }
 
 
-def _check_sd1(file: TensorFile) -> None:
+def _generation(file: TensorFile) -> dict[str, str]:
+    """The single-file prefixes of the generation `file` belongs to (LDM_PREFIX: SD v1.x, SD2_PREFIX: SD 2.x, told by
+    OpenCLIP's text tower); anything else, or a key outside its three networks, is refused in one line."""
     keys = file.keys()
     for prefix, generation in OTHER_GENERATIONS.items():
         if any(k.startswith(prefix) for k in keys):
-            raise WeightsError(f"{file.path}: not a Stable Diffusion v1 checkpoint (has {generation} keys '{prefix}...')")
-    if not any(k.startswith(p) for k in keys for p in LDM_PREFIX.values()):
-        raise WeightsError(f"{file.path}: not a Stable Diffusion v1 checkpoint (no keys under {', '.join(LDM_PREFIX.values())})")
+            raise WeightsError(f"{file.path}: not a Stable Diffusion 1.x or 2.x checkpoint (has {generation} keys "
+                               f"'{prefix}...')")
+    prefixes = SD2_PREFIX if any(k.startswith(SD2_PREFIX["text_encoder"]) for k in keys) else LDM_PREFIX
+    if not any(k.startswith(p) for k in keys for p in prefixes.values()):
+        raise WeightsError(f"{file.path}: not a Stable Diffusion 1.x or 2.x checkpoint (no keys under "
+                           f"{', '.join(prefixes.values())})")
     for k in keys:
-        if not LDM_SKIPPED.search(k) and not any(k.startswith(p) for p in LDM_PREFIX.values()):
+        if not LDM_SKIPPED.search(k) and not any(k.startswith(p) for p in prefixes.values()):
             raise WeightsError(f"{file.path}: unknown key {k!r} (outside the U-Net, VAE and text encoder)")
+    return prefixes
+
+
+def single_file_config(path: str | Path) -> tuple[UNetConfig, dict]:
+    """What a single file is, from its names alone: its U-Net's config, and what was assumed where the file is silent
+    (empty for SD v1.x, whose defaults are SD v1.5's).
+
+    An SD 2.x file holds no config: nothing in it says v-prediction, upcast attention or the sample size. The
+    variant (SD2_VARIANTS) is read from the file's name, as published: "768" -> 768-v; else "512" or "base" ->
+    512-base; a name with neither -> 768-v, SD 2.x's flagship kind (2.0 and 2.1 at 768) and what diffusers assumes
+    for an SD 2 file too. Attention is upcast in both, as Stability's own code does for every SD 2 model
+    (apla.sd.attention.attention). `assumption_note` says all of it in one line."""
+    file = path if isinstance(path, TensorFile) else TensorFile(path)
+    if _generation(file) is LDM_PREFIX:
+        return UNetConfig(), {}
+    stem = file.path.stem.lower()
+    variant = "768-v" if "768" in stem or not ("512" in stem or "base" in stem) else "512-base"
+    named = any(w in stem for w in ("768", "512", "base"))
+    assumed = {"variant": variant, "from": "its name" if named else "no word in its name", **SD2_VARIANTS[variant],
+               "upcast_attention": True}
+    cfg = UNetConfig(**SD2_UNET, upcast_attention=True, sample_size=assumed["sample_size"])
+    return cfg, assumed
+
+
+def assumption_note(sd: StableDiffusion) -> str | None:
+    """The one line that says what loading `sd` assumed (None when its source said everything); a prediction type
+    that was given, not assumed, is said as given."""
+    a = sd.assumed
+    if not a:
+        return None
+    side = a["sample_size"]
+    kind = a["prediction_type"] if "prediction_type" in a else f"{sd.prediction_type} (as given)"
+    return (f"{sd.source}: a single SD 2.x file does not say its variant; assumed {a['variant']} ({a['from']}): "
+            f"{kind}, {side}x{side} latents ({8 * side} px), attention upcast to float32")
 
 
 def _mapped(rule: Callable[[str], str], key: str, file: TensorFile) -> str:
@@ -331,23 +402,96 @@ def unet_key_from_ldm(key: str, layers_per_block: int = 2) -> str:
     return f"{level}.{kind}.{layer}.{rest}"
 
 
-def _load_single_file(path: Path, components, device, dtype) -> StableDiffusion:
+# OpenCLIP's text tower (SD 2.x single files, under `cond_stage_model.model.`) -> transformers' CLIPTextModel names
+_OPEN_CLIP_TOP = {"token_embedding.weight": "embeddings.token_embedding.weight",
+                  "positional_embedding": "embeddings.position_embedding.weight",
+                  "ln_final.weight": "final_layer_norm.weight", "ln_final.bias": "final_layer_norm.bias"}
+_OPEN_CLIP_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+                    "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+# in the file, unused by SD 2: CLIP's image-text projection and temperature (the text states are taken before them)
+OPEN_CLIP_UNUSED = ("text_projection", "logit_scale")
+OPEN_CLIP_HEAD_WIDTH = 64  # OpenCLIP's text towers: heads = width / 64 (ViT-H/14: 1024 wide, 16 heads)
+
+
+def text_key_from_open_clip(key: str, num_layers: int) -> str | tuple[str, str, str] | None:
+    """Map an OpenCLIP text-tower name (the part after `cond_stage_model.model.`) to CLIPTextModel's, for a model of
+    `num_layers` blocks: a fused `attn.in_proj_weight` / `_bias` goes to the q, k, v projections (in that order);
+    None for what SD 2 does not use (OPEN_CLIP_UNUSED and blocks from `num_layers` on: SD 2 conditions on the
+    penultimate block, `layer: "penultimate"` in Stability's configs, so the file's last block is never run)."""
+    if key in _OPEN_CLIP_TOP:
+        return _OPEN_CLIP_TOP[key]
+    if key in OPEN_CLIP_UNUSED:
+        return None
+    m = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)", key)
+    if m is None:
+        raise ValueError(f"not an OpenCLIP text-tower key: {key}")
+    n, rest = int(m.group(1)), m.group(2)
+    if n >= num_layers:
+        return None
+    layer = f"encoder.layers.{n}."
+    fused = re.fullmatch(r"attn\.in_proj_(weight|bias)", rest)
+    if fused:
+        return tuple(f"{layer}self_attn.{p}_proj.{fused.group(1)}" for p in "qkv")
+    for old, new in _OPEN_CLIP_BLOCK.items():
+        if rest.startswith(old + "."):
+            return layer + new + rest[len(old):]
+    raise ValueError(f"not an OpenCLIP text-tower key: {key}")
+
+
+def open_clip_text_config(file: TensorFile, prefix: str) -> dict:
+    """The CLIPTextModel config of a single file's OpenCLIP text tower, from its shapes: one block fewer than the
+    file holds (text_key_from_open_clip), exact GELU (OpenCLIP's nn.GELU, not CLIP's quick_gelu), LayerNorm eps 1e-5
+    (PyTorch's default, which OpenCLIP keeps), heads 64 wide."""
+    def shape(name):
+        if prefix + name not in keys:
+            raise WeightsError(f"{file.path}: missing key {prefix + name!r} for the OpenCLIP text tower")
+        return file.shape(prefix + name)
+
+    keys = set(file.keys())
+    blocks = {int(m.group(1)) for k in keys if (m := re.match(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.", k))}
+    vocab, width = shape("token_embedding.weight")
+    return dict(vocab_size=vocab, hidden_size=width, intermediate_size=shape("transformer.resblocks.0.mlp.c_fc.weight")[0],
+                num_hidden_layers=len(blocks) - 1, num_attention_heads=width // OPEN_CLIP_HEAD_WIDTH,
+                max_position_embeddings=shape("positional_embedding")[0], hidden_act="gelu", layer_norm_eps=1e-5)
+
+
+def _open_clip_names(model: nn.Module, file: TensorFile, prefix: str) -> dict[str, str | tuple[str, ...]]:
+    """File key -> model name(s) for an OpenCLIP text tower; the keys SD 2 does not use are left out."""
+    ours = {_strip_text_model(k): k for k in model.state_dict()}
+    n = model.config.num_hidden_layers
+    names = {}
+    for k in file.keys():
+        if k.startswith(prefix):
+            rule = _mapped(lambda key: text_key_from_open_clip(key[len(prefix):], n), k, file)
+            if rule is not None:
+                names[k] = tuple(ours.get(r, r) for r in rule) if isinstance(rule, tuple) else ours.get(rule, rule)
+    return names
+
+
+def _load_single_file(path: Path, components, device, dtype, prediction_type: str | None) -> StableDiffusion:
     file = TensorFile(path)
-    _check_sd1(file)
+    prefixes = _generation(file)
+    sd2 = prefixes is SD2_PREFIX
+    unet_cfg, assumed = single_file_config(file)
     keys = file.keys()
-    sd = StableDiffusion(None, None, load_tokenizer(), make_alpha_bar(), source=str(path))
+    if prediction_type is not None:  # given: not assumed
+        assumed = {k: v for k, v in assumed.items() if k != "prediction_type"}
+    tokenizer = load_tokenizer(pad_token=PAD_SD2 if sd2 else EOS)
+    sd = StableDiffusion(None, None, tokenizer, make_alpha_bar(), source=str(path), assumed=assumed,
+                         prediction_type=prediction_type or assumed.get("prediction_type", "epsilon"))
     if "vae" in components:
         cfg = VAEConfig()
-        names = {k: vae_key_from_ldm(k, len(cfg.block_out_channels)) for k in keys if k.startswith(LDM_PREFIX["vae"])}
+        names = {k: vae_key_from_ldm(k, len(cfg.block_out_channels)) for k in keys if k.startswith(prefixes["vae"])}
         sd.vae = load_into(_empty_vae(cfg), file, names, device=device, dtype=dtype["vae"]).eval()
     if "text_encoder" in components:
-        model = _empty_text_encoder()
-        names = _text_names(model, keys, LDM_PREFIX["text_encoder"])
+        prefix = prefixes["text_encoder"]
+        model = _empty_text_encoder(open_clip_text_config(file, prefix) if sd2 else None)
+        names = _open_clip_names(model, file, prefix) if sd2 else _text_names(model, keys, prefix)
         sd.text_encoder = load_into(model, file, names, device=device, dtype=dtype["text_encoder"],
                                     init_fresh=_fill_position_ids).eval()
     if "unet" in components:
-        names = {k: _mapped(unet_key_from_ldm, k, file) for k in keys if k.startswith(LDM_PREFIX["unet"])}
-        sd.unet = load_into(_empty_unet(UNetConfig()), file, names, device=device, dtype=dtype["unet"],
+        names = {k: _mapped(unet_key_from_ldm, k, file) for k in keys if k.startswith(prefixes["unet"])}
+        sd.unet = load_into(_empty_unet(unet_cfg), file, names, device=device, dtype=dtype["unet"],
                             keep_fresh=is_temporal_param, init_fresh=_init_temporal).eval()
     return sd
 
@@ -363,15 +507,23 @@ def _component_file(folder: Path, component: str) -> tuple[TensorFile, dict]:
     return TensorFile(found), json.loads((sub / config).read_text(encoding="utf-8"))
 
 
-def _load_folder(folder: Path, components, device, dtype) -> StableDiffusion:
+def checked_prediction_type(value, where: Path | None = None) -> str:
+    """`value` if it is a prediction type we build (apla.scheduler.PREDICTION_TYPES), else WeightsError naming the
+    file it came from (a scheduler config), if any."""
+    if value not in PREDICTION_TYPES:
+        raise WeightsError(f"{f'{where}: ' if where else ''}prediction_type {value!r} is not supported (one of "
+                           f"{', '.join(PREDICTION_TYPES)})")
+    return value
+
+
+def _load_folder(folder: Path, components, device, dtype, prediction_type: str | None) -> StableDiffusion:
     sched = folder / "scheduler" / "scheduler_config.json"
-    if sched.is_file():
-        s = json.loads(sched.read_text(encoding="utf-8"))
-        alpha_bar = make_alpha_bar(s.get("num_train_timesteps", 1000), s.get("beta_start", 0.00085),
-                                   s.get("beta_end", 0.012), s.get("beta_schedule", "scaled_linear"))
-    else:
-        alpha_bar = make_alpha_bar()
-    sd = StableDiffusion(None, None, load_tokenizer(folder), alpha_bar, source=str(folder))
+    s = json.loads(sched.read_text(encoding="utf-8")) if sched.is_file() else {}
+    alpha_bar = make_alpha_bar(s.get("num_train_timesteps", 1000), s.get("beta_start", 0.00085),
+                               s.get("beta_end", 0.012), s.get("beta_schedule", "scaled_linear"))
+    prediction_type = prediction_type or checked_prediction_type(s.get("prediction_type", "epsilon"), sched)
+    sd = StableDiffusion(None, None, load_tokenizer(folder), alpha_bar, source=str(folder),
+                         prediction_type=prediction_type)
     if "vae" in components:
         file, cfg = _component_file(folder, "vae")
         names = {k: k for k in file.keys()}
@@ -386,8 +538,13 @@ def _load_folder(folder: Path, components, device, dtype) -> StableDiffusion:
     if "unet" in components:
         file, cfg = _component_file(folder, "unet")
         names = {k: k for k in file.keys()}
+        # an SD folder's U-Net is inflated here, its temporal layers new; a Tune-A-Video folder's (or any whose file
+        # holds temporal weights) is loaded as it was tuned, every temporal weight from its file (one missing is an
+        # error) and none made afresh
+        tuned = is_tune_a_video(cfg) or any(map(is_temporal_param, names))
         sd.unet = load_into(_empty_unet(UNetConfig.from_diffusers(cfg)), file, names, device=device,
-                            dtype=dtype["unet"], keep_fresh=is_temporal_param, init_fresh=_init_temporal).eval()
+                            dtype=dtype["unet"], keep_fresh=(lambda name: False) if tuned else is_temporal_param,
+                            init_fresh=None if tuned else _init_temporal).eval()
     return sd
 
 
@@ -414,14 +571,25 @@ def load_stable_diffusion(
     device="cpu",
     dtype: torch.dtype | dict[str, torch.dtype] = torch.float32,
     components: Iterable[str] = COMPONENTS,
+    prediction_type: str | None = None,
 ) -> StableDiffusion:
-    """SD v1.5 from a single file, a diffusers folder or a hub id; `components` picks what to build, `dtype` the
-    dtype of every network, or of each component it names (float32 for the others).
+    """SD v1.x or 2.x from a single file, a diffusers folder or a hub id; `components` picks what to build, `dtype`
+    the dtype of every network, or of each component it names (float32 for the others).
+
+    `prediction_type` says what the U-Net predicts ("epsilon" or "v_prediction"); None takes a folder's
+    scheduler/scheduler_config.json (epsilon when it names none, as diffusers does) and, for a single file, which
+    carries no config, "epsilon" (every SD v1.x file is an eps-model), or for an SD 2.x file its assumed variant's
+    (single_file_config). Given, it wins over the folder's, so a
+    folder whose config is wrong or names a type we do not build can still be read as what it is. A type we do
+    not build ("sample") is a WeightsError naming where it came from.
 
     Returns a `StableDiffusion` with `.vae`, `.text_encoder`, `.tokenizer`, `.alpha_bar`, `.unet` (None
-    for components not asked for) and `.source`.
+    for components not asked for), `.source`, `.prediction_type` and `.assumed` (`assumption_note` says it in one
+    line).
     """
     components = tuple(components)
+    if prediction_type is not None:
+        checked_prediction_type(prediction_type)
     source = model_path(source) or source  # a bundled model's name ("micro") -> its folder (apla.assets)
     unknown = [c for c in [*components, *(dtype if isinstance(dtype, dict) else ())] if c not in COMPONENTS]
     if unknown:
@@ -429,11 +597,11 @@ def load_stable_diffusion(
     dtype = {c: dtype.get(c, torch.float32) if isinstance(dtype, dict) else dtype for c in COMPONENTS}
     path = Path(source).expanduser()
     if path.is_dir():
-        return _load_folder(path, components, device, dtype)
+        return _load_folder(path, components, device, dtype, prediction_type)
     if path.is_file():
-        return _load_single_file(path, components, device, dtype)
+        return _load_single_file(path, components, device, dtype, prediction_type)
     if isinstance(source, str) and HUB_ID.match(source) and path.suffix not in (".safetensors", ".ckpt", ".bin"):
-        sd = _load_folder(resolve_hub_id(source, components), components, device, dtype)
+        sd = _load_folder(resolve_hub_id(source, components), components, device, dtype, prediction_type)
         sd.source = source
         return sd
     raise WeightsError(f"{source}: neither a checkpoint file, a diffusers folder nor a hub id 'org/name'")

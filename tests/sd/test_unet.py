@@ -355,8 +355,10 @@ def test_key_rules_reject_and_config_rejects():
     for bad in ("first_stage_model.encoder.conv_in.weight", "model.diffusion_model.input_blocks.1.0.foo.weight"):
         with pytest.raises(ValueError, match=bad.replace(".", r"\.")):
             unet_key_from_ldm(bad)
-    with pytest.raises(UNetConfigError, match="use_linear_projection"):
-        UNetConfig.from_diffusers({**TINY, "use_linear_projection": True})
+    with pytest.raises(UNetConfigError, match="only_cross_attention"):  # SD 2.x's settings are built; others are not
+        UNetConfig.from_diffusers({**TINY, "only_cross_attention": True})
+    with pytest.raises(UNetConfigError, match="attention_head_dim"):  # a head count per level, or one for all
+        UNet3DConditionModel(UNetConfig.from_diffusers({**TINY, "attention_head_dim": [2, 4]}))
     unet = _tiny_unet()
     with pytest.raises(ValueError, match="shape"):
         unet(torch.zeros(1, 4, 8, 8), 0, torch.zeros(1, 77, 32))

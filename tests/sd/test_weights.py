@@ -4,6 +4,7 @@ References: diffusers' AutoencoderKL and transformers' CLIPTextModel saved as a 
 diffusers' own single-file conversion functions on a full-size SD v1.5 file of random weights.
 """
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -193,6 +194,56 @@ def test_loading_vae_and_text_from_the_single_file_stays_under_1_5x_their_size(s
 
 # ---- refusals: sparse files (names and shapes only; the checks run before any data is read) ----
 
+def test_prediction_type_comes_from_the_scheduler_config_or_the_argument(tiny_folder, tmp_path):
+    root, _, _ = tiny_folder
+    assert apla.load_stable_diffusion(root, components=("vae",)).prediction_type == "epsilon"  # none named
+    shutil.copytree(root, tmp_path / "v")
+    sched = tmp_path / "v" / "scheduler" / "scheduler_config.json"
+    sched.write_text(json.dumps({"_class_name": "DDIMScheduler", **SCHEDULER, "prediction_type": "v_prediction"}))
+    assert apla.load_stable_diffusion(tmp_path / "v", components=("vae",)).prediction_type == "v_prediction"
+    sd = apla.load_stable_diffusion(tmp_path / "v", components=("vae",), prediction_type="epsilon")
+    assert sd.prediction_type == "epsilon"  # the argument wins
+    sched.write_text(json.dumps({**SCHEDULER, "prediction_type": "sample"}))
+    with pytest.raises(WeightsError, match=r"scheduler_config.json: prediction_type 'sample' is not supported") as e:
+        apla.load_stable_diffusion(tmp_path / "v", components=("vae",))
+    assert "\n" not in str(e.value)
+    with pytest.raises(WeightsError, match="prediction_type 'sample' is not supported"):
+        apla.load_stable_diffusion(root, components=("vae",), prediction_type="sample")
+    file = write_checkpoint(tmp_path / "sd.safetensors", vae_text_entries(), fill="zeros")
+    assert apla.load_stable_diffusion(file, components=("vae",)).prediction_type == "epsilon"  # an SD v1 file
+    assert apla.load_stable_diffusion(file, components=("vae",),
+                                      prediction_type="v_prediction").prediction_type == "v_prediction"
+
+
+def test_a_tune_a_video_folder_loads_its_tuned_unet_as_it_is(tmp_path):
+    """A folder that Tune-A-Video's pipeline.save_pretrained wrote: its U-Net (3D block names, temporal weights in a
+    pickle) is loaded as it was tuned, and gives what the same weights give loaded our way, in memory."""
+    from apla.sd.unet import UNet3DConditionModel, UNetConfig, is_temporal_param
+    from tests.helpers.tiny_sd import TINY_UNET, make_tune_a_video_folder
+
+    root = make_tune_a_video_folder(tmp_path / "man-skiing")
+    state = torch.load(root / "unet" / "diffusion_pytorch_model.bin", weights_only=True)
+    ours = UNet3DConditionModel(UNetConfig.from_diffusers(TINY_UNET)).eval()  # from the SD config it was tuned from
+    ours.load_state_dict(state)  # strict: the file holds exactly our names, temporal ones included
+    sd = apla.load_stable_diffusion(root, components=("unet",))
+    temporal = [k for k in state if is_temporal_param(k)]
+    assert temporal and all(state[k].abs().max() > 0 for k in temporal if "attn_temp.to_out" in k)
+    loaded = sd.unet.state_dict()
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)  # none afresh
+    g = torch.Generator().manual_seed(0)
+    z, context = torch.randn(1, 4, 3, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
+    for over_frames in (False, True):  # SD's per-frame GroupNorm, and Tune-A-Video's over the frames
+        for net in (sd.unet, ours):
+            net.set_norm_over_frames(over_frames)
+        with torch.no_grad():
+            torch.testing.assert_close(sd.unet(z, 321, context), ours(z, 321, context), rtol=0, atol=0)
+    # a Tune-A-Video U-Net with a temporal weight missing is refused, naming it, rather than inflated afresh
+    del state[temporal[0]]
+    torch.save(state, root / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(WeightsError, match=rf"missing key '{re.escape(temporal[0])}'"):
+        apla.load_stable_diffusion(root, components=("unet",))
+
+
 def vae_text_entries():
     return {k: s for k, s in ldm_entries().items() if not k.startswith("model.diffusion_model.")}
 
@@ -228,10 +279,15 @@ def test_wrong_shape_is_named(tmp_path):
     refuse(tmp_path, {**vae_text_entries(), key: [1024]}, rf"wrong shape for '{key}': \[1024\]")
 
 
-@pytest.mark.parametrize("key", ["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight",
-                                 "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"])
-def test_later_generations_are_refused_in_one_line(tmp_path, key):
-    refuse(tmp_path, {**vae_text_entries(), key: [8]}, "not a Stable Diffusion v1 checkpoint")
+@pytest.mark.parametrize("key, match", [
+    ("conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+     r"not a Stable Diffusion 1\.x or 2\.x checkpoint \(has SDXL keys"),
+    # an OpenCLIP key makes the file SD 2.x, whose text tower is not CLIP's: SD v1's text keys are then refused
+    ("cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight",
+     r"unknown key 'cond_stage_model\.transformer\..*' \(outside the U-Net, VAE and text encoder\)"),
+])
+def test_sdxl_and_mixed_generations_are_refused_in_one_line(tmp_path, key, match):
+    refuse(tmp_path, {**vae_text_entries(), key: [8]}, match)
 
 
 def test_truncated_or_foreign_files_get_a_clear_error(tmp_path):
