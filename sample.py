@@ -1,20 +1,19 @@
-"""Generate videos from a run of train.py: DDIM-invert the source clip, then guided DDIM sampling with new prompts.
+"""Generate videos from a run of train.py (or from a base model and a clip, without a run) and score them.
 
     python sample.py                                  # the default run, its prompt and its edit prompts
     python sample.py --run runs/apla --prompt "a blue square moving to the right" --steps 50 --guidance 12.5
+    python sample.py --run runs/apla --no-inversion --frames 4 --size 48    # seeded noise, within what VGT allows
+    python sample.py --pretrained micro --video red-circle-right --prompt "a blue circle moving to the right"
 
-Algorithm 1's second loop, "Sampling z_{t-1} using DDIM inversion", is read as Tune-A-Video does it: DDIM inversion
-of the clip's latents to z_T with the empty prompt, then DDIM sampling from z_T with the new prompt; both evaluate
-the perturbed prediction eps*, since Eq. 4 defines the tuned model's output.
-
-Reads top to bottom: the run's config and latest checkpoint (its weights; no optimiser state) -> the base model
-with the run's tuned weights -> z_T by DDIM inversion of the cached clip latents with the empty prompt
-(Tune-A-Video's recipe, on eps*), or seeded noise -> for each prompt, DDIM sampling (Eq. 3) with classifier-free
-guidance on the perturbed prediction eps* = eps_theta + phi (Eq. 4) -> VAE decode -> GIF (+ MP4 with PyAV) and a
-PNG strip per prompt, named by apla.eval.score.sample_stem (a readable slug and a hash of the exact prompt) -> the
-samples scored as the paper's tables do (apla.eval.score: FCI, warping error, PSNR, CLIP scores) into metrics.json,
-which maps each prompt to its files. A checkpoint or a video with values that are not finite is refused, and
-nothing of it is written.
+Reads top to bottom: the run (its config, latest checkpoint and cached clip latents: apla.sampling.load_run), or a
+base model with no VGT and no D and its clip encoded now (load_base) -> the CLIP model of the scores -> the videos
+of `apla.sampling.sample`, the Python call: z_T by DDIM inversion of the clip with the empty prompt on eps*, kept
+in RUN/inversions/ and reused by later calls on the same checkpoint and settings (or seeded noise), then guided
+DDIM sampling per prompt (Eq. 3 with Eq. 4), decoded -> a GIF (+ MP4 with PyAV) and a PNG strip per prompt, named
+by apla.eval.score.sample_stem (a readable slug and a hash of the exact prompt), and grid.gif / grid.png of all
+prompts, labelled -> the samples scored as the paper's tables do (apla.eval.score: FCI, warping error, PSNR, CLIP
+scores) into metrics.json, which maps each prompt to its files (relative to the run directory). A checkpoint or a
+video with values that are not finite is refused, and nothing of it is written.
 """
 from __future__ import annotations
 
@@ -25,14 +24,14 @@ from pathlib import Path
 
 import torch
 
-import apla
 from apla import checkpoint as ckpt
-from apla import run
+from apla import run, sampling
+from apla.cli import fail, pick_device, sample_parser
+from apla.config import TrainConfig
 from apla.eval import score as evaluate
-from apla.cli import autocast_for, fail, pick_device, run_precision, sample_parser, unet_dtype
-from apla.scheduler import ddim_timesteps
-from apla.sd.weights import assumption_note
-from apla.video import PyAVMissing, require_av, write_gif, write_mp4, write_png_strip
+from apla.video import PyAVMissing, VideoError, require_av, write_gif, write_grid, write_mp4, write_png_strip
+
+BASE_SAMPLES = "runs/base/samples"  # where --video's samples of a base model go unless --out says
 
 
 def mp4_possible() -> bool:
@@ -67,76 +66,63 @@ def main(argv=None) -> int:
 
 
 def generate(args) -> int:
-    run_dir, device = Path(args.run), pick_device(args.device)
-    cfg = run.read_config(run_dir)
-    if args.checkpoint and not (Path(args.checkpoint) / "weights.safetensors").is_file():
-        fail(f"--checkpoint {args.checkpoint}: no weights.safetensors there")
-    if not args.checkpoint and ckpt.latest_checkpoint(run_dir) is None:
-        fail(f"--run {run_dir}: no checkpoint found (train first, or pass --checkpoint)")
-    steps = args.steps if args.steps is not None else cfg.sample_steps
-    guidance = args.guidance if args.guidance is not None else cfg.guidance
-    pretrained = args.pretrained or cfg.pretrained
-    prediction_type = args.prediction_type or cfg.prediction_type                   # None in runs saved before it
-    precision, why = run_precision(args.mixed_precision, device)                     # auto: as train.py
-    if why:
-        print(f"sample.py: {why}", file=sys.stderr)
-
-    # ---- the base model (on CUDA its U-Net in the autocast dtype) + the run's tuned weights (trainable set, VGT) --
-    try:
-        sd = apla.load_stable_diffusion(pretrained, device=device, dtype={"unet": unet_dtype(precision, device)},
-                                        prediction_type=prediction_type)
-    except (ValueError, OSError) as e:
-        fail(f"cannot load base model {pretrained!r}: {e}")
-    if assumption_note(sd):                                                    # what an SD 2.x single file is silent on
-        print(f"note: {assumption_note(sd)}", file=sys.stderr)
-    z0 = run.read_source(run_dir)["z0_mean"].to(device)                        # (1, 4, F, h, w)
-    model = run.build_apla(cfg, sd, z0.shape, device, train=False)
-    if args.checkpoint:
-        used = Path(args.checkpoint)
-        run.load_checkpoint(used, cfg, model)
-    else:  # while a train.py may go on writing the run
-        used = run.load_latest(run_dir, cfg, model)
-    model.eval()
-    use_vgt = not args.no_vgt
-    timesteps = ddim_timesteps(steps, len(sd.alpha_bar))
-    try:  # the CLIP model of the scores, loaded first so that a bad --clip-model costs no sampling
-        clip = (None, None) if args.no_metrics else evaluate.run_clip(cfg, args.clip_model, device)
-    except evaluate.MetricsError as e:
+    device = pick_device(args.device)
+    if args.video is not None and (args.run or args.checkpoint):
+        fail("--video samples a base model without a run; it takes no --run or --checkpoint")
+    try:  # the run (or the base model and its clip), then the CLIP model of the scores, before any sampling
+        if args.video is not None:
+            sampler = sampling.load_base(args.pretrained or TrainConfig.pretrained, args.video, frames=args.frames,
+                                         size=args.size, device=device, mixed_precision=args.mixed_precision,
+                                         prediction_type=args.prediction_type)
+        else:
+            sampler = sampling.load_run(args.run or TrainConfig.output_dir, args.checkpoint, args.pretrained, device,
+                                        args.mixed_precision, args.prediction_type)
+        if sampler.precision_note:
+            print(f"sample.py: {sampler.precision_note}", file=sys.stderr)
+        if sampler.model_note:                                                 # what an SD 2.x single file is silent on
+            print(f"note: {sampler.model_note}", file=sys.stderr)
+        invert, use_vgt = not args.no_inversion, not args.no_vgt
+        sampling.latent_shape(sampler, args.frames, args.size, invert, use_vgt)  # a request VGT cannot honour
+        if not args.prompt and not sampler.cfg.prompt:
+            fail(f"--video {args.video}: the clip's caption is not known; name the prompts to sample with --prompt")
+        prompts = list(dict.fromkeys(args.prompt or run.sample_prompts(sampler.cfg)))  # each once, in order
+        clip = (None, None) if args.no_metrics else evaluate.run_clip(sampler.cfg, args.clip_model, device)
+    except (sampling.SamplingError, VideoError, evaluate.MetricsError) as e:
         fail(str(e))
-    out_dir = Path(args.out) if args.out else run_dir / "samples"
+    root = sampler.run_dir or Path(args.out or BASE_SAMPLES)  # what metrics.json's paths are relative to
+    out_dir = Path(args.out) if args.out else root / "samples" if sampler.run_dir else root
     out_dir.mkdir(parents=True, exist_ok=True)                                 # an unwritable --out fails here
-    print(f"sample.py: checkpoint {used}", file=sys.stderr)
-    amp = autocast_for(precision, device)
+    source = f"checkpoint {sampler.checkpoint}" if sampler.run_dir else f"base model {sampler.cfg.pretrained}, no run"
+    print(f"sample.py: {source}", file=sys.stderr)
 
-    # ---- z_T: DDIM inversion of the clip with the empty prompt, on eps* (or seeded noise) ----------------------
-    with torch.no_grad():
-        uncond = apla.encode_prompt(sd, [""]).to(device)                       # (1, 77, D)
-        negative = apla.encode_prompt(sd, [args.negative_prompt]).to(device) if args.negative_prompt else uncond
-    if args.no_inversion:
-        z_T = torch.randn(z0.shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    else:
-        z_T = run.invert_clip(model, z0, uncond, timesteps, amp, use_vgt, progress=not args.no_progress)
+    # ---- z_T: the clip inverted, or read back from RUN/inversions/ (or seeded noise); each prompt sampled ----------
+    latents = None
+    if invert:
+        kept = sampling.inversion(sampler, args.steps, use_vgt, progress=not args.no_progress)
+        latents = kept.z_T
+        if kept.path is not None:
+            print(f"sample.py: z_T {'read back from' if kept.reused else 'kept in'} {kept.path}", file=sys.stderr)
+    try:
+        frames = sampling.sample(sampler, prompts, frames=args.frames, size=args.size, steps=args.steps,
+                                 guidance=args.guidance, negative_prompt=args.negative_prompt, invert=invert,
+                                 seed=args.seed, use_vgt=use_vgt, latents=latents, progress=not args.no_progress)
+    except sampling.SamplingError as e:
+        fail(str(e))
 
-    # ---- each prompt: guided DDIM sampling on eps* (Eq. 3 with Eq. 4), decode, write ---------------------------
+    # ---- the files: per prompt, and the grid of them all ----------------------------------------------------------
     mp4 = mp4_possible()
-    videos, files = [], {}
-    for prompt in dict.fromkeys(args.prompt or run.sample_prompts(cfg)):  # each prompt once, in order
-        with torch.no_grad():
-            cond = apla.encode_prompt(sd, [prompt]).to(device)                 # (1, 77, D)
-        z0_new = run.guided_sample(model, z_T, negative, cond, timesteps, guidance, amp, use_vgt,
-                                   progress=not args.no_progress)
-        if not torch.isfinite(z0_new).all():
-            fail(f"{prompt!r}: the sampled latents are not finite; no video written (is the checkpoint {used} one "
-                 "of a run that blew up?)")
-        frames = run.decode_latents(sd.vae, z0_new)                            # (F, 3, H, W)
-        files[prompt] = write_outputs(frames, out_dir / evaluate.sample_stem(prompt), args.fps, mp4)
+    files = {}
+    for prompt, video in zip(prompts, frames):
+        files[prompt] = write_outputs(video, out_dir / evaluate.sample_stem(prompt), args.fps, mp4)
         print(f"{prompt!r}: {', '.join(str(p) for p in files[prompt])}", file=sys.stderr)
-        videos.append((prompt, frames))
+    grid = write_grid(list(zip(prompts, frames)), out_dir / evaluate.GRID, fps=args.fps)
+    print(f"all prompts: {', '.join(grid)}", file=sys.stderr)
 
     # ---- the samples scored: metrics.json and a table (python -m apla.eval OUT prints the same) ------------
     if not args.no_metrics:
         try:
-            report = evaluate.score_samples(videos, cfg, out_dir / "metrics.json", clip, device, files)
+            report = evaluate.score_samples(list(zip(prompts, frames)), sampler.cfg, out_dir / "metrics.json", clip,
+                                            device, files, root)
         except (evaluate.MetricsError, evaluate.VideoError) as e:
             fail(f"scoring the samples: {e} (--no-metrics skips it)")
         print(evaluate.format_table(report))

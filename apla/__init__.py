@@ -20,6 +20,7 @@ Reading order: the paper, then what the two scripts share, then the measures.
   config.py                 a run's settings (TrainConfig), Table 3's ablations as values
   run.py                    a run's models, clip encoding, checkpoints (what train.py and sample.py share)
   loop.py                   the training loop's conventions: learning-rate schedules, a stop on SIGTERM, TensorBoard
+  sampling.py               sampling as a Python call: apla.sample(run, prompts) -> videos; the inversion kept
   checkpoint.py             run directories, atomic writes
   video.py                  reading clips, writing GIF / MP4 / PNG strips
   cli.py                    command lines and one-line errors
@@ -42,11 +43,15 @@ Projects that use the library and that it never imports, each with a README:
 
 __version__ = "0.1.0"
 
-__all__ = ["load_stable_diffusion", "encode_prompt"]
+__all__ = ["load_stable_diffusion", "encode_prompt", "sample"]
 
 
 def __getattr__(name):
     # Imported on first use: these pull in transformers, which `import apla` alone should not pay for.
+    if name == "sample":
+        from apla.sampling import sample
+
+        return sample
     if name == "load_stable_diffusion":
         from apla.sd.weights import load_stable_diffusion
 

@@ -10,7 +10,10 @@ A run directory (the output of train.py) holds
   checkpoints/step-000100/      weights.safetensors (U-Net trainable set, VGT, D) + state.pt (optimiser, learning-
                                 rate schedule, gradient scaler and random-generator states) + log.jsonl (the records
                                 since the checkpoint before), written into a temporary folder and renamed into place
-  samples/                      GIFs, MP4s and PNG strips written by sample.py, and their metrics.json
+  inversions/                   z_T of the clip's DDIM inversion, one safetensors file per checkpoint and settings,
+                                kept by sample.py for its next calls (apla.sampling.inversion)
+  samples/                      GIFs, MP4s and PNG strips written by sample.py, grid.gif / grid.png of all
+                                prompts of a call, and their metrics.json
 With report_to tensorboard, tensorboard/ holds the same records as TensorBoard events (apla.loop.TensorBoard).
 
 A checkpoint is bound to its base model (a fingerprint of the frozen U-Net) and to its VGT variant; loading it

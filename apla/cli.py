@@ -20,8 +20,8 @@ import torch
 import yaml
 
 from apla import tav
-from apla.config import (CHECKPOINTING, DDIM_STEPS, GROUPNORM, LR_SCHEDULES, NON_NEGATIVE, PRECISIONS, REPORTERS,
-                         SD_V15, SD_WIDTH, SEED, TrainConfig, integer, merge, preset, problem)
+from apla.config import (AT_LEAST_ONE, CHECKPOINTING, DDIM_STEPS, GROUPNORM, LR_SCHEDULES, NON_NEGATIVE, PRECISIONS,
+                         REPORTERS, SD_V15, SD_WIDTH, SEED, TrainConfig, integer, merge, preset, problem)
 from apla.scheduler import PREDICTION_TYPES
 from apla.vgt import ALL_VARIANTS
 FPS = (lambda v: integer(v) and 1 <= v <= 100, "an integer in [1, 100]")  # a GIF's delays are in 1/100 s
@@ -291,7 +291,11 @@ def sample_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="sample.py", description="Generate videos from a run of train.py.",
                       formatter_class=DefaultsFormatter)
     a = p.add_argument
-    a("--run", default=TrainConfig.output_dir, help="the run directory written by train.py")
+    a("--run", default=None, help=f"the run directory written by train.py (default: {TrainConfig.output_dir}, "
+                                  "unless --video samples a base model without a run)")
+    a("--video", default=None, help="sample the base model (--pretrained: micro unless given) without a run, no VGT "
+                                    "and no D, from this clip (a path or a bundled clip's name), encoded and inverted "
+                                    "now (default: none, sample --run)")
     a("--prompt", action="append", default=None,
       help="a prompt (repeatable) (default: the run's own prompt plus its edit_prompts)")
     a("--steps", type=in_range(int, DDIM_STEPS), default=None,
@@ -302,12 +306,17 @@ def sample_parser() -> argparse.ArgumentParser:
                                             "(the inversion keeps the empty prompt)")
     a("--seed", type=in_range(int, SEED), default=33, help="seed of the starting noise (with --no-inversion)")
     a("--no-inversion", action="store_true", help="start from seeded noise instead of the inverted clip")
+    a("--frames", type=in_range(int, AT_LEAST_ONE), default=None,
+      help="frames of the samples (default: the clip's): with inversion, or with --video, the clip's read so; else "
+           "any count the run's VGT allows (at most its clip's) or any with --no-vgt")
+    a("--size", type=size_flag, metavar="SIZE", default=None,
+      help="frame size, 64 or HxW (default: the clip's); as --frames says (at most the run's clip's with VGT)")
     a("--no-vgt", action="store_true", help="sample without the VGT perturbation of Eq. 4")
     a("--pretrained", default=None, help="base model to load (default: the run's own --pretrained)")
     a("--prediction-type", choices=PREDICTION_TYPES, default=None,
       help="what the base model's U-Net predicts (default: the run's, as config.json records it)")
     a("--checkpoint", default=None, help="a checkpoint folder (default: the run's latest)")
-    a("--out", default=None, help="output folder (default: RUN/samples)")
+    a("--out", default=None, help="output folder (default: RUN/samples; with --video, runs/base/samples)")
     a("--fps", type=in_range(int, FPS), default=8, help="frames per second of the GIF/MP4")
     a("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
     a("--mixed-precision", choices=list(PRECISIONS), default="auto",

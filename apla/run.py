@@ -4,10 +4,11 @@ the clip encoded once and decoded back, checkpoints of everything that trains, a
 A run directory holds config.json, source.safetensors (the clip's latents and the prompt's text states),
 log.jsonl (one line per step), checkpoints/step-NNNNNN/ (weights.safetensors with `unet.`, `vgt.` and `disc.`
 parts + state.pt with the optimiser, schedule, scaler and random-generator states + log.jsonl, the records since the
-checkpoint before) and samples/ (sample.py's outputs; with --sample-every, step-NNNNNN/ folders of GIFs written
-while training, and progression.png). Everything is written atomically (apla.checkpoint), by one train.py at a
-time (apla.checkpoint.RunLock); what an interrupted run leaves is always a state that `--resume` (or, before the
-first checkpoint, the same command) continues from.
+checkpoint before), inversions/ (the clip's z_T kept by sample.py, apla.sampling) and samples/ (sample.py's outputs;
+with --sample-every, step-NNNNNN/ folders of GIFs written while training, and progression.png). Everything is
+written atomically (apla.checkpoint), by one train.py at a time (apla.checkpoint.RunLock; inversions/ and samples/
+are sample.py's); what an interrupted run leaves is always a state that `--resume` (or, before the first
+checkpoint, the same command) continues from.
 """
 from __future__ import annotations
 
@@ -38,7 +39,6 @@ from apla.vgt import VGT
 # torchvision's ImageNet VGG16 file, as torch.hub caches it (torchvision.models.VGG16_Weights.IMAGENET1K_V1)
 TORCHVISION_VGG16 = "vgg16-397923af.pth"
 RANDOM = "random"
-WATCH_STEPS = 10  # DDIM steps of the samples written while training (at most the run's sample_steps)
 
 
 def init_seeds(cfg: TrainConfig) -> dict:
@@ -439,14 +439,15 @@ PROGRESSION_HEADER = 12  # px: the row of step numbers above progression.png's c
 
 class TrainingSamples:
     """train.py's --sample-every: at a step, a GIF per prompt in samples/step-NNNNNN/ (the clip inverted and sampled
-    again with WATCH_STEPS guided DDIM steps, as sample.py does in full), so that a run overfitting to its clip shows
-    while it trains; at the end, progression.png. `texts` maps "" and each prompt to its encoded text (1, 77, D)."""
+    again with the run's sample_steps guided DDIM steps, as sample.py does: Tune-A-Video's validation samples take
+    its validation_data.num_inference_steps, apla.tav), so that a run overfitting to its clip shows while it trains;
+    at the end, progression.png. `texts` maps "" and each prompt to its encoded text (1, 77, D)."""
 
     def __init__(self, cfg: TrainConfig, vae, texts: dict, alpha_bar_len: int, device):
         self.vae, self.texts, self.device, self.guidance = vae, texts, torch.device(device), cfg.guidance
         self.prompts = sample_prompts(cfg)
         self.dir = Path(cfg.output_dir) / "samples"
-        self.timesteps = ddim_timesteps(min(WATCH_STEPS, cfg.sample_steps), alpha_bar_len)
+        self.timesteps = ddim_timesteps(cfg.sample_steps, alpha_bar_len)
 
     @torch.no_grad()
     def write(self, model: APLA, z0, step: int, amp) -> float:

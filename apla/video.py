@@ -6,6 +6,7 @@ rest of the package works on:
 
     clip (frames folder | GIF | MP4/WebM/MOV/MKV) --read_video--> x: (F, 3, H, W) float32 in [-1, 1]
     x: (F, 3, H, W) in [-1, 1] --write_gif / write_mp4 / write_png_strip--> file
+    several labelled x of one shape --write_grid--> a GIF and a PNG of them all, one row each
 
 One convention for frames in and out: (F, 3, H, W), values in [-1, 1] (the VAE's input range). A batch
 video tensor (B, C, F, H, W) becomes that with `video[b].permute(1, 0, 2, 3)`, and back with
@@ -30,12 +31,14 @@ from __future__ import annotations
 
 import os
 import re
+import textwrap
 from fractions import Fraction
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageSequence
+from PIL import Image, ImageDraw, ImageFont, ImageSequence
 
 from apla.checkpoint import atomic_write
 from apla.config import VAE_DOWNSAMPLE
@@ -322,5 +325,55 @@ def write_png_strip(frames: torch.Tensor, path: str | os.PathLike, max_frames: i
         if len(array) > max_frames:
             array = array[np.linspace(0, len(array) - 1, max_frames).round().astype(int)]
     strip = np.concatenate(list(array), axis=1)  # n x (H, W, 3) -> (H, n * W, 3)
-    image = Image.fromarray(strip)
+    return save_png(strip, path)
+
+
+def save_png(array: np.ndarray, path: str | os.PathLike) -> str:
+    """An (H, W, 3) uint8 array as a PNG, atomically; returns the path."""
+    image = Image.fromarray(array)
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+GRID_LABEL_CHARS = 36  # characters per line of a grid's label (a longer prompt wraps)
+GRID_PAD = 4  # px of white around a label's text
+
+
+def label_cells(labels: Sequence[str], height: int) -> list[np.ndarray]:
+    """For each label, a white (H', W', 3) uint8 cell with its text in black (Pillow's default font), wrapped at
+    GRID_LABEL_CHARS characters; all cells as wide as the widest text and H' = max(`height`, the tallest text)."""
+    font = ImageFont.load_default()
+    lines = [textwrap.wrap(label, GRID_LABEL_CHARS) or [""] for label in labels]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_height = measure.textbbox((0, 0), "Ag", font=font)[3] + 2
+    width = int(max(measure.textlength(line, font=font) for block in lines for line in block)) + 2 * GRID_PAD
+    cell_height = max(height, max(len(block) for block in lines) * line_height + 2 * GRID_PAD)
+    cells = []
+    for block in lines:
+        image = Image.new("RGB", (width, cell_height), "white")
+        draw = ImageDraw.Draw(image)
+        for i, line in enumerate(block):
+            draw.text((GRID_PAD, GRID_PAD + i * line_height), line, fill="black", font=font)
+        cells.append(np.asarray(image))
+    return cells
+
+
+def write_grid(videos: Sequence[tuple[str, torch.Tensor]], stem: str | os.PathLike, fps: float = 8) -> list[str]:
+    """STEM.gif and STEM.png of labelled videos of one shape (F, 3, H, W) in [-1, 1], one row each with its label
+    (a prompt) on the left: the GIF plays the rows together, as Tune-A-Video's save_videos_grid shows a call's
+    samples; the PNG lays each row's frames side by side. Returns the two paths."""
+    arrays = [to_uint8(video) for _, video in videos]  # (F, H, W, 3) each
+    if len({a.shape for a in arrays}) != 1:
+        raise VideoError(f"a grid takes videos of one shape, got {sorted({a.shape for a in arrays})}")
+    count, height = arrays[0].shape[:2]
+    cells = label_cells([label for label, _ in videos], height)
+    # each video padded with white below to its label's height: (F, H, W, 3) -> (F, H', W, 3)
+    rows = [np.pad(a, ((0, 0), (0, cell.shape[0] - height), (0, 0), (0, 0)), constant_values=255)
+            for a, cell in zip(arrays, cells)]
+    # frame k of the GIF: the rows [label | frame k] stacked: (F, rows * H', W' + W, 3)
+    gif = np.stack([np.concatenate([np.concatenate([cell, row[k]], axis=1) for cell, row in zip(cells, rows)])
+                    for k in range(count)])
+    # the PNG: the rows [label | frame 0 | ... | frame F-1] stacked: (rows * H', W' + F * W, 3)
+    png = np.concatenate([np.concatenate([cell, *row], axis=1) for cell, row in zip(cells, rows)])
+    frames = torch.from_numpy(gif).permute(0, 3, 1, 2).float() / 127.5 - 1  # (F, Hg, Wg, 3) -> (F, 3, Hg, Wg)
+    stem = Path(stem)
+    return [write_gif(frames, stem.with_suffix(".gif"), fps=fps), save_png(png, stem.with_suffix(".png"))]

@@ -14,7 +14,7 @@ from PIL import Image
 from apla import cli
 from apla import assets as bundled
 from apla.config import TrainConfig, default_config
-from apla.eval.score import sample_stem
+from apla.eval.score import GRID, sample_stem
 from apla.micro import oneshot
 from apla.video import PyAVMissing, VideoError, count_frames, read_video
 from tests.helpers.runs import sample, train
@@ -254,4 +254,5 @@ def test_bundled_bigbuckbunny_trains_and_samples_without_pyav(capsys, tmp_path, 
     notes = [line for line in err if "PyAV" in line]
     assert notes == [f"note: MP4s skipped, GIFs and PNGs written: writing MP4 {INSTALL_PYAV}"], err
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [f"{sample_stem(prompt)}.{ext}" for prompt in prompts for ext in ("gif", "png")] + ["metrics.json"])
+        [f"{sample_stem(prompt)}.{ext}" for prompt in prompts for ext in ("gif", "png")] + ["metrics.json"]
+        + [f"{GRID}.gif", f"{GRID}.png"])  # and the grid of all prompts

@@ -15,7 +15,8 @@ SCRIPTS = ("train.py", "sample.py")
 # (with the hub client it brings), whose import takes seconds; each such import says why where it is made.
 OPTIONAL = ("av", "matplotlib", "diffusers", "cv2", "transformers", "huggingface_hub", "torch.utils.tensorboard")
 # Imported inside a function on purpose, with the reason written where it is done: transformers is slow to import.
-LAZY = {("apla/__init__.py", "apla.sd.weights"), ("apla/__init__.py", "apla.sd.text")}
+LAZY = {("apla/__init__.py", "apla.sd.weights"), ("apla/__init__.py", "apla.sd.text"),
+        ("apla/__init__.py", "apla.sampling")}
 
 
 def module_name(path: Path) -> str:

@@ -13,10 +13,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import apla
 from apla import checkpoint as ckpt
 from apla.algorithm import APLA
-from apla import cli
+from apla import cli, sampling
 from apla.eval.score import sample_stem
 from apla.run import PROGRESSION_HEADER
 from tests.helpers.runs import (BBB, ROOT, SHAPES_GIF, make_tiny, run_exit, sample, train,  # noqa: F401 (test_cuda)
@@ -86,17 +85,22 @@ def test_a_non_square_run_trains_resumes_and_samples_at_its_size(tiny, tmp_path)
     assert video["prompt"] == "a blue square moving to the right" and "warping_error" in video["metrics"]
 
 
-def test_readme_usage_snippet_runs(tiny):
-    """The README's Python snippet, on the tiny model at 64x64: the shapes it promises (scaled by 8)."""
+def test_readme_usage_snippet_runs(tiny, trained_run):
+    """The README's Python snippet, on the tiny model at 64x64: the shapes it promises (scaled by 8), and sample.py's
+    call on a run of it (4 frames): a list of one (F, 3, H, W) video in [-1, 1], its inverted z_T kept in the run."""
     readme = (ROOT / "README.md").read_text()
-    code = readme.split("```python", 1)[1].split("```", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    code = next(block for block in blocks if "load_stable_diffusion" in block)
     code = code.replace('"path/to/v1-5-pruned-emaonly.safetensors"', repr(tiny["model"])).replace("512", "64")
     scope = {}
-    exec(code, scope)
+    exec(code.replace('"runs/apla"', repr(str(trained_run))), scope)
     assert scope["mean"].shape == (8, 4, 8, 8)
     assert scope["z0"].shape == (1, 4, 8, 8, 8)
     assert scope["context"].shape == (1, 77, 32)
     assert scope["eps_pred"].shape == (1, 4, 8, 8, 8)
+    assert [tuple(v.shape) for v in scope["videos"]] == [(4, 3, 64, 64)]
+    assert all(v.min() >= -1 and v.max() <= 1 for v in scope["videos"])
+    assert len(list((trained_run / "inversions").iterdir())) >= 1
 
 
 def test_bigbuckbunny_cut_trains(tiny, tmp_path):
@@ -286,18 +290,18 @@ def test_sample_holds_the_unet_in_the_autocast_dtype_on_cuda(tiny, trained_run, 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert (cli.unet_dtype("bf16", cuda), cli.unet_dtype("fp16", cuda)) == (torch.bfloat16, torch.float16)
     assert cli.unet_dtype("no", cuda) == cli.unet_dtype("bf16", cpu) == cli.unet_dtype("fp16", cpu) == torch.float32
-    held, load = [], apla.load_stable_diffusion
+    held, load = [], sampling.load_stable_diffusion
 
     def spy(*args, **kwargs):
         sd = load(*args, **kwargs)
         held.append({n: next(getattr(sd, n).parameters()).dtype for n in ("unet", "vae", "text_encoder")})
         return sd
 
-    monkeypatch.setattr(apla, "load_stable_diffusion", spy)
+    monkeypatch.setattr(sampling, "load_stable_diffusion", spy)  # sample.py loads through apla.sampling
     prompts = ["a blue circle moving to the right", "a red square moving to the right"]
     strips = {}
     for label, rule in (("float32", cli.unet_dtype), ("bf16", lambda precision, device: torch.bfloat16)):
-        monkeypatch.setattr(sample, "unet_dtype", rule)
+        monkeypatch.setattr(sampling, "unet_dtype", rule)
         out = tmp_path / label
         argv = ["--run", str(trained_run), "--steps", "2", "--prompt", prompts[0], "--prompt", prompts[1], "--out",
                 str(out), "--no-progress", "--no-metrics", "--device", "cpu", "--mixed-precision", "bf16"]

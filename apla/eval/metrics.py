@@ -12,7 +12,8 @@ hand); the CLIP model is a transformers `CLIPModel` from a folder or hub id the 
 project registers by name (`load_clip`).
 
 Plugins. Projects extend the scoring without the library importing them, through two entry-point groups
-(pyproject.toml's [project.entry-points."GROUP"]; `registered`, `load_plugin`):
+(pyproject.toml's [project.entry-points."GROUP"], read from the installed metadata or from a clone's own
+pyproject.toml; `registered`, `load_plugin`):
   apla.clip_models   name -> load(device=...) returning a CLIP scorer (`image_features`, `text_features`);
                      the micro project registers "micro", its CLIP of the shapes world (no download)
   apla.measures      name -> measure(video, prompt, source) -> a dict of numbers, or None where it does not apply,
@@ -23,7 +24,8 @@ Plugins. Projects extend the scoring without the library importing them, through
 from __future__ import annotations
 
 import math
-from importlib.metadata import EntryPoint, entry_points
+import tomllib
+from importlib.metadata import EntryPoint, PackageNotFoundError, distribution, entry_points
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -69,9 +71,48 @@ def one_line(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+DISTRIBUTION = "apla"  # pyproject.toml's [project] name
+SOURCE_TREE = Path(__file__).resolve().parents[2]  # the folder holding apla/: a clone's root, or site-packages
+
+
+def installed() -> bool:
+    """Whether a distribution named apla is installed (pip install, editable or not): its metadata exists."""
+    try:
+        distribution(DISTRIBUTION)
+    except PackageNotFoundError:
+        return False
+    return True
+
+
+def source_tree_plugins(group: str) -> list[EntryPoint]:
+    """The entry points of `group` in the pyproject.toml beside the imported package, when it is apla's own (a clone);
+    none when there is no such file (an installed wheel ships none) or it is unreadable."""
+    path = SOURCE_TREE / "pyproject.toml"
+    try:
+        project = tomllib.loads(path.read_text(encoding="utf-8")).get("project", {})
+    except (OSError, ValueError):
+        return []
+    if project.get("name") != DISTRIBUTION:
+        return []
+    return [EntryPoint(name, value, group) for name, value in project.get("entry-points", {}).get(group, {}).items()]
+
+
 def registered(group: str) -> dict[str, EntryPoint]:
-    """The plugins installed packages register in an entry-point group, by name (not loaded)."""
-    return {ep.name: ep for ep in entry_points(group=group)}
+    """The plugins registered in an entry-point group, by name (not loaded): those of the installed distributions'
+    metadata, and, when apla itself is not installed, those of the source tree's pyproject.toml.
+
+    Why: a clone used as it is (`pip install -r requirements.txt`, then `python train.py`) has no metadata of its
+    own, since entry points exist only once pip has copied pyproject.toml's [project.entry-points] tables into a
+    dist-info folder; its pyproject.toml holds the very same tables. So the table stays in one file whichever way
+    the package is used, and the library still names no project in its code: what it reads is data, resolved by
+    importlib only when a plugin is loaded, as an installed entry point is. Installed metadata comes first, and the
+    source tree is read only when apla is not installed: once installed, the metadata is what pip made of the
+    table (an editable install made from another checkout included), and reading both would list one plugin from
+    two files that may disagree."""
+    found = {ep.name: ep for ep in entry_points(group=group)}
+    if not installed():
+        found.update({ep.name: ep for ep in source_tree_plugins(group)})
+    return found
 
 
 def load_plugin(ep: EntryPoint):

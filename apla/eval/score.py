@@ -74,10 +74,14 @@ def read_clip(path) -> torch.Tensor:
     return read_video(str(path), count_frames(str(path)), size=None)
 
 
+GRID = "grid"  # sample.py's grid.gif / grid.png of all prompts of a call: not a video of its own
+
+
 def find_videos(path: Path) -> list[tuple[str, Path, Path]]:
-    """The videos under VIDEO: (name, file to read, file the video is), one per stem in a folder of videos."""
+    """The videos under VIDEO: (name, file to read, file the video is), one per stem in a folder of videos (a grid of
+    several, GRID, left out; a sample's stem always ends in its prompt's hash, so never is GRID)."""
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS)
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS and p.stem != GRID)
         if files:
             chosen = {}
             for p in files:  # one file per prompt: the GIF before the MP4
@@ -205,14 +209,24 @@ def sample_stem(prompt: str) -> str:
     return f"{slug(prompt)}-{hashlib.sha256(prompt.encode()).hexdigest()[:8]}"
 
 
+def relative_to(path, root) -> str:
+    """`path` relative to the folder `root` when it lies inside it, else absolute: what a report keeps, so that a
+    folder moved with its files still points at them."""
+    path, root = Path(path).resolve(), Path(root).resolve()
+    return str(path.relative_to(root) if path.is_relative_to(root) else path)
+
+
 def score_samples(videos: list[tuple[str, torch.Tensor]], cfg, out: Path | None = None, clip: tuple = (None, None),
-                  device="cpu", files: dict | None = None) -> dict:
-    """What sample.py calls: score its (prompt, frames) against the run's source clip (cfg: the run's TrainConfig),
-    frames quantized to 8 bits as its files hold them; clip = `run_clip(...)`; files: {prompt: paths written}, kept
-    in the report as "files"; with `out`, write the report there (atomically)."""
+                  device="cpu", files: dict | None = None, root=None) -> dict:
+    """What sample.py calls: score its (prompt, frames) against the run's source clip (cfg: the run's TrainConfig; an
+    empty cfg.prompt, a clip of unknown caption, scores every video as a reconstruction), frames quantized to 8 bits
+    as its files hold them; clip = `run_clip(...)`; files: {prompt: paths written}, kept in the report as "files",
+    relative to `root` (the run directory, or the folder of the samples of a base model) when inside it; with `out`,
+    write the report there (atomically)."""
     items = [{"name": sample_stem(p), "prompt": p, "video": quantize(f.cpu())} for p, f in videos]
-    report = score_videos(items, cfg.video, cfg.prompt, cfg.start, cfg.stride, clip, device)
-    report["files"] = {p: [str(f) for f in paths] for p, paths in (files or {}).items()}
+    report = score_videos(items, cfg.video, cfg.prompt or None, cfg.start, cfg.stride, clip, device)
+    report["files"] = {p: [relative_to(f, root) if root is not None else str(f) for f in paths]
+                       for p, paths in (files or {}).items()}
     if out is not None:
         atomic_write_json(out, report)
     return report

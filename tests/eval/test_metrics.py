@@ -245,6 +245,24 @@ def fake_entry_points(monkeypatch, group, **names):
     monkeypatch.setattr(metrics, "entry_points", lambda group: [ep for ep in eps if ep.group == group])
 
 
+def test_a_clone_not_installed_registers_its_plugins_from_its_pyproject(monkeypatch, tmp_path):
+    """Without an installed apla, the entry-point tables of the source tree's pyproject.toml are the plugins (a clone
+    run as it is); once installed, only the metadata's; a pyproject.toml of another project is not read."""
+    monkeypatch.setattr(metrics, "entry_points", lambda group: [])
+    monkeypatch.setattr(metrics, "installed", lambda: False)
+    clip, measures = metrics.registered(metrics.CLIP_MODELS), metrics.registered(metrics.MEASURES)
+    assert {k: v.value for k, v in clip.items()} == {"micro": "apla.micro.image_tower:load_micro_clip"}
+    assert {k: v.value for k, v in measures.items()} == {"shapes": "apla.micro.shapes_eval:shapes_measures"}
+    assert metrics.load_plugin(measures["shapes"]).columns  # resolved by importlib, as an installed entry point
+    monkeypatch.setattr(metrics, "installed", lambda: True)
+    assert metrics.registered(metrics.CLIP_MODELS) == {}
+    monkeypatch.setattr(metrics, "installed", lambda: False)
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "other"\n[project.entry-points."apla.clip_models"]\n'
+                                             'x = "other:load"\n')
+    monkeypatch.setattr(metrics, "SOURCE_TREE", tmp_path)
+    assert metrics.registered(metrics.CLIP_MODELS) == {}
+
+
 def test_registered_clip_model_loads_by_name(monkeypatch):
     fake_entry_points(monkeypatch, metrics.CLIP_MODELS, given="tests.eval.test_metrics:given_clip")
     clip = load_clip("given", device="cpu")
