@@ -110,6 +110,26 @@ def test_a_tune_a_video_folder_starts_an_apla_run_from_its_tuned_weights_and_sam
     assert len([p for p in out.glob("*.gif") if p.stem != GRID]) == 1  # (and grid.gif of them all)
 
 
+def test_sample_py_samples_a_tune_a_video_folder_as_it_is_without_a_run(tmp_path):
+    """Tune-A-Video's model under our sampler and measures: `sample.py --pretrained <its outputs folder> --video CLIP`
+    inverts the clip and samples with the folder's tuned 3D U-Net (its temporal layers as tuned, no VGT, no D)."""
+    from apla import sampling
+
+    folder = make_tune_a_video_folder(tmp_path / "outputs" / "man-skiing")
+    tuned = torch.load(folder / "unet" / "diffusion_pytorch_model.bin", weights_only=True)
+    base = sampling.load_base(str(folder), SHAPES_GIF, frames=2, size=64, device="cpu")
+    assert base.model.vgt is None and base.model.disc is None
+    ours = dict(base.model.unet.named_parameters())
+    assert set(ours) == set(tuned)
+    for k in (k for k in tuned if ".attn_temp." in k or ".norm_temp." in k):
+        assert torch.equal(ours[k].detach(), tuned[k]), k
+    out = tmp_path / "samples"
+    assert sample.main(["--pretrained", str(folder), "--video", str(SHAPES_GIF), "--frames", "2", "--size", "64",
+                        "--prompt", "a blue circle moving to the right", "--steps", "2", "--out", str(out),
+                        "--no-progress", "--device", "cpu"]) == 0
+    assert len([p for p in out.glob("*.gif") if p.stem != GRID]) == 1 and (out / "metrics.json").is_file()
+
+
 def test_half_precision_on_a_cpu_runs_float32_and_says_so(tmp_path, capsys):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert cli.run_precision("fp16", cpu)[0] == "no" and "runs float32" in cli.run_precision("fp16", cpu)[1]
