@@ -345,14 +345,15 @@ def unet_size(pretrained: str) -> tuple[int, int, str]:
         config = Path(cached)
     if config.is_file():
         unet = json.loads(config.read_text(encoding="utf-8"))
-        return unet["block_out_channels"][0], unet.get("sample_size", SD_SAMPLE_SIZE), str(config)
+        where = "its unet/config.json" + (" in the local hub cache" if config.parent.parent != path else "")
+        return unet["block_out_channels"][0], unet.get("sample_size", SD_SAMPLE_SIZE), where
     if path.is_file() and path.suffix == ".safetensors":
         with safe_open(str(path), framework="pt") as f:
             width, sd2 = f.get_slice(SINGLE_FILE_CONV_IN).get_shape()[0], is_sd2(f.keys())
         if sd2:  # an SD 2.x file's variant, and so its sample size, is read from its name as the loader reads it
             variant, _ = sd2_variant(path)
-            return width, SD2_VARIANTS[variant]["sample_size"], f"the header of {path}: SD 2.x, {variant} by its name"
-        return width, SD_SAMPLE_SIZE, f"the header of {path}; a single file records no sample size"
+            return width, SD2_VARIANTS[variant]["sample_size"], f"the file's header: SD 2.x, {variant} by its name"
+        return width, SD_SAMPLE_SIZE, "the file's header; a single file records no sample size"
     raise ValueError("a pickle, whose shapes are not read before loading" if path.is_file() else "no such path")
 
 

@@ -28,7 +28,10 @@ def clone(to: Path) -> Path:
                             capture_output=True, check=True).stdout.decode().split("\0")
     for name in filter(None, listed):
         source = ROOT / name
-        if source.is_file():  # (a tracked file deleted in the working tree is not copied)
+        if source.is_symlink():  # notebooks/apla, the package seen from the notebooks' folder
+            (to / name).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(os.readlink(source), to / name)
+        elif source.is_file():  # (a tracked file deleted in the working tree is not copied)
             (to / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, to / name)
     return to
@@ -92,3 +95,14 @@ def test_a_clone_trains_samples_and_scores_with_the_micro_clip_without_installin
     scored = json.loads(out.read_text())
     assert scored["clip_model"] == "micro" and "micro-CLIP frames" in table
     assert {"clip_frame_consistency", "clip_text_alignment", "colour_flicker"} <= set(scored["videos"][0]["metrics"])
+
+
+def test_the_notebooks_of_a_clone_import_its_apla_and_find_its_plugins(bare):
+    """A notebook's kernel starts in notebooks/, where `notebooks/apla` (a link to ../apla) is the package: the
+    clone's own apla, with the micro CLIP and the shapes measures found as from the clone's root."""
+    python, repo = bare
+    probe = ("import apla, apla.eval.metrics as m; from pathlib import Path; print(Path(apla.__file__).resolve()); "
+             "print(sorted(m.registered('apla.clip_models')), sorted(m.registered('apla.measures')))")
+    where, plugins = run(python, repo / "notebooks", "-c", probe).stdout.strip().splitlines()
+    assert where == str((repo / "apla" / "__init__.py").resolve())
+    assert plugins == "['micro'] ['shapes']"
