@@ -353,9 +353,12 @@ def test_resolved_precision_and_checkpointing_saved_in_config(tiny, tmp_path, fl
 def test_sample_every_writes_gifs_while_training_and_a_progression(tmp_path):
     """--sample-every on the micro default run: samples/step-N/ holds a GIF per prompt at every n-th step, the log
     says what each sampling cost, and progression.png shows each prompt's first, middle and last frame per step."""
-    run = tmp_path / "watched"
-    assert train.main(["--output-dir", str(run), "--max-steps", "4", "--sample-every", "2", "--no-progress"]) == 0
+    run, config = tmp_path / "watched", tmp_path / "few-steps.json"
+    config.write_text(json.dumps({"sample_steps": 4}))  # few DDIM steps: the files are the point here
+    assert train.main(["--output-dir", str(run), "--max-steps", "4", "--sample-every", "2", "--no-progress",
+                       "--config", str(config)]) == 0
     cfg = json.loads((run / "config.json").read_text())
+    assert cfg["sample_steps"] == 4
     prompts = [cfg["prompt"], *cfg["edit_prompts"]]
     assert sorted(p.name for p in (run / "samples").glob("step-*")) == ["step-000002", "step-000004"]
     for step in (2, 4):

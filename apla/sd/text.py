@@ -24,7 +24,6 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 MAX_LENGTH = 77  # SD v1 pads / truncates every prompt to 77 tokens
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"  # ids 49406, 49407; EOS is also SD v1's pad token
@@ -73,6 +72,8 @@ def clip_vocab_and_merges(gz_path: Path | None = None) -> tuple[dict[str, int], 
 
 
 def _tokenizer_from(vocab: dict[str, int], merges: list[tuple[str, str]], pad_token: str) -> CLIPTokenizer:
+    from transformers import CLIPTokenizer  # imported when first needed: transformers takes seconds to import
+
     # Explicit vocab / merges: CLIPTokenizer(vocab_file=..., merges_file=...) is not honoured by every
     # transformers version, so file paths are never handed to it.
     tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH)
@@ -116,6 +117,8 @@ def load_tokenizer(folder: str | Path | None = None, pad_token: str = EOS) -> CL
 
 def build_text_encoder(config: dict | None = None) -> CLIPTextModel:
     """A transformers CLIPTextModel built from a config dict (SD v1.5's by default), randomly initialised."""
+    from transformers import CLIPTextConfig, CLIPTextModel  # imported when first needed: it takes seconds
+
     cfg = CLIPTextConfig.from_dict({**TEXT_ENCODER_CONFIG, **(config or {})})
     return CLIPTextModel(cfg).eval()
 

@@ -37,11 +37,6 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-try:  # transformers >= 5
-    from transformers.initialization import no_init_weights
-except ImportError:  # transformers 4
-    from transformers.modeling_utils import no_init_weights
-
 from apla.assets import model_path
 from apla.checkpoint import WeightsError
 from apla.scheduler import PREDICTION_TYPES, make_alpha_bar
@@ -269,6 +264,10 @@ def _empty_vae(cfg: VAEConfig) -> AutoencoderKL:
 
 
 def _empty_text_encoder(cfg: dict | None = None) -> nn.Module:
+    try:  # transformers >= 5 (imported when first needed: transformers takes seconds to import)
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights
     with no_init_weights(), torch.device("meta"):  # position_ids are filled in by _fill_position_ids
         return build_text_encoder(cfg)
 
