@@ -1,6 +1,6 @@
 """The researcher's path at SD v1.5's real size: train.py and sample.py end to end on full-size networks of random
 weights, in the three layouts a user brings: a float32 single file, a float16 "-fp16" single file, and a diffusers
-folder named by a Tune-A-Video config (its YAML as its repository writes them). Each command runs in its own
+folder (in float16) named by a Tune-A-Video config (its YAML as its repository writes them). Each command runs in its own
 process, one after the other, and each layout's files are made just before its run and deleted after it, so no two
 full-size models are ever held in memory, and at most two on disk. Small frames (2 of 64 px), 2 training steps and
 2 DDIM steps keep it to about 3 minutes on 2 CPU cores."""
@@ -67,11 +67,13 @@ apla:
 
 
 def diffusers_folder(root, manifest):
-    """The full-size networks in diffusers' layout: a config.json and a safetensors file per component."""
+    """The full-size networks in diffusers' layout: a config.json and a safetensors file per component, in float16
+    as diffusers' fp16 variants are (half the bytes to write and read; a float32 file is the single file's run)."""
     for component, weights in FOLDER_WEIGHTS.items():
         (root / component).mkdir(parents=True)
         (root / component / "config.json").write_text(json.dumps(manifest["configs"][component]))
-        write_checkpoint(root / component / weights, manifest["diffusers"][component], seed=1)
+        write_checkpoint(root / component / weights, manifest["diffusers"][component], seed=1,
+                         float_dtype=torch.float16)
     return root
 
 
